@@ -1,0 +1,30 @@
+# One place for the commands the README gives.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# Idempotent: the stamp is rebuilt only when pyproject.toml changes. torch comes first from the
+# local CPU wheel (torch==2.13.0) so that no dependency pulls a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python jobs/curate.py --demo --output demo_output
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+bench: setup
+	$(BIN)/python benchmarks/features.py
+
+clean:
+	rm -rf demo_output .pytest_cache

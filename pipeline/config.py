@@ -1,0 +1,148 @@
+"""Typed configuration of the curation job: every default lives here, once.
+
+A YAML file overrides any field (nested sections as mappings). Unknown or invalid fields are
+errors raised before any work starts (pydantic ``extra="forbid"``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Profile = Literal["smoke", "full"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ProbeConfig(_Section):
+    min_duration_s: float = Field(2.0, gt=0, description="inputs shorter than this are rejected")
+    require_audio: bool = True
+    max_vfr_probe_packets: int = Field(2000, ge=10, description="packets read to measure frame-interval variability")
+
+
+class DetectConfig(_Section):
+    backend: Literal["auto", "mediapipe", "scrfd"] = Field(
+        "auto", description="auto = mediapipe in smoke, scrfd (insightface) in full")
+    detect_fps: float = Field(5.0, gt=0, le=60, description="face detection rate; boxes are interpolated between")
+    min_confidence: float = Field(0.5, ge=0, le=1)
+    max_side: int = Field(960, ge=128, description="frames are downscaled to this longest side for detection")
+    landmarks: bool = Field(True, description="run the landmark model on every detection")
+    scrfd_model: str = "det_10g.onnx"
+    scrfd_input_size: int = 640
+
+
+class TrackConfig(_Section):
+    iou_threshold: float = Field(0.3, gt=0, lt=1, description="min IoU to link a detection to a track")
+    max_gap_s: float = Field(0.6, ge=0, description="a track survives missed detections for this long")
+    shot_threshold: float = Field(0.45, gt=0, le=2,
+                                  description="HSV-histogram Bhattacharyya distance between consecutive frames that marks a cut")
+    smooth_window_s: float = Field(0.52, ge=0, description="median filter on box centres/sizes (syncnet_python uses 13 frames at 25 fps)")
+
+
+class SegmentConfig(_Section):
+    min_clip_s: float = Field(2.0, gt=0)
+    max_clip_s: float = Field(30.0, gt=0)
+    crop_scale: float = Field(2.0, ge=1.0, description="crop side = crop_scale x face box side (face covers ~1/crop_scale of the width)")
+    min_face_px: float = Field(0.0, ge=0, description="candidate tracks with a smaller median face are rejected (0 = off)")
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        if self.max_clip_s < self.min_clip_s:
+            raise ValueError(f"max_clip_s ({self.max_clip_s}) < min_clip_s ({self.min_clip_s})")
+        return self
+
+
+class OutputConfig(_Section):
+    # Fixed by the data contract (DESIGN: 512x512, 25 fps, 16 kHz mono); present so they show in run.json.
+    size: Literal[512] = 512
+    fps: Literal[25] = 25
+    audio_rate: Literal[16000] = 16000
+    crf: int = Field(18, ge=0, le=51)
+    preset: str = "veryfast"
+    audio_bitrate: int = Field(96_000, ge=16_000)
+
+
+class WriteConfig(_Section):
+    shard_max_bytes: int = Field(512 * 1024 * 1024, ge=64 * 1024, description="a shard is closed before it would exceed this")
+    dataset_name: str = "talking-heads"
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="None: RAY_ADDRESS or an embedded local Ray")
+    num_cpus: int | None = Field(None, description="CPUs of an embedded Ray (None = all)")
+    detect_actors: int = Field(1, ge=1, description="actor-pool size of the face detection stage (per pool max)")
+    cpus_per_task: float = Field(1.0, gt=0)
+    object_store_memory: int | None = None
+
+
+class CurateConfig(_Section):
+    profile: Profile = "smoke"
+    model_dir: str | None = Field(None, description="directory with the full-profile weights")
+    probe: ProbeConfig = ProbeConfig()
+    detect: DetectConfig = DetectConfig()
+    track: TrackConfig = TrackConfig()
+    segment: SegmentConfig = SegmentConfig()
+    output: OutputConfig = OutputConfig()
+    write: WriteConfig = WriteConfig()
+    ray: RayConfig = RayConfig()
+
+    @property
+    def detector_backend(self) -> str:
+        if self.detect.backend != "auto":
+            return self.detect.backend
+        return "mediapipe" if self.profile == "smoke" else "scrfd"
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file and field."""
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, **overrides) -> CurateConfig:
+    """Defaults <- YAML file <- keyword overrides (dotted keys allowed: ``{"segment.min_clip_s": 3}``)."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {p}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at top level, got {type(loaded).__name__}")
+        data = loaded
+    nested: dict = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        cur = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            cur = cur.setdefault(part, {})
+        cur[parts[-1]] = value
+    data = _deep_merge(data, nested)
+    try:
+        return CurateConfig.model_validate(data)
+    except ValidationError as e:
+        where = f" in {path}" if path is not None else ""
+        lines = [f"invalid configuration{where}:"]
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None

@@ -1,0 +1,59 @@
+"""The face analysis interface every backend implements.
+
+A backend turns one RGB image into a list of faces: a box, a confidence, optionally five
+keypoints (SCRFD order: left eye, right eye, nose tip, left mouth corner, right mouth corner,
+"left"/"right" as seen in the image) and optionally a dense landmark set. Coordinates are pixels of the
+image passed in. Backends are created once per Ray actor and reused for every frame.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass
+class Face:
+    box: np.ndarray  # float32 [4]: x0, y0, x1, y1 in pixels
+    score: float
+    kps5: np.ndarray | None = None  # float32 [5, 2]
+    landmarks: np.ndarray | None = None  # float32 [K, 2] or [K, 3] (x, y[, z]) in pixels
+
+    @property
+    def width(self) -> float:
+        return float(self.box[2] - self.box[0])
+
+    @property
+    def height(self) -> float:
+        return float(self.box[3] - self.box[1])
+
+    @property
+    def center(self) -> tuple[float, float]:
+        return float(self.box[0] + self.box[2]) / 2, float(self.box[1] + self.box[3]) / 2
+
+
+class FaceDetector(Protocol):
+    #: model id recorded in meta.json["models"]["face_detector"]
+    name: str
+
+    def detect(self, image_rgb: np.ndarray) -> list[Face]:
+        """Faces in an HxWx3 uint8 RGB image, highest score first."""
+        ...
+
+
+def make_detector(config) -> FaceDetector:
+    """Build the backend the config names (``CurateConfig``)."""
+    backend = config.detector_backend
+    if backend == "mediapipe":
+        from .mediapipe_backend import MediaPipeFaceDetector
+
+        return MediaPipeFaceDetector(min_confidence=config.detect.min_confidence,
+                                     landmarks=config.detect.landmarks)
+    if backend == "scrfd":
+        from .scrfd import ScrfdDetector
+
+        return ScrfdDetector.from_model_dir(config.model_dir, model_file=config.detect.scrfd_model,
+                                            input_size=config.detect.scrfd_input_size,
+                                            min_confidence=config.detect.min_confidence)
+    raise ValueError(f"unknown face detector backend {backend!r}")

@@ -1,0 +1,142 @@
+"""The versioned data contract between the curation job, the stats report and the trainer.
+
+Everything a reader may rely on is declared here: the sample members of a shard, the JSON
+Schema of ``meta.json``, the layout of ``index.json`` and the Arrow schemas of the parquet
+tables. Every output records ``SCHEMA_VERSION``; readers refuse versions they do not know.
+
+Version rules: the major number changes when a reader written for the old version would
+misread the new data (renamed/removed member or column, changed dtype or units); the minor
+number changes when members or columns are only added.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1.0"
+SUPPORTED_SCHEMA_VERSIONS = ("1.0",)
+
+# Sample keys name tar members ("{key}.{member}"); webdataset splits the key at the first dot,
+# so keys may not contain one. Format: "{video_id}_{clip:04d}".
+SAMPLE_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+INDEX_KIND = "wids-shard-index-v1"  # index.json is a superset of the wids shard index
+SHARD_NAME_FORMAT = "shard-{:06d}.tar"
+SHARD_DIR = "shards"
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str  # the tar member suffix after "{key}."
+    required: bool
+    dtype: str | None  # numpy dtype for .npy members
+    shape: str  # symbolic shape, T = number of 25 fps frames of the clip
+    description: str
+
+
+# The members of one sample. Members produced by later stages are optional in this version:
+# a shard states which ones it carries in meta.json["members"].
+MEMBERS: dict[str, Member] = {
+    m.name: m
+    for m in [
+        Member("video.mp4", True, None, "",
+               "the 512x512 25 fps H.264 crop with its 16 kHz mono AAC audio; time 0 = first frame"),
+        Member("meta.json", True, None, "", "sample metadata, see meta.schema.json"),
+        Member("latent.npy", False, "float16", "[T,8,64,64]",
+               "SD VAE posterior mean (channels 0..3) and std (channels 4..7) of every frame, unscaled"),
+        Member("audio.npy", False, "float16", "[T,L,D]",
+               "wav2vec2 hidden states of every layer (L = layers + 1 incl. the CNN projection), one row per frame"),
+        Member("kps.npy", False, "float32", "[T,68,3]",
+               "DWPose face keypoints (whole-body indices 23..90) x, y in 512-crop pixels and score"),
+        Member("motion.npy", False, "float32", "[T-W+1,2]",
+               "per window start: head-motion variance, expression variance (Loopy 3.5), W=12"),
+    ]
+}
+
+PROFILES = ("smoke", "full")
+
+
+@lru_cache(maxsize=None)
+def meta_json_schema() -> dict:
+    return json.loads((Path(__file__).with_name("meta.schema.json")).read_text())
+
+
+@lru_cache(maxsize=None)
+def index_json_schema() -> dict:
+    return json.loads((Path(__file__).with_name("index.schema.json")).read_text())
+
+
+def validate_meta(meta: dict) -> None:
+    """Raise jsonschema.ValidationError when ``meta`` breaks the contract."""
+    import jsonschema
+
+    jsonschema.validate(meta, meta_json_schema())
+
+
+def validate_index(index: dict) -> None:
+    import jsonschema
+
+    jsonschema.validate(index, index_json_schema())
+
+
+# ---- parquet tables ---------------------------------------------------------------------
+
+# One row per kept clip (= per sample in the shards).
+MANIFEST_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("video_id", pa.string()),
+    ("clip_index", pa.int32()),
+    ("uri", pa.string()),
+    ("source", pa.string()),
+    ("shard", pa.string()),
+    ("start_s", pa.float64()),
+    ("end_s", pa.float64()),
+    ("duration_s", pa.float64()),
+    ("n_frames", pa.int32()),
+    ("track_id", pa.int32()),
+    ("crop_x0", pa.float64()),
+    ("crop_y0", pa.float64()),
+    ("crop_size", pa.float64()),
+    ("face_size_px", pa.float64()),
+    ("sample_bytes", pa.int64()),
+    ("profile", pa.string()),
+])
+
+# One row per rejected video (clip_index = -1) or rejected candidate clip (clip_index >= 0).
+REJECTS_SCHEMA = pa.schema([
+    ("uri", pa.string()),
+    ("video_id", pa.string()),
+    ("clip_index", pa.int32()),
+    ("key", pa.string()),
+    ("stage", pa.string()),
+    ("reason", pa.string()),
+    ("rule", pa.string()),
+    ("value", pa.float64()),
+    ("threshold", pa.float64()),
+    ("detail", pa.string()),
+    ("duration_s", pa.float64()),
+    ("source", pa.string()),
+])
+
+TABLE_SCHEMAS = {"manifest.parquet": MANIFEST_SCHEMA, "rejects.parquet": REJECTS_SCHEMA}
+
+
+def conform_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Build a table with exactly ``schema``'s columns; missing fields become nulls."""
+    columns = {f.name: [r.get(f.name) for r in rows] for f in schema}
+    return pa.table(columns, schema=schema)
+
+
+def check_table(table: pa.Table, schema: pa.Schema) -> None:
+    """Raise ValueError when ``table`` lacks a column of ``schema`` or has another type."""
+    for f in schema:
+        if f.name not in table.column_names:
+            raise ValueError(f"missing column {f.name!r}")
+        got = table.schema.field(f.name).type
+        if got != f.type:
+            raise ValueError(f"column {f.name!r} has type {got}, expected {f.type}")
