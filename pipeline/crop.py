@@ -1,0 +1,133 @@
+"""Crop & normalise: source video -> 512x512, exactly 25 fps, 16 kHz mono clips, aligned.
+
+One sequential decode of the source feeds every candidate clip of the video (clips may
+overlap in time when several faces are tracked). Frame-rate conversion picks, for output
+frame j at source time ``start + j/25``, the source frame on screen at that time (the last one
+with pts <= t), which handles constant and variable frame rates alike. Audio is cut from the
+same source timeline, so audio sample 0 is captured with output frame 0.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from .media import ClipEncoder, MediaError, iter_frames, slice_audio
+from .segment import CandidateClip
+
+
+@dataclass
+class CroppedClip:
+    clip: CandidateClip
+    mp4: bytes
+    n_frames: int
+    audio_samples: int
+
+
+def crop_square(img: np.ndarray, x0: float, y0: float, size: float, out: int) -> np.ndarray:
+    """Square region (float coordinates, may reach outside the frame: zero padding) resized to out x out."""
+    # An affine warp samples the exact float box in one pass, pads outside the frame with black
+    # and, with INTER_AREA for downscaling, avoids aliasing.
+    s = out / size
+    m = np.array([[s, 0, -x0 * s], [0, s, -y0 * s]], dtype=np.float64)
+    if s < 1:
+        # INTER_AREA is not supported by warpAffine; crop then resize with it instead.
+        h, w = img.shape[:2]
+        xi0, yi0 = int(np.floor(x0)), int(np.floor(y0))
+        xi1, yi1 = int(np.ceil(x0 + size)), int(np.ceil(y0 + size))
+        pad = max(0, -xi0, -yi0, xi1 - w, yi1 - h)
+        src = cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0) if pad else img
+        region = src[yi0 + pad:yi1 + pad, xi0 + pad:xi1 + pad]
+        scale = out / size
+        resized = cv2.resize(region, (int(round(region.shape[1] * scale)), int(round(region.shape[0] * scale))),
+                             interpolation=cv2.INTER_AREA)
+        ox, oy = int(round((x0 - xi0) * scale)), int(round((y0 - yi0) * scale))
+        patch = resized[oy:oy + out, ox:ox + out]
+        if patch.shape[:2] != (out, out):
+            patch = cv2.copyMakeBorder(patch, 0, out - patch.shape[0], 0, out - patch.shape[1], cv2.BORDER_REPLICATE)
+        return np.ascontiguousarray(patch)
+    return cv2.warpAffine(img, m, (out, out), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def crop_and_normalize(uri: str, clips: list[CandidateClip], *, rotation: int, audio: np.ndarray,
+                       audio_t0: float, size: int = 512, fps: int = 25, audio_rate: int = 16000,
+                       crf: int = 18, preset: str = "veryfast", audio_bitrate: int = 96_000,
+                       on_error=None):
+    """Yield CroppedClip for every clip; a clip that fails yields (clip, MediaError) via ``on_error``.
+
+    ``audio``: the whole source audio at ``audio_rate`` mono, sample 0 at source time ``audio_t0``.
+    """
+    if not clips:
+        return
+    tmpdir = tempfile.mkdtemp(prefix="crop-")
+    try:
+        order = sorted(clips, key=lambda c: c.start_s)
+        start = order[0].start_s
+        end = max(c.end_s for c in clips)
+        encoders: dict[int, ClipEncoder] = {}
+        written: dict[int, int] = {c.clip_index: 0 for c in clips}
+        targets = {c.clip_index: c.start_s + np.arange(c.n_frames) / fps for c in clips}
+        done: set[int] = set()
+        prev: tuple[float, np.ndarray] | None = None
+
+        def emit_until(t_next: float):
+            # Every output time before the next source frame's pts is shown by `prev`.
+            nonlocal prev
+            for c in clips:
+                ci = c.clip_index
+                if ci in done or prev is None:
+                    continue
+                tt = targets[ci]
+                while written[ci] < c.n_frames and tt[written[ci]] + 1e-4 < t_next:
+                    if ci not in encoders:
+                        clip_audio = slice_audio(audio, audio_t0, audio_rate, c.start_s, c.start_s + c.n_frames / fps)
+                        encoders[ci] = ClipEncoder(os.path.join(tmpdir, f"{ci}.mp4"), clip_audio, width=size,
+                                                   height=size, fps=fps, audio_rate=audio_rate, crf=crf,
+                                                   preset=preset, audio_bitrate=audio_bitrate)
+                    encoders[ci].add_frame(crop_square(prev[1], c.crop_x0, c.crop_y0, c.crop_size, size))
+                    written[ci] += 1
+
+        def finish_ready():
+            for c in clips:
+                ci = c.clip_index
+                if ci not in done and written[ci] == c.n_frames and ci in encoders:
+                    encoders[ci].close()
+                    with open(encoders[ci].path, "rb") as f:
+                        data = f.read()
+                    os.unlink(encoders[ci].path)
+                    done.add(ci)
+                    yield CroppedClip(clip=c, mp4=data, n_frames=c.n_frames, audio_samples=c.n_frames * audio_rate // fps)
+
+        try:
+            for t, img in iter_frames(uri, start_s=max(0.0, start - 1.0), end_s=end + 1.0, rotation=rotation):
+                emit_until(t)
+                yield from finish_ready()
+                prev = (t, img)
+            if prev is not None:
+                # The last frame stays on screen for at most one more source frame interval; a clip
+                # reaching further than that is incomplete (truncated stream) and is reported below.
+                emit_until(prev[0] + 0.2)
+            yield from finish_ready()
+        except MediaError as e:
+            for c in clips:
+                if c.clip_index not in done:
+                    if c.clip_index in encoders:
+                        encoders[c.clip_index].abort()
+                    done.add(c.clip_index)
+                    if on_error is not None:
+                        on_error(c, e)
+            return
+        for c in clips:
+            if c.clip_index not in done:
+                if c.clip_index in encoders:
+                    encoders[c.clip_index].abort()
+                if on_error is not None:
+                    on_error(c, MediaError("decode error", f"{uri}: stream ended after {written[c.clip_index]} of "
+                                                           f"{c.n_frames} frames of clip {c.clip_index}"))
+    finally:
+        for name in os.listdir(tmpdir):
+            os.unlink(os.path.join(tmpdir, name))
+        os.rmdir(tmpdir)

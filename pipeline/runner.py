@@ -1,0 +1,301 @@
+"""The curation driver: Ray Data stages in, shards + tables + run facts out.
+
+The driver builds the Ray Data pipeline from the stage list, streams its output rows
+(``iter_rows``: execution is streaming, nothing waits for a full stage) and is the single
+writer of shards and journal, which makes exactly-once accounting simple: a row is an
+outcome, and the driver decides when an input is finished.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import schemas
+from . import __version__
+from .config import CurateConfig
+from .inputs import InputItem
+from .journal import Journal, config_fingerprint
+from .shards import ShardInfo, ShardWriter, atomic_write_bytes, atomic_write_json, build_index, remove_stale_temp_shards, write_index
+from .stages import default_stages, new_row
+
+
+@dataclass
+class _InFlight:
+    item: InputItem
+    n_candidates: int | None = None
+    terminal: int = 0
+    kept_keys: list[str] = field(default_factory=list)
+    pending_keys: set[str] = field(default_factory=set)
+    rejects: list[dict] = field(default_factory=list)
+    summary: dict | None = None
+    video_reject: dict | None = None
+    counted: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.video_reject is not None or (self.n_candidates is not None and self.terminal >= self.n_candidates)
+
+
+def ensure_ray(config: CurateConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=True,
+                 object_store_memory=config.ray.object_store_memory)
+
+
+def build_dataset(items: list[InputItem], config: CurateConfig):
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = False
+    rows = [new_row(it.video_id, it.uri, it.source, "video", {}) for it in items]
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4096)))
+    for spec in default_stages():
+        cls = spec["cls"]
+        method = getattr(ds, spec["kind"])
+        kwargs = {"num_cpus": config.ray.cpus_per_task}
+        if spec["actor"]:
+            kwargs["compute"] = ActorPoolStrategy(min_size=1, max_size=config.ray.detect_actors)
+            kwargs["fn_constructor_args"] = (config,)
+            ds = method(cls, **kwargs)
+        else:
+            ds = method(cls(config), **kwargs)
+    return ds
+
+
+class _Progress:
+    def __init__(self, total: int, already: int, stream=sys.stderr, every_s: float = 5.0):
+        self.total, self.done, self.kept_clips, self.rejected_clips, self.rejected_inputs = total, already, 0, 0, 0
+        self.kept_seconds = 0.0
+        self.video_seconds = 0.0
+        self.start = time.monotonic()
+        self.last = 0.0
+        self.every_s = every_s
+        self.stream = stream
+        self.started_with = already
+
+    def line(self) -> str:
+        el = max(time.monotonic() - self.start, 1e-9)
+        rate = (self.done - self.started_with) / el
+        return (f"[curate] inputs {self.done}/{self.total} | clips kept {self.kept_clips} "
+                f"({self.kept_seconds / 3600:.3f} h) rejected {self.rejected_clips} | inputs rejected "
+                f"{self.rejected_inputs} | {rate * 60:.1f} inputs/min, {self.video_seconds / el:.2f} s video/s | "
+                f"{el:.0f} s")
+
+    def tick(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last >= self.every_s:
+            self.last = now
+            print(self.line(), file=self.stream, flush=True)
+
+
+def _manifest_row(meta: dict, shard_url: str, sample_bytes: int) -> dict:
+    c, cr = meta["clip"], meta["crop"]
+    return {"key": meta["key"], "video_id": meta["video_id"], "clip_index": meta["clip_index"],
+            "uri": meta["source"]["uri"], "source": meta["source"].get("source"), "shard": shard_url,
+            "start_s": c["start_s"], "end_s": c["end_s"], "duration_s": c["n_frames"] / c["fps"],
+            "n_frames": c["n_frames"], "track_id": c["track_id"], "crop_x0": cr["x0"], "crop_y0": cr["y0"],
+            "crop_size": cr["size"], "face_size_px": cr["face_size_px"], "sample_bytes": sample_bytes,
+            "profile": meta["profile"]}
+
+
+def _video_row(st: _InFlight) -> dict:
+    probe = (st.summary or {}).get("probe") or {}
+    if st.video_reject is not None:
+        status, stage, reason = "rejected", st.video_reject["stage"], st.video_reject["reason"]
+        duration = st.video_reject.get("duration_s")
+    elif st.kept_keys:
+        status, stage, reason = "kept", None, None
+        duration = probe.get("duration_s")
+    else:
+        status, stage = "rejected", "clips"
+        reasons = sorted({r["reason"] for r in st.rejects})
+        reason = "all clips rejected: " + ", ".join(reasons)
+        duration = probe.get("duration_s")
+    return {"uri": st.item.uri, "video_id": st.item.video_id, "source": st.item.source, "status": status,
+            "stage": stage, "reason": reason, "n_candidates": st.n_candidates or 0, "n_kept": len(st.kept_keys),
+            "n_rejected_clips": len(st.rejects), "duration_s": duration,
+            "timings": json.dumps((st.summary or {}).get("timings", {}))}
+
+
+VIDEOS_SCHEMA = pa.schema([
+    ("uri", pa.string()), ("video_id", pa.string()), ("source", pa.string()), ("status", pa.string()),
+    ("stage", pa.string()), ("reason", pa.string()), ("n_candidates", pa.int32()), ("n_kept", pa.int32()),
+    ("n_rejected_clips", pa.int32()), ("duration_s", pa.float64()), ("timings", pa.string()),
+])
+
+
+def _write_parquet(path: Path, rows: list[dict], schema: pa.Schema) -> None:
+    table = schemas.conform_table(rows, schema)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def run_curation(items: list[InputItem], output: str | Path, config: CurateConfig, *, force_resume: bool = False,
+                 progress_every_s: float = 5.0, argv: list[str] | None = None) -> dict:
+    t_start = time.time()
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    journal = Journal(out)
+    cfg_dict = config.model_dump(mode="json")
+    journal.check_config(config_fingerprint(cfg_dict), cfg_dict, force=force_resume)
+    remove_stale_temp_shards(out)
+    journal.remove_orphan_shards()
+
+    done_videos = {v["video"]["uri"] for v in journal.videos()}
+    committed_keys = {k for e in journal.shards() for k in e["shard"]["keys"]}
+    todo = [it for it in items if it.uri not in done_videos]
+    progress = _Progress(total=len(items), already=len(items) - len(todo), every_s=progress_every_s)
+
+    states: dict[str, _InFlight] = {it.uri: _InFlight(it) for it in todo}
+    open_manifest: dict[str, dict] = {}  # key -> manifest row, for the shard being written
+    ready: list[dict] = []
+    last_flush = time.monotonic()
+
+    def journal_ready(force: bool = False):
+        nonlocal ready, last_flush
+        if ready and (force or len(ready) >= 64 or time.monotonic() - last_flush > 10):
+            journal.record_videos(ready)
+            ready = []
+            last_flush = time.monotonic()
+
+    def finish_if_ready(st: _InFlight):
+        if st.finished and not st.pending_keys and st.item.uri in states:
+            ready.append({"video": _video_row(st), "rejects": ([st.video_reject] if st.video_reject else []) + st.rejects})
+            del states[st.item.uri]
+
+    def on_shard_close(info: ShardInfo):
+        rows = [open_manifest.pop(k) for k in info.keys]
+        journal.record_shard(info, rows)
+        closed = set(info.keys)
+        for st in list(states.values()):
+            if st.pending_keys & closed:
+                st.pending_keys -= closed
+                finish_if_ready(st)
+        journal_ready()
+
+    writer = ShardWriter(out, config.write.shard_max_bytes, first_index=journal.next_shard_index(),
+                         on_close=on_shard_close)
+    stage_seconds: dict[str, float] = {}
+    if todo:
+        ensure_ray(config)
+        ds = build_dataset(todo, config)
+        try:
+            for row in ds.iter_rows():
+                st = states.get(row["uri"])
+                if st is None:
+                    continue
+                payload = json.loads(row["payload"])
+                kind = row["kind"]
+                if kind == "reject" and row["clip_index"] < 0:
+                    st.video_reject = payload
+                    progress.rejected_inputs += 1
+                    if payload.get("duration_s"):
+                        progress.video_seconds += payload["duration_s"]
+                elif kind == "summary":
+                    st.summary = payload
+                    st.n_candidates = payload["n_candidates"]
+                    progress.video_seconds += payload["probe"]["duration_s"]
+                    for k, v in payload.get("timings", {}).items():
+                        stage_seconds[k] = stage_seconds.get(k, 0.0) + v
+                elif kind == "reject":
+                    st.rejects.append(payload)
+                    st.terminal += 1
+                    progress.rejected_clips += 1
+                elif kind == "clip":
+                    st.terminal += 1
+                    key = payload["key"]
+                    st.kept_keys.append(key)
+                    progress.kept_clips += 1
+                    progress.kept_seconds += payload["clip"]["n_frames"] / payload["clip"]["fps"]
+                    if key not in committed_keys:
+                        members = {"video.mp4": bytes(row["mp4"]), "meta.json": json.dumps(payload, indent=1).encode()}
+                        schemas.validate_meta(payload)
+                        url = writer.write(key, members)
+                        st.pending_keys.add(key)
+                        open_manifest[key] = _manifest_row(payload, url, sum(len(v) for v in members.values()))
+                else:
+                    raise RuntimeError(f"unexpected row kind {kind!r} from the pipeline for {row['uri']}")
+                if st.finished:
+                    if not st.counted:
+                        progress.done += 1
+                        st.counted = True
+                    finish_if_ready(st)
+                journal_ready()
+                progress.tick()
+        except BaseException:
+            writer.abort()  # the open shard was never published; its clips are redone on rerun
+            journal_ready(force=True)
+            raise
+    writer.close()
+    journal_ready(force=True)
+    if states:
+        missing = ", ".join(sorted(states)[:5])
+        raise RuntimeError(f"{len(states)} inputs produced no final outcome (pipeline bug): {missing}")
+
+    # ---- tables, run facts, and the index last
+    shard_entries = journal.shards()
+    manifest_rows = [r for e in shard_entries for r in e["manifest"]]
+    videos = journal.videos()
+    reject_rows = [r for v in videos for r in v["rejects"]]
+    video_rows = [v["video"] for v in videos]
+    _write_parquet(out / "manifest.parquet", manifest_rows, schemas.MANIFEST_SCHEMA)
+    _write_parquet(out / "rejects.parquet", reject_rows, schemas.REJECTS_SCHEMA)
+    _write_parquet(out / "videos.parquet", video_rows, VIDEOS_SCHEMA)
+    progress.done = len(video_rows)
+    progress.tick(force=True)
+    elapsed = time.time() - t_start
+    kept = [v for v in video_rows if v["status"] == "kept"]
+    summary = {
+        "inputs": len(items), "inputs_this_run": len(todo), "inputs_kept": len(kept),
+        "inputs_rejected": len(video_rows) - len(kept), "clips_kept": len(manifest_rows),
+        "clips_rejected": sum(1 for r in reject_rows if r["clip_index"] >= 0),
+        "kept_hours": sum(r["duration_s"] for r in manifest_rows) / 3600,
+        "input_hours": sum((v["duration_s"] or 0) for v in video_rows) / 3600,
+        "shards": len(shard_entries), "elapsed_s": elapsed,
+    }
+    run = {
+        "pipeline_version": __version__, "schema_version": schemas.SCHEMA_VERSION, "argv": argv or sys.argv,
+        "config": cfg_dict, "config_fingerprint": config_fingerprint(cfg_dict), "summary": summary,
+        "timings": {"wall_s": elapsed, "stage_cpu_s": stage_seconds,
+                    "inputs_per_s": len(todo) / elapsed if elapsed > 0 else None},
+        "versions": _versions(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    atomic_write_json(out / "run.json", run)
+    members = ["video.mp4", "meta.json"]
+    index = build_index([ShardInfo(**e["shard"]) for e in shard_entries], profile=config.profile,
+                        name=config.write.dataset_name, members=members, pipeline_version=__version__)
+    write_index(out, index)
+    print(f"[curate] done: {summary['inputs']} inputs ({summary['input_hours']:.3f} h) -> {summary['clips_kept']} clips "
+          f"kept ({summary['kept_hours']:.3f} h) in {summary['shards']} shards; {summary['inputs_rejected']} inputs and "
+          f"{summary['clips_rejected']} clips rejected; {elapsed:.1f} s. Output: {out}", file=sys.stderr, flush=True)
+    return summary
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("ray", "av", "numpy", "pyarrow", "mediapipe", "onnxruntime", "webdataset", "torch"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out

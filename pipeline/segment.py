@@ -1,0 +1,123 @@
+"""Segment: face tracks + shots -> candidate clips, each with one square crop box.
+
+A clip keeps one fixed crop for its whole length (as Loopy-style training data does), so the
+head moves inside the frame and head-motion statistics stay measurable. The box is centred on
+the median of the median-filtered face centres and its side is ``crop_scale`` x the median
+face side, then moved (not shrunk) to stay inside the frame where possible.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.ndimage import median_filter
+
+from .tracking import Track, VideoAnalysis
+
+# Output clips are a multiple of 8 frames: 8 frames at 25 fps = 5120 samples at 16 kHz = exactly
+# 5 AAC frames of 1024 samples, so the AAC stream in video.mp4 decodes to exactly the video's
+# length (AAC pads its last frame, and MP4 readers do not trim that padding).
+FRAME_QUANTUM = 8
+
+
+@dataclass
+class CandidateClip:
+    clip_index: int
+    track_id: int
+    shot_index: int
+    start_s: float
+    n_frames: int
+    crop_x0: float
+    crop_y0: float
+    crop_size: float
+    crop_scale: float
+    face_size_px: float
+    padded: bool
+    max_faces: int  # most faces seen at one detection time inside the clip
+    detections: dict  # arrays of the track restricted to the clip (times, boxes, ...)
+
+    @property
+    def end_s(self) -> float:
+        return self.start_s + self.n_frames / 25.0
+
+
+@dataclass
+class ShortSegment:
+    """A tracked face segment too short to become a clip (recorded as a clip-level reject)."""
+    track_id: int
+    start_s: float
+    duration_s: float
+
+
+def _odd(n: int) -> int:
+    return max(1, n if n % 2 else n - 1)
+
+
+def crop_box(boxes: np.ndarray, *, width: int, height: int, crop_scale: float, smooth: int):
+    """Square crop (x0, y0, side, used_scale, face_side, padded) for face boxes [N,4]."""
+    cx = (boxes[:, 0] + boxes[:, 2]) / 2
+    cy = (boxes[:, 1] + boxes[:, 3]) / 2
+    side = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    if len(boxes) >= 3 and smooth > 1:
+        k = _odd(min(smooth, len(boxes)))
+        cx, cy, side = (median_filter(a, size=k, mode="nearest") for a in (cx, cy, side))
+    face = float(np.median(side))
+    size = crop_scale * face
+    center_x, center_y = float(np.median(cx)), float(np.median(cy))
+    padded = False
+    if size > min(width, height):
+        # Keep the face scale (no shrinking, so the face never fills more than intended) and pad.
+        padded = True
+    x0 = center_x - size / 2
+    y0 = center_y - size / 2
+    if not padded:
+        x0 = min(max(x0, 0.0), width - size)
+        y0 = min(max(y0, 0.0), height - size)
+    return x0, y0, size, size / face if face > 0 else crop_scale, face, padded
+
+
+def segment_tracks(analysis: VideoAnalysis, *, video_end_s: float, detect_fps: float, min_clip_s: float,
+                   max_clip_s: float, crop_scale: float, smooth_window_s: float, fps: int = 25):
+    """Candidate clips and the too-short segments, in (start time, track) order."""
+    shots = analysis.shot_bounds(video_end_s)
+    half = 0.5 / detect_fps
+    clips: list[CandidateClip] = []
+    short: list[ShortSegment] = []
+    quantum_s = FRAME_QUANTUM / fps
+    for track in sorted(analysis.tracks, key=lambda tr: (tr.t_first, tr.track_id)):
+        shot_start, shot_end = shots[track.shot_index]
+        start = max(track.t_first - half, shot_start, float(analysis.frame_times[0]))
+        end = min(track.t_last + half + (1.0 / fps), shot_end, video_end_s)
+        length = end - start
+        if length + 1e-9 < max(min_clip_s, quantum_s):
+            short.append(ShortSegment(track.track_id, start, max(length, 0.0)))
+            continue
+        n_pieces = max(1, math.ceil(length / max_clip_s - 1e-9))
+        piece = length / n_pieces
+        arr = track.arrays()
+        for p in range(n_pieces):
+            p_start = start + p * piece
+            n_frames = int(math.floor(piece * fps + 1e-6)) // FRAME_QUANTUM * FRAME_QUANTUM
+            if n_frames / fps + 1e-9 < min_clip_s or n_frames == 0:
+                short.append(ShortSegment(track.track_id, p_start, piece))
+                continue
+            p_end = p_start + n_frames / fps
+            sel = (arr["times"] >= p_start - half) & (arr["times"] < p_end + half)
+            if not sel.any():
+                sel = np.argmin(np.abs(arr["times"] - p_start))[None]
+            boxes = arr["boxes"][sel]
+            x0, y0, size, used_scale, face, padded = crop_box(
+                boxes, width=analysis.width, height=analysis.height, crop_scale=crop_scale,
+                smooth=int(round(smooth_window_s * detect_fps)) | 1)
+            in_clip = (analysis.detect_times >= p_start) & (analysis.detect_times < p_end)
+            max_faces = int(analysis.faces_per_detection[in_clip].max()) if in_clip.any() else 1
+            clips.append(CandidateClip(
+                clip_index=-1, track_id=track.track_id, shot_index=track.shot_index, start_s=float(p_start),
+                n_frames=n_frames, crop_x0=float(x0), crop_y0=float(y0), crop_size=float(size),
+                crop_scale=float(used_scale), face_size_px=float(face), padded=bool(padded), max_faces=max_faces,
+                detections={k: v[sel] for k, v in arr.items()}))
+    clips.sort(key=lambda c: (c.start_s, c.track_id))
+    for i, c in enumerate(clips):
+        c.clip_index = i
+    return clips, short

@@ -1,0 +1,259 @@
+"""The curation stages as Ray Data operators, cheap filters first.
+
+Every row that flows between stages has the same columns (see ``new_row``); ``kind`` says what
+it is:
+
+- ``video``: an input still being processed (payload grows stage by stage);
+- ``reject``: terminal, a rejected video (clip_index -1) or candidate clip; payload = rejects row;
+- ``summary``: terminal marker of a video that produced candidate clips (payload: how many);
+- ``clip``: a kept candidate clip; payload = its meta.json, ``mp4`` its video member.
+
+A stage handles the kinds it knows and passes every other row through untouched, so stages
+can be added (scoring, features) without the others knowing. Each stage catches every
+exception of a row and turns it into a reject naming the file, so a bad input never stops
+the job.
+"""
+from __future__ import annotations
+
+import io
+import json
+import time
+import traceback
+from dataclasses import asdict
+
+import numpy as np
+
+import schemas
+from . import __version__
+from .config import CurateConfig
+from .media import MediaError, decode_audio, probe
+from .segment import CandidateClip, segment_tracks
+from .tracking import analyze_video
+
+BLOB_COLUMNS = ("mp4", "analysis")
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, default=_json_default)
+
+
+def new_row(video_id: str, uri: str, source: str, kind: str, payload: dict, clip_index: int = -1, **blobs) -> dict:
+    row = {"video_id": video_id, "uri": uri, "source": source, "kind": kind, "clip_index": int(clip_index),
+           "payload": dumps(payload)}
+    for name in BLOB_COLUMNS:
+        row[name] = blobs.get(name, b"")
+    return row
+
+
+def reject_row(row: dict, *, stage: str, reason: str, clip_index: int = -1, key: str | None = None,
+               rule: str | None = None, value: float | None = None, threshold: float | None = None,
+               detail: str = "", duration_s: float | None = None) -> dict:
+    payload = {"uri": row["uri"], "video_id": row["video_id"], "clip_index": clip_index, "key": key,
+               "stage": stage, "reason": reason, "rule": rule, "value": None if value is None else float(value),
+               "threshold": threshold, "detail": detail[:2000], "duration_s": duration_s, "source": row["source"]}
+    return new_row(row["video_id"], row["uri"], row["source"], "reject", payload, clip_index=clip_index)
+
+
+def _crash_reject(row: dict, stage: str, exc: BaseException, payload: dict | None = None) -> dict:
+    dur = (payload or {}).get("probe", {}).get("duration_s")
+    if isinstance(exc, MediaError):
+        return reject_row(row, stage=stage, reason=exc.reason, detail=str(exc), value=exc.value, duration_s=dur)
+    tb = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    return reject_row(row, stage=stage, reason="internal error", detail=f"{row['uri']}: {tb}", duration_s=dur)
+
+
+def _add_timing(payload: dict, stage: str, seconds: float) -> None:
+    payload.setdefault("timings", {})[stage] = payload.get("timings", {}).get(stage, 0.0) + seconds
+
+
+class ProbeStage:
+    """Container facts; rejects unreadable files, no video, no audio, too short."""
+
+    name = "probe"
+
+    def __init__(self, config: CurateConfig):
+        self.config = config
+
+    def __call__(self, row: dict) -> dict:
+        if row["kind"] != "video":
+            return row
+        t0 = time.perf_counter()
+        payload = json.loads(row["payload"])
+        try:
+            facts = probe(row["uri"], max_packets=self.config.probe.max_vfr_probe_packets)
+        except Exception as e:  # noqa: BLE001 - every failure becomes a rejects row
+            return _crash_reject(row, self.name, e)
+        payload["probe"] = facts.as_dict()
+        _add_timing(payload, self.name, time.perf_counter() - t0)
+        if facts.audio_streams == 0 and self.config.probe.require_audio:
+            return reject_row(row, stage=self.name, reason="no audio stream", rule="probe.require_audio",
+                              detail=f"{row['uri']} has no audio stream", duration_s=facts.duration_s)
+        if facts.duration_s < self.config.probe.min_duration_s:
+            return reject_row(row, stage=self.name, reason="too short", rule="probe.min_duration_s",
+                              value=facts.duration_s, threshold=self.config.probe.min_duration_s,
+                              detail=f"{row['uri']} lasts {facts.duration_s:.2f} s", duration_s=facts.duration_s)
+        row = dict(row)
+        row["payload"] = dumps(payload)
+        return row
+
+
+class DetectTrackStage:
+    """Face detection at detect_fps, tracks split at cuts, segmented into candidate clips.
+
+    A Ray actor: the face model is loaded once per actor (in ``__init__``) and reused.
+    """
+
+    name = "detect"
+
+    def __init__(self, config: CurateConfig):
+        from .faces import make_detector
+
+        self.config = config
+        self.detector = make_detector(config)
+
+    def __call__(self, row: dict) -> dict:
+        if row["kind"] != "video":
+            return row
+        t0 = time.perf_counter()
+        payload = json.loads(row["payload"])
+        p = payload["probe"]
+        cfg = self.config
+        try:
+            analysis = analyze_video(row["uri"], self.detector, rotation=p["rotation"], width=p["width"],
+                                     height=p["height"], detect_fps=cfg.detect.detect_fps, max_side=cfg.detect.max_side,
+                                     iou_threshold=cfg.track.iou_threshold, max_gap_s=cfg.track.max_gap_s,
+                                     shot_threshold=cfg.track.shot_threshold)
+            video_end = float(analysis.frame_times[-1]) + 1.0 / max(p["fps"], 1.0) if len(analysis.frame_times) else 0.0
+            clips, short = segment_tracks(analysis, video_end_s=video_end, detect_fps=cfg.detect.detect_fps,
+                                          min_clip_s=cfg.segment.min_clip_s, max_clip_s=cfg.segment.max_clip_s,
+                                          crop_scale=cfg.segment.crop_scale, smooth_window_s=cfg.track.smooth_window_s)
+        except Exception as e:  # noqa: BLE001
+            return _crash_reject(row, self.name, e, payload)
+        dur = p["duration_s"]
+        # A stream that stops decoding well before its stated length is truncated (a partial
+        # download, a cut-off upload): reject it rather than keep a clip of an unknown part.
+        stated = p.get("video_duration_s") or dur
+        decoded = (float(analysis.frame_times[-1]) - p["video_start_s"] + 1.0 / max(p["fps"], 1.0)
+                   if len(analysis.frame_times) else 0.0)
+        if stated - decoded > max(1.0, 0.05 * stated):
+            return reject_row(row, stage=self.name, reason="truncated stream", rule="decoded length vs stated length",
+                              value=decoded, threshold=stated,
+                              detail=f"{row['uri']}: frames decode to {decoded:.2f} s of a stated {stated:.2f} s",
+                              duration_s=dur)
+        if not analysis.tracks:
+            return reject_row(row, stage=self.name, reason="no face detected", rule="detect.min_confidence",
+                              value=0, threshold=cfg.detect.min_confidence,
+                              detail=f"{row['uri']}: no face in {len(analysis.detect_times)} sampled frames",
+                              duration_s=dur)
+        if not clips:
+            longest = max((tr.t_last - tr.t_first) for tr in analysis.tracks)
+            return reject_row(row, stage="segment", reason="no face track long enough", rule="segment.min_clip_s",
+                              value=longest, threshold=cfg.segment.min_clip_s,
+                              detail=f"{row['uri']}: {len(analysis.tracks)} face tracks, longest {longest:.2f} s",
+                              duration_s=dur)
+        payload["models"] = {"face_detector": self.detector.name}
+        payload["analysis"] = {"n_frames_decoded": int(len(analysis.frame_times)), "cuts_s": analysis.cut_times,
+                               "n_tracks": len(analysis.tracks), "n_detections": int(len(analysis.detect_times))}
+        payload["clips"] = [{k: v for k, v in asdict(c).items() if k != "detections"} for c in clips]
+        payload["short_segments"] = [asdict(s) for s in short]
+        buf = io.BytesIO()
+        arrays = {f"c{c.clip_index}_{k}": v for c in clips for k, v in c.detections.items()}
+        np.savez_compressed(buf, **arrays)
+        _add_timing(payload, self.name, time.perf_counter() - t0)
+        out = dict(row)
+        out["payload"] = dumps(payload)
+        out["analysis"] = buf.getvalue()
+        return out
+
+
+def sample_key(video_id: str, clip_index: int) -> str:
+    return f"{video_id}_{clip_index:04d}"
+
+
+class CropStage:
+    """512x512 25 fps 16 kHz clips: one video row in, a summary + one row per candidate out."""
+
+    name = "crop"
+
+    def __init__(self, config: CurateConfig):
+        self.config = config
+
+    def __call__(self, row: dict) -> list[dict]:
+        if row["kind"] != "video":
+            return [row]
+        t0 = time.perf_counter()
+        payload = json.loads(row["payload"])
+        try:
+            return self._crop(row, payload, t0)
+        except Exception as e:  # noqa: BLE001
+            return [_crash_reject(row, self.name, e, payload)]
+
+    def _crop(self, row: dict, payload: dict, t0: float) -> list[dict]:
+        from .crop import crop_and_normalize
+
+        cfg = self.config.output
+        p = payload["probe"]
+        clips = [CandidateClip(detections={}, **c) for c in payload["clips"]]
+        audio, audio_t0 = decode_audio(row["uri"], rate=cfg.audio_rate)
+        out_rows: list[dict] = []
+        n_short = len(payload["short_segments"])
+        summary = {"n_candidates": len(clips) + n_short, "probe": p, "timings": payload.get("timings", {}),
+                   "analysis": payload.get("analysis", {}), "models": payload.get("models", {})}
+        for i, s in enumerate(payload["short_segments"]):
+            ci = len(clips) + i
+            out_rows.append(reject_row(row, stage="segment", reason="clip too short", clip_index=ci,
+                                       rule="segment.min_clip_s", value=s["duration_s"],
+                                       threshold=self.config.segment.min_clip_s, duration_s=s["duration_s"],
+                                       detail=f"{row['uri']}: track {s['track_id']} at {s['start_s']:.2f} s"))
+
+        def on_error(clip: CandidateClip, err: MediaError):
+            out_rows.append(reject_row(row, stage=self.name, reason=err.reason, clip_index=clip.clip_index,
+                                       key=sample_key(row["video_id"], clip.clip_index), detail=str(err),
+                                       duration_s=clip.n_frames / cfg.fps))
+
+        for cropped in crop_and_normalize(row["uri"], clips, rotation=p["rotation"], audio=audio, audio_t0=audio_t0,
+                                          size=cfg.size, fps=cfg.fps, audio_rate=cfg.audio_rate, crf=cfg.crf,
+                                          preset=cfg.preset, audio_bitrate=cfg.audio_bitrate, on_error=on_error):
+            c = cropped.clip
+            key = sample_key(row["video_id"], c.clip_index)
+            meta = {
+                "schema_version": schemas.SCHEMA_VERSION, "pipeline_version": __version__,
+                "profile": self.config.profile, "key": key, "video_id": row["video_id"], "clip_index": c.clip_index,
+                "source": {"uri": row["uri"], "source": row["source"], "size_bytes": p.get("size_bytes"),
+                           "duration_s": p["duration_s"], "fps": p["fps"], "vfr": p["vfr"], "width": p["width"],
+                           "height": p["height"], "rotation": p["rotation"], "video_codec": p["video_codec"],
+                           "audio_codec": p["audio_codec"], "audio_rate": p["audio_rate"],
+                           "audio_channels": p["audio_channels"]},
+                "clip": {"start_s": c.start_s, "end_s": c.end_s, "n_frames": cropped.n_frames, "fps": cfg.fps,
+                         "width": cfg.size, "height": cfg.size, "audio_rate": cfg.audio_rate,
+                         "audio_samples": cropped.audio_samples, "audio_shift_s": 0.0, "track_id": c.track_id,
+                         "shot_index": c.shot_index},
+                "crop": {"x0": c.crop_x0, "y0": c.crop_y0, "size": c.crop_size, "scale": c.crop_scale,
+                         "face_size_px": c.face_size_px, "padded": c.padded},
+                "models": dict(payload.get("models", {})),
+                "members": ["video.mp4", "meta.json"],
+                "scores": {"max_faces": c.max_faces},
+            }
+            out_rows.append(new_row(row["video_id"], row["uri"], row["source"], "clip", meta,
+                                    clip_index=c.clip_index, mp4=cropped.mp4))
+        summary["timings"] = dict(summary["timings"])
+        summary["timings"][self.name] = summary["timings"].get(self.name, 0.0) + time.perf_counter() - t0
+        return [new_row(row["video_id"], row["uri"], row["source"], "summary", summary)] + out_rows
+
+
+# The stage list, in order. Later stages (scoring, features) append here.
+def default_stages() -> list[dict]:
+    """(stage class, how Ray runs it): ``actor`` stages load models once per actor."""
+    return [
+        {"cls": ProbeStage, "kind": "map", "actor": False},
+        {"cls": DetectTrackStage, "kind": "map", "actor": True},
+        {"cls": CropStage, "kind": "flat_map", "actor": False},
+    ]
