@@ -194,6 +194,7 @@ def run_curation(items: list[InputItem], output: str | Path, config: CurateConfi
     writer = ShardWriter(out, config.write.shard_max_bytes, first_index=journal.next_shard_index(),
                          on_close=on_shard_close)
     stage_seconds: dict[str, float] = {}
+    nodes_used: set[str] = set()
     if todo:
         ensure_ray(config)
         ds = build_dataset(todo, config)
@@ -215,6 +216,7 @@ def run_curation(items: list[InputItem], output: str | Path, config: CurateConfi
                     progress.video_seconds += payload["probe"]["duration_s"]
                     for k, v in payload.get("timings", {}).items():
                         stage_seconds[k] = stage_seconds.get(k, 0.0) + v
+                    nodes_used.update(n for n in payload.get("nodes", {}).values() if n)
                 elif kind == "reject":
                     st.rejects.append(payload)
                     st.terminal += 1
@@ -276,7 +278,7 @@ def run_curation(items: list[InputItem], output: str | Path, config: CurateConfi
         "config": cfg_dict, "config_fingerprint": config_fingerprint(cfg_dict), "summary": summary,
         "timings": {"wall_s": elapsed, "stage_cpu_s": stage_seconds,
                     "inputs_per_s": len(todo) / elapsed if elapsed > 0 else None},
-        "versions": _versions(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "nodes_used": sorted(nodes_used), "versions": _versions(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     atomic_write_json(out / "run.json", run)
     members = ["video.mp4", "meta.json"]

@@ -70,8 +70,19 @@ def _crash_reject(row: dict, stage: str, exc: BaseException, payload: dict | Non
     return reject_row(row, stage=stage, reason="internal error", detail=f"{row['uri']}: {tb}", duration_s=dur)
 
 
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - outside Ray (unit tests) there is no node
+        return None
+
+
 def _add_timing(payload: dict, stage: str, seconds: float) -> None:
+    """Stage wall time for this input, and the Ray node that ran it (run.json sums them)."""
     payload.setdefault("timings", {})[stage] = payload.get("timings", {}).get(stage, 0.0) + seconds
+    payload.setdefault("nodes", {})[stage] = _node_id()
 
 
 class ProbeStage:
@@ -205,7 +216,9 @@ class CropStage:
         audio, audio_t0 = decode_audio(row["uri"], rate=cfg.audio_rate)
         out_rows: list[dict] = []
         n_short = len(payload["short_segments"])
+        _add_timing(payload, self.name, 0.0)
         summary = {"n_candidates": len(clips) + n_short, "probe": p, "timings": payload.get("timings", {}),
+                   "nodes": payload.get("nodes", {}),
                    "analysis": payload.get("analysis", {}), "models": payload.get("models", {})}
         for i, s in enumerate(payload["short_segments"]):
             ci = len(clips) + i
