@@ -1,0 +1,92 @@
+"""Small synthetic datasets for the loader tests, written with the real ShardWriter.
+
+Members carry their own coordinates so tests can check what a window contains:
+latent mean[t] = (t, clip, 1, -1) (std = 0.5 on channels 4..7), audio[t, l] = t,
+kps[t, :, 0] = t, motion[i] = (clip + i / 1000, -i). Shapes are tiny (latent [T,8,4,4]).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.shards import ShardWriter, build_index, npy_bytes, write_index
+
+HW, LAYERS, DIM = 4, 3, 4
+
+
+def sample_members(clip: int, frames: int, key: str, profile: str) -> dict[str, bytes]:
+    t = np.arange(frames, dtype=np.float32)
+    latent = np.zeros((frames, 8, HW, HW), dtype=np.float16)
+    latent[:, 0] = t[:, None, None]  # fp16 holds these integers exactly (< 2048)
+    latent[:, 1] = clip
+    latent[:, 2], latent[:, 3] = 1, -1
+    latent[:, 4:] = 0.5
+    audio = np.broadcast_to(t[:, None, None], (frames, LAYERS, DIM)).astype(np.float16)
+    kps = np.zeros((frames, 68, 3), dtype=np.float32)
+    kps[:, :, 0] = t[:, None]
+    windows = max(frames - 11, 0)
+    motion = np.stack([clip + np.arange(windows) / 1000, -np.arange(windows, dtype=np.float64)], 1).astype(np.float32)
+    meta = {"key": key, "profile": profile}
+    return {"latent.npy": npy_bytes(latent), "audio.npy": npy_bytes(audio), "kps.npy": npy_bytes(kps),
+            "motion.npy": npy_bytes(motion), "meta.json": json.dumps(meta).encode(),
+            "video.mp4": bytes(256)}
+
+
+def make_dataset(root: str | Path, shard_sizes: list[int], frames=(20, 160), profile: str = "full",
+                 seed: int = 0, manifest: bool = True, scores: bool = True) -> Path:
+    """Shards with exactly ``shard_sizes[i]`` samples each; returns the dataset root."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    writer = ShardWriter(root, max_bytes=1 << 40)
+    rows, score_rows, clip = [], [], 0
+    for size in shard_sizes:
+        for _ in range(size):
+            key = f"vid{clip:03d}_{clip % 7:04d}"
+            n = int(rng.integers(frames[0], frames[1] + 1))
+            url = writer.write(key, sample_members(clip, n, key, profile))
+            rows.append({"key": key, "shard": url, "n_frames": n, "profile": profile, "clip": clip})
+            score_rows.append({"key": key, "sync_conf": float(clip % 10), "yaw_abs_max": float(clip % 40)})
+            clip += 1
+        writer.close_current()
+    index = build_index(writer.closed_shards, profile=profile, name="synthetic",
+                        members=["latent.npy", "audio.npy", "kps.npy", "motion.npy", "meta.json", "video.mp4"],
+                        pipeline_version="test")
+    write_index(root, index)
+    if manifest:
+        pq.write_table(pa.Table.from_pylist(rows), root / "manifest.parquet")
+    if scores:
+        pq.write_table(pa.Table.from_pylist(score_rows), root / "scores.parquet")
+    return root
+
+
+def clip_number(key: str) -> int:
+    return int(key[3:6])
+
+
+def loader_config(root, **overrides):
+    """A LoaderConfig for the tiny datasets: 12 clips per step, few partitions, real windows."""
+    from loopy_model.data import LoaderConfig, WindowConfig
+
+    windows = overrides.pop("windows", WindowConfig(windows_per_clip=1))
+    base = dict(uri=str(root), global_batch_size=12, num_partitions=6, shuffle_block_shards=2,
+                io_threads=2, prefetch_clips=4, windows=windows)
+    base.update(overrides)
+    return LoaderConfig(**base)
+
+
+def take(loader, n: int) -> list[dict]:
+    """The next ``n`` batches of a StreamingLoader, continuing into later epochs as needed."""
+    out = []
+    while len(out) < n:
+        before = len(out)
+        for batch in loader:
+            out.append(batch)
+            if len(out) == n:
+                break
+        if len(out) == before:
+            raise RuntimeError("loader yielded nothing")
+    return out
