@@ -66,6 +66,18 @@ class OutputConfig(_Section):
     audio_bitrate: int = Field(96_000, ge=16_000)
 
 
+class FeaturesConfig(_Section):
+    """Training features of kept clips (GPU actor pool in production, CPU in smoke/CI)."""
+    enabled: bool = True
+    device: str = Field("auto", description="auto = cuda when the actor has a GPU, else cpu")
+    dtype: str = Field("auto", description="auto = bf16 on CUDA (fp16 without bf16), fp32 on CPU")
+    batch_size: int = Field(16, ge=1, description="frames per VAE / DWPose batch")
+    num_gpus: float = Field(0.0, ge=0, le=8, description="GPUs per feature actor; fractions share a GPU")
+    num_cpus: float = Field(1.0, gt=0)
+    actors: int = Field(1, ge=1, description="max feature actors (the pool scales between 1 and this)")
+    motion_window: int = Field(12, ge=2, description="Loopy 3.5: frames per head/expression variance window")
+
+
 class WriteConfig(_Section):
     shard_max_bytes: int = Field(512 * 1024 * 1024, ge=64 * 1024, description="a shard is closed before it would exceed this")
     dataset_name: str = "talking-heads"
@@ -87,6 +99,7 @@ class CurateConfig(_Section):
     track: TrackConfig = TrackConfig()
     segment: SegmentConfig = SegmentConfig()
     output: OutputConfig = OutputConfig()
+    features: FeaturesConfig = FeaturesConfig()
     write: WriteConfig = WriteConfig()
     ray: RayConfig = RayConfig()
 

@@ -25,6 +25,7 @@ class CroppedClip:
     mp4: bytes
     n_frames: int
     audio_samples: int
+    audio: np.ndarray  # the clip's float32 16 kHz mono audio, exactly as muxed into mp4
 
 
 def crop_square(img: np.ndarray, x0: float, y0: float, size: float, out: int) -> np.ndarray:
@@ -99,7 +100,8 @@ def crop_and_normalize(uri: str, clips: list[CandidateClip], *, rotation: int, a
                         data = f.read()
                     os.unlink(encoders[ci].path)
                     done.add(ci)
-                    yield CroppedClip(clip=c, mp4=data, n_frames=c.n_frames, audio_samples=c.n_frames * audio_rate // fps)
+                    yield CroppedClip(clip=c, mp4=data, n_frames=c.n_frames, audio_samples=c.n_frames * audio_rate // fps,
+                                      audio=encoders[ci].audio)
 
         try:
             for t, img in iter_frames(uri, start_s=max(0.0, start - 1.0), end_s=end + 1.0, rotation=rotation):

@@ -263,6 +263,7 @@ class ClipEncoder:
         self._as.time_base = Fraction(1, audio_rate)
         self._audio = np.asarray(audio, dtype=np.float32)
         self._audio_pos = 0
+        self.audio = self._audio
         self.n_frames = 0
 
     def _feed_audio(self, upto: int) -> None:

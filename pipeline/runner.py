@@ -24,7 +24,7 @@ from .config import CurateConfig
 from .inputs import InputItem
 from .journal import Journal, config_fingerprint
 from .shards import ShardInfo, ShardWriter, atomic_write_bytes, atomic_write_json, build_index, remove_stale_temp_shards, write_index
-from .stages import default_stages, new_row
+from .stages import SAMPLE_MEMBERS, default_stages, new_row
 
 
 @dataclass
@@ -66,12 +66,17 @@ def build_dataset(items: list[InputItem], config: CurateConfig):
     ctx.execution_options.preserve_order = False
     rows = [new_row(it.video_id, it.uri, it.source, "video", {}) for it in items]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4096)))
-    for spec in default_stages():
+    for spec in default_stages(config):
         cls = spec["cls"]
         method = getattr(ds, spec["kind"])
-        kwargs = {"num_cpus": config.ray.cpus_per_task}
+        kwargs = {"num_cpus": spec.get("num_cpus", config.ray.cpus_per_task)}
+        if spec.get("num_gpus"):
+            kwargs["num_gpus"] = spec["num_gpus"]
+        if spec["kind"] == "map_batches":
+            kwargs["batch_size"] = spec["batch_size"]
+            kwargs["batch_format"] = "numpy"
         if spec["actor"]:
-            kwargs["compute"] = ActorPoolStrategy(min_size=1, max_size=config.ray.detect_actors)
+            kwargs["compute"] = ActorPoolStrategy(min_size=1, max_size=spec["pool"])
             kwargs["fn_constructor_args"] = (config,)
             ds = method(cls, **kwargs)
         else:
@@ -134,11 +139,6 @@ def _video_row(st: _InFlight) -> dict:
             "timings": json.dumps((st.summary or {}).get("timings", {}))}
 
 
-VIDEOS_SCHEMA = pa.schema([
-    ("uri", pa.string()), ("video_id", pa.string()), ("source", pa.string()), ("status", pa.string()),
-    ("stage", pa.string()), ("reason", pa.string()), ("n_candidates", pa.int32()), ("n_kept", pa.int32()),
-    ("n_rejected_clips", pa.int32()), ("duration_s", pa.float64()), ("timings", pa.string()),
-])
 
 
 def _write_parquet(path: Path, rows: list[dict], schema: pa.Schema) -> None:
@@ -228,7 +228,8 @@ def run_curation(items: list[InputItem], output: str | Path, config: CurateConfi
                     progress.kept_clips += 1
                     progress.kept_seconds += payload["clip"]["n_frames"] / payload["clip"]["fps"]
                     if key not in committed_keys:
-                        members = {"video.mp4": bytes(row["mp4"]), "meta.json": json.dumps(payload, indent=1).encode()}
+                        members = {member: bytes(row[col]) for col, member in SAMPLE_MEMBERS.items() if len(row[col])}
+                        members["meta.json"] = json.dumps(payload, indent=1).encode()
                         schemas.validate_meta(payload)
                         url = writer.write(key, members)
                         st.pending_keys.add(key)
@@ -260,7 +261,7 @@ def run_curation(items: list[InputItem], output: str | Path, config: CurateConfi
     video_rows = [v["video"] for v in videos]
     _write_parquet(out / "manifest.parquet", manifest_rows, schemas.MANIFEST_SCHEMA)
     _write_parquet(out / "rejects.parquet", reject_rows, schemas.REJECTS_SCHEMA)
-    _write_parquet(out / "videos.parquet", video_rows, VIDEOS_SCHEMA)
+    _write_parquet(out / "videos.parquet", video_rows, schemas.VIDEOS_SCHEMA)
     progress.done = len(video_rows)
     progress.tick(force=True)
     elapsed = time.time() - t_start
@@ -281,7 +282,8 @@ def run_curation(items: list[InputItem], output: str | Path, config: CurateConfi
         "nodes_used": sorted(nodes_used), "versions": _versions(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     atomic_write_json(out / "run.json", run)
-    members = ["video.mp4", "meta.json"]
+    members = ["video.mp4", "meta.json"] + (
+        ["latent.npy", "audio.npy", "kps.npy", "motion.npy"] if config.features.enabled else [])
     index = build_index([ShardInfo(**e["shard"]) for e in shard_entries], profile=config.profile,
                         name=config.write.dataset_name, members=members, pipeline_version=__version__)
     write_index(out, index)

@@ -28,9 +28,14 @@ from . import __version__
 from .config import CurateConfig
 from .media import MediaError, decode_audio, probe
 from .segment import CandidateClip, segment_tracks
+from .shards import load_npy, npy_bytes
 from .tracking import analyze_video
 
-BLOB_COLUMNS = ("mp4", "analysis")
+# Binary columns every row carries (b"" when unset). `audio16k` is the clip's lossless 16 kHz
+# audio (float32 .npy) for the audio models; the rest map to shard members (SAMPLE_MEMBERS).
+BLOB_COLUMNS = ("mp4", "analysis", "audio16k", "latent", "audio_feat", "kps", "motion")
+SAMPLE_MEMBERS = {"mp4": "video.mp4", "latent": "latent.npy", "audio_feat": "audio.npy", "kps": "kps.npy",
+                  "motion": "motion.npy"}
 
 
 def _json_default(o):
@@ -256,17 +261,77 @@ class CropStage:
                 "scores": {"max_faces": c.max_faces},
             }
             out_rows.append(new_row(row["video_id"], row["uri"], row["source"], "clip", meta,
-                                    clip_index=c.clip_index, mp4=cropped.mp4))
+                                    clip_index=c.clip_index, mp4=cropped.mp4, audio16k=npy_bytes(cropped.audio)))
         summary["timings"] = dict(summary["timings"])
         summary["timings"][self.name] = summary["timings"].get(self.name, 0.0) + time.perf_counter() - t0
         return [new_row(row["video_id"], row["uri"], row["source"], "summary", summary)] + out_rows
 
 
-# The stage list, in order. Later stages (scoring, features) append here.
-def default_stages() -> list[dict]:
-    """(stage class, how Ray runs it): ``actor`` stages load models once per actor."""
-    return [
+class FeatureStage:
+    """VAE latents, wav2vec2 features, DWPose face keypoints and motion variances of kept clips.
+
+    A Ray Data ``map_batches`` actor (models loaded once per actor, on the GPU when the actor
+    was given one); rows that are not kept clips pass through.
+    """
+
+    name = "features"
+
+    def __init__(self, config: CurateConfig):
+        from .features.extractor import FeatureExtractor
+
+        f = config.features
+        self.config = config
+        self.extractor = FeatureExtractor(config.profile, config.model_dir, device=f.device, batch_size=f.batch_size,
+                                          dtype=f.dtype, motion_window=f.motion_window)
+
+    def __call__(self, batch: dict) -> dict:
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        out = [self._one(r) if r["kind"] == "clip" else r for r in rows]
+        return {k: [r[k] for r in out] for k in batch}
+
+    def _one(self, row: dict) -> dict:
+        from .features.extractor import FeatureExtractor
+        from .media import read_clip
+
+        t0 = time.perf_counter()
+        meta = json.loads(row["payload"])
+        try:
+            frames, _, _ = read_clip(bytes(row["mp4"]))
+            audio = load_npy(bytes(row["audio16k"]))
+            feats = self.extractor(frames, audio)
+            members = FeatureExtractor.members(feats)
+        except Exception as e:  # noqa: BLE001
+            rej = _crash_reject(row, self.name, e)
+            payload = json.loads(rej["payload"])
+            payload.update(clip_index=row["clip_index"], key=meta["key"],
+                           duration_s=meta["clip"]["n_frames"] / meta["clip"]["fps"])
+            rej["payload"], rej["clip_index"] = dumps(payload), row["clip_index"]
+            return rej
+        meta["models"].update(feats["model_ids"])
+        meta["features"] = feats["meta"]
+        motion = feats["motion"]
+        if len(motion):
+            meta["scores"]["head_motion_var_mean"] = float(motion[:, 0].mean())
+            meta["scores"]["expression_var_mean"] = float(motion[:, 1].mean())
+        meta["members"] = sorted(set(meta["members"]) | set(members))
+        meta.setdefault("timings", {})[self.name] = time.perf_counter() - t0
+        out = dict(row)
+        out["payload"] = dumps(meta)
+        out["latent"], out["audio_feat"] = members["latent.npy"], members["audio.npy"]
+        out["kps"], out["motion"] = members["kps.npy"], members["motion.npy"]
+        return out
+
+
+# The stage list, in order: cheap filters first, expensive features only for survivors.
+def default_stages(config: CurateConfig) -> list[dict]:
+    """Stage class and how Ray runs it: ``actor`` stages load their models once per actor."""
+    stages = [
         {"cls": ProbeStage, "kind": "map", "actor": False},
-        {"cls": DetectTrackStage, "kind": "map", "actor": True},
+        {"cls": DetectTrackStage, "kind": "map", "actor": True, "pool": config.ray.detect_actors},
         {"cls": CropStage, "kind": "flat_map", "actor": False},
     ]
+    if config.features.enabled:
+        f = config.features
+        stages.append({"cls": FeatureStage, "kind": "map_batches", "actor": True, "pool": f.actors,
+                       "batch_size": 1, "num_gpus": f.num_gpus, "num_cpus": f.num_cpus})
+    return stages

@@ -123,7 +123,46 @@ REJECTS_SCHEMA = pa.schema([
     ("source", pa.string()),
 ])
 
-TABLE_SCHEMAS = {"manifest.parquet": MANIFEST_SCHEMA, "rejects.parquet": REJECTS_SCHEMA}
+# One row per input file: its single outcome (every input appears exactly once).
+VIDEOS_SCHEMA = pa.schema([
+    ("uri", pa.string()), ("video_id", pa.string()), ("source", pa.string()),
+    ("status", pa.string()),  # "kept" (>= 1 clip in the manifest) or "rejected"
+    ("stage", pa.string()), ("reason", pa.string()),
+    ("n_candidates", pa.int32()), ("n_kept", pa.int32()), ("n_rejected_clips", pa.int32()),
+    ("duration_s", pa.float64()),
+    ("timings", pa.string()),  # JSON: stage -> seconds spent on this input
+])
+
+# One row per scored candidate clip, kept or not: every score, so thresholds can change later
+# (jobs/refilter.py) without decoding video or running a model. Score columns are null when the
+# stage that computes them did not run for the clip (e.g. rejected earlier).
+SCORES_SCHEMA = pa.schema([
+    ("key", pa.string()), ("video_id", pa.string()), ("clip_index", pa.int32()), ("uri", pa.string()),
+    ("source", pa.string()), ("track_id", pa.int32()), ("start_s", pa.float64()), ("duration_s", pa.float64()),
+    ("status", pa.string()),  # "kept" | "rejected"
+    ("reject_stage", pa.string()), ("reject_reason", pa.string()),
+    ("features_computed", pa.bool_()),  # false: refilter cannot admit it without a rerun
+    # lip sync (joonson/syncnet_python definitions)
+    ("sync_conf", pa.float64()), ("sync_dist", pa.float64()), ("sync_offset", pa.int32()),
+    ("sync_conf_frame_mean", pa.float64()), ("sync_conf_frame_p10", pa.float64()),
+    ("sync_weights", pa.string()),  # "syncnet_v2" or "smoke-random": smoke scores are not filtered on
+    ("audio_shift_s", pa.float64()),
+    # speech
+    ("speech_ratio", pa.float64()), ("loudness_dbfs", pa.float64()), ("mouth_activity", pa.float64()),
+    # head pose (degrees) and movement
+    ("yaw_mean", pa.float64()), ("pitch_mean", pa.float64()), ("roll_mean", pa.float64()),
+    ("yaw_abs_max", pa.float64()), ("pitch_abs_max", pa.float64()), ("roll_abs_max", pa.float64()),
+    ("yaw_range", pa.float64()), ("pitch_range", pa.float64()), ("roll_range", pa.float64()),
+    ("head_translation", pa.float64()), ("head_scale_change", pa.float64()),
+    # completeness and faces
+    ("complete_frac", pa.float64()), ("face_size_px", pa.float64()), ("n_faces_max", pa.int32()),
+    ("other_faces", pa.bool_()),
+    # Loopy 3.5 motion statistics (features stage)
+    ("head_motion_var_mean", pa.float64()), ("expression_var_mean", pa.float64()),
+])
+
+TABLE_SCHEMAS = {"manifest.parquet": MANIFEST_SCHEMA, "rejects.parquet": REJECTS_SCHEMA,
+                 "videos.parquet": VIDEOS_SCHEMA, "scores.parquet": SCORES_SCHEMA}
 
 
 def conform_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
