@@ -1,0 +1,281 @@
+"""Speech / loudness / silence, head pose and motion scores: synthetic checks of every definition,
+and the real clips in ../shared/data/real (skipped when that directory is absent)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.scoring import motion, pose, speech
+
+REAL = Path(os.environ.get("REAL_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "real"))
+SPEECH_CLIPS = ["wda_aoc_000.mp4", "edtalk_obama.mp4", "retalking_face2.mp4"]
+
+
+def real(name: str) -> Path:
+    p = REAL / name
+    if not p.exists():
+        pytest.skip(f"real clip {p} is absent")
+    return p
+
+
+def decode_frames(path: Path, n: int) -> list[np.ndarray]:
+    import av
+
+    out = []
+    with av.open(str(path)) as c:
+        for frame in c.decode(video=0):
+            out.append(frame.to_ndarray(format="rgb24"))
+            if len(out) == n:
+                break
+    return out
+
+
+@pytest.fixture(scope="module")
+def face_mesh():
+    mp = pytest.importorskip("mediapipe")
+
+    def run(images, static=True):
+        """[T, 478, 2] pixel landmarks of the first face (NaN where none was found)."""
+        out = []
+        with mp.solutions.face_mesh.FaceMesh(static_image_mode=static, max_num_faces=1,
+                                             refine_landmarks=True) as fm:
+            for im in images:
+                h, w = im.shape[:2]
+                r = fm.process(np.ascontiguousarray(im))
+                if r.multi_face_landmarks:
+                    out.append([(p.x * w, p.y * h) for p in r.multi_face_landmarks[0].landmark])
+                else:
+                    out.append(np.full((478, 2), np.nan))
+        return np.asarray(out, np.float64)
+
+    return run
+
+
+# ================================================================ speech
+
+
+def test_loudness_and_digital_silence():
+    sr = 16000
+    t = np.arange(sr) / sr
+    sine = np.sin(2 * np.pi * 440 * t).astype(np.float32)
+    assert speech.loudness_dbfs(sine) == pytest.approx(-3.01, abs=0.02)
+    assert speech.peak_dbfs(sine) == pytest.approx(0.0, abs=0.01)
+    assert speech.loudness_dbfs(0.1 * sine) == pytest.approx(-23.01, abs=0.02)
+    zeros = np.zeros(sr, np.float32)
+    assert speech.is_digital_silence(zeros) and speech.is_digital_silence(np.zeros(0))
+    assert speech.loudness_dbfs(zeros) == speech.FLOOR_DBFS
+    assert not speech.is_digital_silence(0.001 * sine)
+    half = np.concatenate([zeros[: sr // 2], sine[: sr // 2]])
+    assert speech.silent_fraction(half) == pytest.approx(0.5, abs=0.02)
+    s = speech.speech_scores(zeros)
+    assert s["speech_ratio"] == 0 and s["digital_silence"] and s["silent_fraction"] == 1
+
+
+def test_steady_tone_and_noise_are_not_speech():
+    rng = np.random.default_rng(0)
+    sr = 16000
+    t = np.arange(3 * sr) / sr
+    chord = sum(np.sin(2 * np.pi * f * t) for f in (220, 277, 330, 440)) * 0.1
+    noise = rng.standard_normal(3 * sr) * 0.05
+    for x in (chord, noise, chord + noise):
+        assert speech.voice_activity(x).speech_ratio < 0.1
+
+
+@pytest.mark.realdata
+def test_no_audio_stream_decodes_empty():
+    a = speech.load_audio(real("edtalk_mouth_source_noaudio.mp4"))
+    assert a.size == 0
+    s = speech.speech_scores(a)
+    assert s["digital_silence"] and s["speech_ratio"] == 0 and s["duration_s"] == 0
+
+
+@pytest.mark.realdata
+def test_real_clips_speech_silence_music():
+    ratios = {}
+    for name in SPEECH_CLIPS + ["edtalk_mouth_source.wav"]:
+        a = speech.load_audio(real(name))
+        s = speech.speech_scores(a)
+        ratios[name] = s["speech_ratio"]
+        assert not s["digital_silence"] and -35 < s["loudness_dbfs"] < -15, (name, s)
+        assert s["speech_ratio"] > 0.5, (name, s)
+    silent = speech.speech_scores(speech.load_audio(real("liveportrait_d18_silent.mp4")))
+    assert silent["digital_silence"] and silent["speech_ratio"] == 0 and silent["duration_s"] > 5
+    music = speech.speech_scores(speech.load_audio(real("liveportrait_s18_music_static.mp4")))
+    assert not music["digital_silence"] and music["loudness_dbfs"] > -25  # loud, but not speech
+    assert music["speech_ratio"] < 0.1
+    assert min(ratios.values()) > music["speech_ratio"] + 0.4
+
+
+@pytest.mark.realdata
+def test_load_audio_resamples_to_16k_mono():
+    a = speech.load_audio(real("edtalk_obama.mp4"))  # 48 kHz stereo AAC, 20 s
+    assert a.dtype == np.float32 and a.ndim == 1
+    assert len(a) / 16000 == pytest.approx(20.0, abs=0.1)
+    part = speech.load_audio(real("edtalk_obama.mp4"), start_s=1.0, duration_s=2.0)
+    assert len(part) == 32000 and np.array_equal(part, a[16000:48000])
+
+
+# ================================================================ pose
+
+
+def _project(scheme, yaw, pitch, roll, t, K, n_points, noise=0.0, rng=None):
+    idx, obj = pose.model_points(scheme)
+    R = pose._ray_rotation(np.asarray(t, float)) @ pose.rotation_from_euler(yaw, pitch, roll)
+    X = obj @ R.T + t
+    uv = X @ K.T
+    uv = uv[:, :2] / uv[:, 2:]
+    if noise:
+        uv += rng.normal(0, noise, uv.shape)
+    lm = np.zeros((n_points, 2))
+    lm[idx] = uv
+    return lm
+
+
+def test_euler_round_trip():
+    for angles in [(0, 0, 0), (30, -20, 45), (-80, 35, -60), (10, 5, 170)]:
+        R = pose.rotation_from_euler(*angles)
+        assert np.allclose(R @ R.T, np.eye(3)) and np.linalg.det(R) == pytest.approx(1)
+        assert pose.euler_from_rotation(R) == pytest.approx(angles, abs=1e-9)
+
+
+def test_synthetic_pose_recovered_within_2_degrees():
+    rng = np.random.default_rng(0)
+    K = np.array([[640.0, 0, 320], [0, 640, 240], [0, 0, 1]])
+    for _ in range(20):
+        y, p, r = rng.uniform(-70, 70), rng.uniform(-40, 40), rng.uniform(-60, 60)
+        t = np.array([rng.uniform(-8, 8), rng.uniform(-6, 6), rng.uniform(35, 70)])
+        # 2-D PnP on mediapipe and iBUG-68 layouts, 0.3 px landmark noise
+        for scheme, n in (("mediapipe", 478), ("ibug68", 68)):
+            lm = _project(scheme, y, p, r, t, K, n, noise=0.3, rng=rng)
+            est = pose.pose_from_2d_landmarks(lm, (640, 480))
+            assert [est["yaw"], est["pitch"], est["roll"]] == pytest.approx([y, p, r], abs=2.0), (scheme, y, p, r)
+            assert est["reproj_err"] < 0.01
+        # 3-D landmarks (insightface 1k3d68 style: x, y in pixels + a depth column), up to profile
+        y3 = rng.uniform(-90, 90)
+        idx, obj = pose.model_points("ibug68")
+        lm3 = np.zeros((68, 3))
+        lm3[idx] = obj @ pose.rotation_from_euler(y3, p, r).T * 9.0 + [300, 250, 0]
+        est3 = pose.pose_from_3d_landmarks(lm3)
+        assert [est3["yaw"], est3["pitch"], est3["roll"]] == pytest.approx([y3, p, r], abs=2.0)
+
+
+def test_pose_stats():
+    a = np.array([[10, 0, -5], [20, 2, -5], [np.nan, np.nan, np.nan], [-10, 4, 5]], float)
+    s = pose.pose_stats(a, fps=25)
+    assert s["pose_valid_fraction"] == 0.75
+    assert s["yaw_mean"] == pytest.approx(20 / 3) and s["yaw_max_abs"] == 20 and s["yaw_range"] == 30
+    assert s["roll_range"] == 10 and s["pitch_max_abs"] == 4
+    assert s["rotation_speed_dps"] == pytest.approx(np.hypot(10, 2) * 25)  # only the valid adjacent pair
+    assert s["orientation_score_min"] < s["orientation_score_mean"] < 100
+    seq = pose.pose_sequence(np.full((2, 478, 2), np.nan), (640, 480))
+    assert np.isnan(seq).all()
+
+
+@pytest.mark.realdata  # a real face (skimage's astronaut), real landmark model
+def test_astronaut_rotation_and_mirror(face_mesh):
+    import cv2
+    import skimage.data
+
+    img = skimage.data.astronaut()
+    lm = face_mesh([img])[0]
+    base = pose.pose_from_2d_landmarks(lm, (512, 512))
+    centre = tuple(float(v) for v in lm.mean(0))
+    M = cv2.getRotationMatrix2D(centre, 60, 1.0)  # +60 = counter-clockwise on screen
+    rotated = cv2.warpAffine(img, M, (512, 512), borderMode=cv2.BORDER_REFLECT)
+    rot = pose.pose_from_2d_landmarks(face_mesh([rotated])[0], (512, 512))
+    assert rot["roll"] == pytest.approx(60, abs=6)
+    assert rot["roll"] - base["roll"] == pytest.approx(60, abs=5)
+    assert rot["yaw"] == pytest.approx(base["yaw"], abs=5)
+    mirrored = pose.pose_from_2d_landmarks(face_mesh([img[:, ::-1]])[0], (512, 512))
+    assert mirrored["yaw"] == pytest.approx(-base["yaw"], abs=3)  # she faces the camera: yaw ~ 0
+    assert mirrored["roll"] == pytest.approx(-base["roll"], abs=3)
+    assert mirrored["pitch"] == pytest.approx(base["pitch"], abs=4)
+
+
+@pytest.mark.realdata
+def test_real_turned_face_mirror_flips_yaw(face_mesh):
+    frame = decode_frames(real("liveportrait_s18_music_static.mp4"), 1)[0]  # woman turned ~18 deg
+    h, w = frame.shape[:2]
+    yaw = pose.pose_from_2d_landmarks(face_mesh([frame])[0], (w, h))["yaw"]
+    yaw_m = pose.pose_from_2d_landmarks(face_mesh([frame[:, ::-1]])[0], (w, h))["yaw"]
+    assert yaw > 10 and yaw_m < -10
+    assert yaw_m == pytest.approx(-yaw, abs=4)
+
+
+# ================================================================ motion
+
+
+def _face68(gap: float, dx: float = 0.0) -> np.ndarray:
+    lm = np.full((68, 2), np.nan)
+    lm[36], lm[45] = (100 + dx, 100), (160 + dx, 100)  # eye outer corners: IOD 60
+    lm[48], lm[54] = (110 + dx, 160), (150 + dx, 160)  # mouth corners: 60 below the eyes
+    lm[62], lm[66] = (130 + dx, 158), (130 + dx, 158 + gap)
+    lm[30] = (130 + dx, 130)
+    return lm
+
+
+def test_mouth_opening_and_activity():
+    assert motion.face_size(_face68(0))[0] == pytest.approx(60)
+    gaps = 6 + 6 * np.sin(np.arange(50) / 3)
+    seq = np.stack([_face68(g) for g in gaps])
+    o = motion.mouth_opening(seq)
+    np.testing.assert_allclose(o, gaps / 60)
+    a = motion.mouth_activity(o, fps=25)
+    assert a["mouth_open_std"] == pytest.approx(np.std(gaps / 60))
+    assert a["mouth_speed"] == pytest.approx(np.abs(np.diff(gaps / 60)).mean() * 25)
+    still = motion.mouth_activity(motion.mouth_opening(np.stack([_face68(0)] * 10)))
+    assert still["mouth_open_std"] == 0 and still["mouth_speed"] == 0
+
+
+def test_head_movement():
+    T = 26
+    static = np.tile([100.0, 100, 200, 200], (T, 1))
+    m = motion.head_movement(boxes=static)
+    assert m["head_translation_max"] == 0 and m["head_speed"] == 0 and m["head_scale_ratio"] == 1
+    moving = static + np.arange(T)[:, None] * [4.0, 0, 4, 0]  # 4 px / frame, face size 100
+    m = motion.head_movement(boxes=moving, fps=25)
+    assert m["head_speed"] == pytest.approx(1.0)  # 0.04 face sizes per frame x 25 fps
+    assert m["head_translation_range"] == pytest.approx(1.0) and m["head_translation_max"] == pytest.approx(0.5)
+    growing = static + np.arange(T)[:, None] * [-1.0, -1, 1, 1]
+    assert motion.head_movement(boxes=growing)["head_scale_ratio"] == pytest.approx(150 / 100)
+    # landmarks only (points a model did not give are NaN and ignored): 2 px / frame, face size 60
+    lm = np.stack([_face68(5, dx=2.0 * t) for t in range(T)])
+    m = motion.head_movement(landmarks=lm, image_size=(640, 480))
+    assert m["head_speed"] == pytest.approx(2.0 / 60 * 25)
+    assert m["movement_score"] == pytest.approx(100 - 100 * 2.0 / 480)  # TalkVid: / min(W, H)
+
+
+def test_completeness():
+    w, h = 640, 480
+    boxes = np.tile([270.0, 190, 370, 290], (10, 1))  # 100 px face in the middle
+    boxes[7:] += [300, 0, 300, 0]  # last 3 frames: box runs past the right edge
+    c = motion.completeness(boxes, (w, h))
+    assert c["complete_fraction"] == pytest.approx(0.7)
+    assert c["head_inside_min"] < 1
+    boxes[7:] -= [300, 0, 300, 0]
+    lm = np.stack([_face68(5, dx=200)] * 10)
+    lm[2, 30] = (-5, 130)  # the nose tip of frame 2 is out of the image
+    c = motion.completeness(boxes, (w, h), landmarks=lm)
+    assert c["complete_fraction"] == pytest.approx(0.9)
+    assert c["talkvid_completeness_min"] == pytest.approx(60) and c["talkvid_completeness"] == pytest.approx(96)
+    assert motion.complete_frames(boxes, (w, h), landmarks=lm).tolist() == [True] * 2 + [False] + [True] * 7
+
+
+@pytest.mark.realdata
+def test_real_mouth_activity_speaking_vs_static(face_mesh):
+    speeds = {}
+    for name in ("wda_aoc_000.mp4", "liveportrait_s18_music_static.mp4"):
+        frames = decode_frames(real(name), 40)
+        lm = face_mesh(frames, static=False)
+        h, w = frames[0].shape[:2]
+        speeds[name] = motion.mouth_activity(motion.mouth_opening(lm))["mouth_speed"]
+        boxes = np.concatenate([lm.min(1), lm.max(1)], 1)
+        assert motion.completeness(boxes, (w, h), landmarks=lm)["talkvid_completeness"] == 100
+        hm = motion.head_movement(boxes=boxes, landmarks=lm, image_size=(w, h))
+        assert hm["head_translation_max"] < 0.3 and hm["movement_score"] > 95  # TalkVid keeps >= 80
+        angles = pose.pose_sequence(lm, (w, h))
+        assert pose.pose_stats(angles)["orientation_score_mean"] > 70  # TalkVid keeps >= 70
+    assert speeds["wda_aoc_000.mp4"] > 0.3 > 0.05 > speeds["liveportrait_s18_music_static.mp4"]
