@@ -66,6 +66,42 @@ class OutputConfig(_Section):
     audio_bitrate: int = Field(96_000, ge=16_000)
 
 
+class FilterConfig(_Section):
+    """Thresholds on the per-clip scores (pipeline/filters.py). Every score is stored whether or
+    not a rule uses it, so `jobs/refilter.py` can change these later without recomputing.
+    A threshold of None switches its rule off."""
+    # LatentSync preprocess/sync_av.py: keep Sync-C >= 3 and |offset| <= 6, then shift the audio.
+    sync_conf_min: float | None = 3.0
+    sync_offset_abs_max: int | None = 6
+    fix_offset: bool = Field(True, description="shift the audio by the measured offset when it is within the limit")
+    # Speech: digital silence and music-only audio are the common failures (docs/scoring.md).
+    speech_ratio_min: float | None = 0.2
+    loudness_dbfs_min: float | None = -50.0
+    # Mouth activity (face sizes/s of inner-lip opening change): a static face over a voice.
+    mouth_activity_min: float | None = 0.25
+    # Pose (degrees). No paper fixes plain limits; TalkVid's orientation score >= 70 on average
+    # allows ~54 deg RMS. We keep near-frontal talking heads, as Loopy/Hallo training data is.
+    yaw_abs_max: float | None = 40.0
+    pitch_abs_max: float | None = 30.0
+    roll_abs_max: float | None = 30.0
+    # Head movement: max distance of the face centre from its median, in face sizes.
+    head_translation_max: float | None = 0.6
+    # Completeness: share of frames whose head box (face x 1.2) and landmarks are in the frame
+    # (TalkVid completeness requires all frames; we allow a few missed landmark fits).
+    complete_frac_min: float | None = 0.95
+    # Face size: median face box side in source pixels (the crop upscales smaller faces).
+    face_size_px_min: float | None = 128.0
+    # Several faces: always flagged (other_faces); reject only when this is true.
+    single_face_required: bool = False
+
+
+class ScoreConfig(_Section):
+    syncnet_model: str = "syncnet_v2.model"
+    syncnet_batch_size: int = Field(20, ge=1)
+    num_gpus: float = Field(0.0, ge=0, le=8, description="GPUs per crop+score actor (SyncNet)")
+    actors: int = Field(1, ge=1)
+
+
 class FeaturesConfig(_Section):
     """Training features of kept clips (GPU actor pool in production, CPU in smoke/CI)."""
     enabled: bool = True
@@ -99,6 +135,8 @@ class CurateConfig(_Section):
     track: TrackConfig = TrackConfig()
     segment: SegmentConfig = SegmentConfig()
     output: OutputConfig = OutputConfig()
+    score: ScoreConfig = ScoreConfig()
+    filters: FilterConfig = FilterConfig()
     features: FeaturesConfig = FeaturesConfig()
     write: WriteConfig = WriteConfig()
     ray: RayConfig = RayConfig()

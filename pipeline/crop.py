@@ -56,10 +56,11 @@ def crop_square(img: np.ndarray, x0: float, y0: float, size: float, out: int) ->
 def crop_and_normalize(uri: str, clips: list[CandidateClip], *, rotation: int, audio: np.ndarray,
                        audio_t0: float, size: int = 512, fps: int = 25, audio_rate: int = 16000,
                        crf: int = 18, preset: str = "veryfast", audio_bitrate: int = 96_000,
-                       on_error=None):
+                       on_error=None, on_frame=None):
     """Yield CroppedClip for every clip; a clip that fails yields (clip, MediaError) via ``on_error``.
 
     ``audio``: the whole source audio at ``audio_rate`` mono, sample 0 at source time ``audio_t0``.
+    ``on_frame(clip, frame)`` sees every output frame (the scoring stage measures on them).
     """
     if not clips:
         return
@@ -88,7 +89,10 @@ def crop_and_normalize(uri: str, clips: list[CandidateClip], *, rotation: int, a
                         encoders[ci] = ClipEncoder(os.path.join(tmpdir, f"{ci}.mp4"), clip_audio, width=size,
                                                    height=size, fps=fps, audio_rate=audio_rate, crf=crf,
                                                    preset=preset, audio_bitrate=audio_bitrate)
-                    encoders[ci].add_frame(crop_square(prev[1], c.crop_x0, c.crop_y0, c.crop_size, size))
+                    out_frame = crop_square(prev[1], c.crop_x0, c.crop_y0, c.crop_size, size)
+                    encoders[ci].add_frame(out_frame)
+                    if on_frame is not None:
+                        on_frame(c, out_frame)
                     written[ci] += 1
 
         def finish_ready():

@@ -90,7 +90,7 @@ def make_talking_head(path: str | Path, *, duration_s: float = 6.0, fps: float =
             m[0, 2] += dx
             img = face.copy()
             mx, my = int(_MOUTH[0] * s), int(_MOUTH[1] * s)
-            cv2.ellipse(img, (mx, my), (int(13 * s), max(1, int(9 * s * openness))), 0, 0, 360, (60, 20, 25), -1)
+            cv2.ellipse(img, (mx, my), (int(15 * s), max(1, int(14 * s * openness))), 0, 0, 360, (60, 20, 25), -1)
             if i in marker_frames:
                 x, y, w = (int(v * s) for v in _MARKER)
                 img[y:y + w, x:x + w] = 255

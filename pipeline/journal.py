@@ -56,10 +56,10 @@ class Journal:
         atomic_write_json(path, {"fingerprint": fingerprint, "config": config_dict})
 
     # -- shards
-    def record_shard(self, info: ShardInfo, manifest_rows: list[dict]) -> None:
+    def record_shard(self, info: ShardInfo, manifest_rows: list[dict], score_rows: list[dict] | None = None) -> None:
         name = Path(info.url).stem
         atomic_write_json(self.dir / "shards" / f"{name}.json",
-                          {"shard": info.as_index_entry(), "manifest": manifest_rows})
+                          {"shard": info.as_index_entry(), "manifest": manifest_rows, "scores": score_rows or []})
 
     def shards(self) -> list[dict]:
         out = [json.loads(p.read_text()) for p in sorted((self.dir / "shards").glob("shard-*.json"))]

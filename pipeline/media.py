@@ -313,6 +313,36 @@ def encode_clip(frames, audio: np.ndarray, *, fps: int = 25, audio_rate: int = 1
             return f.read()
 
 
+def remux_with_audio(data: bytes, audio: np.ndarray, *, audio_rate: int = 16000, audio_bitrate: int = 96_000) -> bytes:
+    """The same MP4 (video packets copied, not re-encoded) with a new mono AAC track."""
+    with tempfile.TemporaryDirectory(prefix="remux-") as tmpdir:
+        path = os.path.join(tmpdir, "clip.mp4")
+        with av.open(io.BytesIO(data)) as src, av.open(path, "w", format="mp4",
+                                                        options={"movflags": "+faststart"}) as out:
+            vin = src.streams.video[0]
+            vout = out.add_stream_from_template(vin)
+            aout = out.add_stream("aac", rate=audio_rate)
+            aout.layout = "mono"
+            aout.bit_rate = audio_bitrate
+            aout.time_base = Fraction(1, audio_rate)
+            for packet in src.demux(vin):
+                if packet.dts is None:
+                    continue
+                packet.stream = vout
+                out.mux(packet)
+            audio = np.asarray(audio, dtype=np.float32)
+            for start in range(0, len(audio), 1024):
+                af = av.AudioFrame.from_ndarray(audio[start:start + 1024].reshape(1, -1), format="flt", layout="mono")
+                af.sample_rate = audio_rate
+                af.pts = start
+                for packet in aout.encode(af):
+                    out.mux(packet)
+            for packet in aout.encode(None):
+                out.mux(packet)
+        with open(path, "rb") as f:
+            return f.read()
+
+
 def read_clip(data: bytes) -> tuple[np.ndarray, np.ndarray, dict]:
     """Decode an MP4 (bytes) into frames [T,H,W,3] uint8, audio float32 mono and stream facts."""
     with av.open(io.BytesIO(data)) as c:

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import schemas
 from . import __version__
 from .config import CurateConfig
+from .filters import rule_table
 from .inputs import InputItem
 from .journal import Journal, config_fingerprint
 from .shards import ShardInfo, ShardWriter, atomic_write_bytes, atomic_write_json, build_index, remove_stale_temp_shards, write_index
@@ -35,6 +36,7 @@ class _InFlight:
     kept_keys: list[str] = field(default_factory=list)
     pending_keys: set[str] = field(default_factory=set)
     rejects: list[dict] = field(default_factory=list)
+    scores: list[dict] = field(default_factory=list)  # scores rows of rejected clips
     summary: dict | None = None
     video_reject: dict | None = None
     counted: bool = False
@@ -120,6 +122,14 @@ def _manifest_row(meta: dict, shard_url: str, sample_bytes: int) -> dict:
             "profile": meta["profile"]}
 
 
+def _kept_scores_row(meta: dict, source: str, features: bool) -> dict:
+    sc = {k: v for k, v in meta.get("scores", {}).items() if k in schemas.SCORES_SCHEMA.names}
+    return dict(sc, key=meta["key"], video_id=meta["video_id"], clip_index=meta["clip_index"],
+                uri=meta["source"]["uri"], source=source, track_id=meta["clip"]["track_id"],
+                start_s=meta["clip"]["start_s"], duration_s=meta["clip"]["n_frames"] / meta["clip"]["fps"],
+                status="kept", reject_stage=None, reject_reason=None, features_computed=features)
+
+
 def _video_row(st: _InFlight) -> dict:
     probe = (st.summary or {}).get("probe") or {}
     if st.video_reject is not None:
@@ -166,6 +176,7 @@ def run_curation(items: list[InputItem], output: str | Path, config: CurateConfi
 
     states: dict[str, _InFlight] = {it.uri: _InFlight(it) for it in todo}
     open_manifest: dict[str, dict] = {}  # key -> manifest row, for the shard being written
+    open_scores: dict[str, dict] = {}  # key -> scores row of a kept clip in that shard
     ready: list[dict] = []
     last_flush = time.monotonic()
 
@@ -178,12 +189,13 @@ def run_curation(items: list[InputItem], output: str | Path, config: CurateConfi
 
     def finish_if_ready(st: _InFlight):
         if st.finished and not st.pending_keys and st.item.uri in states:
-            ready.append({"video": _video_row(st), "rejects": ([st.video_reject] if st.video_reject else []) + st.rejects})
+            ready.append({"video": _video_row(st), "rejects": ([st.video_reject] if st.video_reject else []) + st.rejects,
+                          "scores": st.scores})
             del states[st.item.uri]
 
     def on_shard_close(info: ShardInfo):
         rows = [open_manifest.pop(k) for k in info.keys]
-        journal.record_shard(info, rows)
+        journal.record_shard(info, rows, [open_scores.pop(k) for k in info.keys])
         closed = set(info.keys)
         for st in list(states.values()):
             if st.pending_keys & closed:
@@ -218,6 +230,9 @@ def run_curation(items: list[InputItem], output: str | Path, config: CurateConfi
                         stage_seconds[k] = stage_seconds.get(k, 0.0) + v
                     nodes_used.update(n for n in payload.get("nodes", {}).values() if n)
                 elif kind == "reject":
+                    scores_row = payload.pop("scores", None)
+                    if scores_row is not None:
+                        st.scores.append(scores_row)
                     st.rejects.append(payload)
                     st.terminal += 1
                     progress.rejected_clips += 1
@@ -234,6 +249,7 @@ def run_curation(items: list[InputItem], output: str | Path, config: CurateConfi
                         url = writer.write(key, members)
                         st.pending_keys.add(key)
                         open_manifest[key] = _manifest_row(payload, url, sum(len(v) for v in members.values()))
+                        open_scores[key] = _kept_scores_row(payload, row["source"], config.features.enabled)
                 else:
                     raise RuntimeError(f"unexpected row kind {kind!r} from the pipeline for {row['uri']}")
                 if st.finished:
@@ -262,6 +278,8 @@ def run_curation(items: list[InputItem], output: str | Path, config: CurateConfi
     _write_parquet(out / "manifest.parquet", manifest_rows, schemas.MANIFEST_SCHEMA)
     _write_parquet(out / "rejects.parquet", reject_rows, schemas.REJECTS_SCHEMA)
     _write_parquet(out / "videos.parquet", video_rows, schemas.VIDEOS_SCHEMA)
+    score_rows = [r for e in shard_entries for r in e.get("scores", [])] + [r for v in videos for r in v.get("scores", [])]
+    _write_parquet(out / "scores.parquet", score_rows, schemas.SCORES_SCHEMA)
     progress.done = len(video_rows)
     progress.tick(force=True)
     elapsed = time.time() - t_start
@@ -279,6 +297,8 @@ def run_curation(items: list[InputItem], output: str | Path, config: CurateConfi
         "config": cfg_dict, "config_fingerprint": config_fingerprint(cfg_dict), "summary": summary,
         "timings": {"wall_s": elapsed, "stage_cpu_s": stage_seconds,
                     "inputs_per_s": len(todo) / elapsed if elapsed > 0 else None},
+        "filter_rules": rule_table(config.filters, sync_real=config.profile == "full"),
+        "sync_rules_applied": config.profile == "full",
         "nodes_used": sorted(nodes_used), "versions": _versions(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     atomic_write_json(out / "run.json", run)
@@ -287,6 +307,10 @@ def run_curation(items: list[InputItem], output: str | Path, config: CurateConfi
     index = build_index([ShardInfo(**e["shard"]) for e in shard_entries], profile=config.profile,
                         name=config.write.dataset_name, members=members, pipeline_version=__version__)
     write_index(out, index)
+    if config.profile == "smoke":
+        print("[curate] note: smoke profile: SyncNet has random weights, so the lip-sync rules "
+              "(filters.sync_conf_min, filters.sync_offset_abs_max) were not applied; scores are still recorded",
+              file=sys.stderr, flush=True)
     print(f"[curate] done: {summary['inputs']} inputs ({summary['input_hours']:.3f} h) -> {summary['clips_kept']} clips "
           f"kept ({summary['kept_hours']:.3f} h) in {summary['shards']} shards; {summary['inputs_rejected']} inputs and "
           f"{summary['clips_rejected']} clips rejected; {elapsed:.1f} s. Output: {out}", file=sys.stderr, flush=True)

@@ -194,13 +194,27 @@ def sample_key(video_id: str, clip_index: int) -> str:
     return f"{video_id}_{clip_index:04d}"
 
 
-class CropStage:
-    """512x512 25 fps 16 kHz clips: one video row in, a summary + one row per candidate out."""
+class CropScoreStage:
+    """Crop & normalise, then score and filter: one video row in, a summary + one row per
+    candidate clip out (a kept clip, or a reject naming the rule and the measured value).
+
+    A Ray actor: the face model and SyncNet are loaded once per actor. Scores are measured on
+    the output frames as they are encoded (no second decode), and every score of every clip
+    travels on to scores.parquet, kept or not.
+    """
 
     name = "crop"
 
     def __init__(self, config: CurateConfig):
+        from .clip_scores import load_syncnet
+        from .faces.mediapipe_backend import MediaPipeFaceDetector
+
         self.config = config
+        # Landmarks on the 512 crops: FaceMesh's 478 points (the detect stage's backend may be
+        # SCRFD without dense landmarks in `full`).
+        self.face_model = MediaPipeFaceDetector(min_confidence=config.detect.min_confidence, landmarks=True,
+                                                ranges="short")
+        self.syncnet, self.sync_weights = load_syncnet(config.profile, config.model_dir, config.score.syncnet_model)
 
     def __call__(self, row: dict) -> list[dict]:
         if row["kind"] != "video":
@@ -213,18 +227,19 @@ class CropStage:
             return [_crash_reject(row, self.name, e, payload)]
 
     def _crop(self, row: dict, payload: dict, t0: float) -> list[dict]:
+        from .clip_scores import ClipObserver, select_speakers
         from .crop import crop_and_normalize
+        from .filters import evaluate
+        from .media import remux_with_audio
+        from .scoring.syncnet import shift_audio
 
         cfg = self.config.output
+        filters = self.config.filters
         p = payload["probe"]
         clips = [CandidateClip(detections={}, **c) for c in payload["clips"]]
         audio, audio_t0 = decode_audio(row["uri"], rate=cfg.audio_rate)
         out_rows: list[dict] = []
         n_short = len(payload["short_segments"])
-        _add_timing(payload, self.name, 0.0)
-        summary = {"n_candidates": len(clips) + n_short, "probe": p, "timings": payload.get("timings", {}),
-                   "nodes": payload.get("nodes", {}),
-                   "analysis": payload.get("analysis", {}), "models": payload.get("models", {})}
         for i, s in enumerate(payload["short_segments"]):
             ci = len(clips) + i
             out_rows.append(reject_row(row, stage="segment", reason="clip too short", clip_index=ci,
@@ -237,34 +252,93 @@ class CropStage:
                                        key=sample_key(row["video_id"], clip.clip_index), detail=str(err),
                                        duration_s=clip.n_frames / cfg.fps))
 
-        for cropped in crop_and_normalize(row["uri"], clips, rotation=p["rotation"], audio=audio, audio_t0=audio_t0,
-                                          size=cfg.size, fps=cfg.fps, audio_rate=cfg.audio_rate, crf=cfg.crf,
-                                          preset=cfg.preset, audio_bitrate=cfg.audio_bitrate, on_error=on_error):
-            c = cropped.clip
-            key = sample_key(row["video_id"], c.clip_index)
-            meta = {
-                "schema_version": schemas.SCHEMA_VERSION, "pipeline_version": __version__,
-                "profile": self.config.profile, "key": key, "video_id": row["video_id"], "clip_index": c.clip_index,
-                "source": {"uri": row["uri"], "source": row["source"], "size_bytes": p.get("size_bytes"),
-                           "duration_s": p["duration_s"], "fps": p["fps"], "vfr": p["vfr"], "width": p["width"],
-                           "height": p["height"], "rotation": p["rotation"], "video_codec": p["video_codec"],
-                           "audio_codec": p["audio_codec"], "audio_rate": p["audio_rate"],
-                           "audio_channels": p["audio_channels"]},
-                "clip": {"start_s": c.start_s, "end_s": c.end_s, "n_frames": cropped.n_frames, "fps": cfg.fps,
-                         "width": cfg.size, "height": cfg.size, "audio_rate": cfg.audio_rate,
-                         "audio_samples": cropped.audio_samples, "audio_shift_s": 0.0, "track_id": c.track_id,
-                         "shot_index": c.shot_index},
-                "crop": {"x0": c.crop_x0, "y0": c.crop_y0, "size": c.crop_size, "scale": c.crop_scale,
-                         "face_size_px": c.face_size_px, "padded": c.padded},
-                "models": dict(payload.get("models", {})),
-                "members": ["video.mp4", "meta.json"],
-                "scores": {"max_faces": c.max_faces},
-            }
-            out_rows.append(new_row(row["video_id"], row["uri"], row["source"], "clip", meta,
-                                    clip_index=c.clip_index, mp4=cropped.mp4, audio16k=npy_bytes(cropped.audio)))
-        summary["timings"] = dict(summary["timings"])
-        summary["timings"][self.name] = summary["timings"].get(self.name, 0.0) + time.perf_counter() - t0
+        observers = {c.clip_index: ClipObserver(c, self.face_model, self.syncnet.image_size, cfg.fps, cfg.size)
+                     for c in clips}
+        cropped = {}
+        for cc in crop_and_normalize(row["uri"], clips, rotation=p["rotation"], audio=audio, audio_t0=audio_t0,
+                                     size=cfg.size, fps=cfg.fps, audio_rate=cfg.audio_rate, crf=cfg.crf,
+                                     preset=cfg.preset, audio_bitrate=cfg.audio_bitrate, on_error=on_error,
+                                     on_frame=lambda c, f: observers[c.clip_index].observe(f)):
+            cropped[cc.clip.clip_index] = cc
+        t_crop = time.perf_counter() - t0
+        # ---- scores, speaking-face choice, filters
+        t1 = time.perf_counter()
+        scores, details = {}, {}
+        for ci, cc in cropped.items():
+            scores[ci], details[ci] = observers[ci].finish(cc.audio, self.syncnet, self.sync_weights,
+                                                           (p["width"], p["height"]),
+                                                           batch_size=self.config.score.syncnet_batch_size)
+        losers = select_speakers(scores, {c.clip_index: c for c in clips})
+        t_score = time.perf_counter() - t1
+        for ci, cc in sorted(cropped.items()):
+            c = cc.clip
+            key = sample_key(row["video_id"], ci)
+            sc = scores[ci]
+            failed = evaluate(sc, filters)
+            if ci in losers:
+                failed.insert(0, {"rule": "speaker.selection", "column": "sync_conf", "reason": "not the speaking face",
+                                  "value": None, "op": "", "applied": True})
+            audio_shift_s = 0.0
+            mp4, clip_audio = cc.mp4, cc.audio
+            offset = sc.get("sync_offset")
+            if (not failed and filters.fix_offset and offset and sc.get("sync_weights") == "syncnet_v2"):
+                # LatentSync sync_av.py: delay the audio by the measured offset so the clip is in sync.
+                clip_audio = shift_audio(cc.audio, int(offset), fps=cfg.fps, sample_rate=cfg.audio_rate)
+                mp4 = remux_with_audio(cc.mp4, clip_audio, audio_rate=cfg.audio_rate, audio_bitrate=cfg.audio_bitrate)
+                audio_shift_s = offset / cfg.fps
+            sc["audio_shift_s"] = audio_shift_s
+            if failed:
+                first = failed[0]
+                value = sc.get(first["column"]) if first["rule"] != "speaker.selection" else scores[ci].get("mouth_activity")
+                rej = reject_row(row, stage="score", reason=first["reason"], clip_index=ci, key=key, rule=first["rule"],
+                                 value=value if isinstance(value, (int, float)) else None,
+                                 threshold=first["value"] if isinstance(first["value"], (int, float)) else None,
+                                 duration_s=c.n_frames / cfg.fps,
+                                 detail=f"{row['uri']} clip {ci} ({c.start_s:.2f}-{c.end_s:.2f} s): fails "
+                                        + "; ".join(f"{f['rule']} ({f['column']} {f['op']} {f['value']})" for f in failed))
+                rp = json.loads(rej["payload"])
+                rp["scores"] = _scores_row(row, c, key, sc, "rejected", "score", first["reason"])
+                rej["payload"] = dumps(rp)
+                out_rows.append(rej)
+                continue
+            meta = self._meta(row, p, payload, c, key, cc, sc, details[ci], audio_shift_s)
+            out_rows.append(new_row(row["video_id"], row["uri"], row["source"], "clip", meta, clip_index=ci,
+                                    mp4=mp4, audio16k=npy_bytes(clip_audio)))
+        _add_timing(payload, self.name, t_crop)
+        _add_timing(payload, "score", t_score)
+        summary = {"n_candidates": len(clips) + n_short, "probe": p, "timings": payload.get("timings", {}),
+                   "nodes": payload.get("nodes", {}), "analysis": payload.get("analysis", {}),
+                   "models": payload.get("models", {})}
         return [new_row(row["video_id"], row["uri"], row["source"], "summary", summary)] + out_rows
+
+    def _meta(self, row, p, payload, c, key, cc, sc, detail, audio_shift_s) -> dict:
+        cfg = self.config.output
+        return {
+            "schema_version": schemas.SCHEMA_VERSION, "pipeline_version": __version__,
+            "profile": self.config.profile, "key": key, "video_id": row["video_id"], "clip_index": c.clip_index,
+            "source": {"uri": row["uri"], "source": row["source"], "size_bytes": p.get("size_bytes"),
+                       "duration_s": p["duration_s"], "fps": p["fps"], "vfr": p["vfr"], "width": p["width"],
+                       "height": p["height"], "rotation": p["rotation"], "video_codec": p["video_codec"],
+                       "audio_codec": p["audio_codec"], "audio_rate": p["audio_rate"],
+                       "audio_channels": p["audio_channels"]},
+            "clip": {"start_s": c.start_s, "end_s": c.end_s, "n_frames": cc.n_frames, "fps": cfg.fps,
+                     "width": cfg.size, "height": cfg.size, "audio_rate": cfg.audio_rate,
+                     "audio_samples": cc.audio_samples, "audio_shift_s": audio_shift_s, "track_id": c.track_id,
+                     "shot_index": c.shot_index},
+            "crop": {"x0": c.crop_x0, "y0": c.crop_y0, "size": c.crop_size, "scale": c.crop_scale,
+                     "face_size_px": c.face_size_px, "padded": c.padded},
+            "models": dict(payload.get("models", {}), landmarks=self.face_model.name, syncnet=self.sync_weights),
+            "members": ["video.mp4", "meta.json"],
+            "scores": dict(sc, max_faces=c.max_faces),
+            "score_details": detail,
+        }
+
+
+def _scores_row(row: dict, c: CandidateClip, key: str, sc: dict, status: str, stage: str | None,
+                reason: str | None) -> dict:
+    return dict(sc, key=key, video_id=row["video_id"], clip_index=c.clip_index, uri=row["uri"], source=row["source"],
+                track_id=c.track_id, start_s=c.start_s, duration_s=c.n_frames / 25.0, status=status,
+                reject_stage=stage, reject_reason=reason, features_computed=False)
 
 
 class FeatureStage:
@@ -305,6 +379,11 @@ class FeatureStage:
             payload = json.loads(rej["payload"])
             payload.update(clip_index=row["clip_index"], key=meta["key"],
                            duration_s=meta["clip"]["n_frames"] / meta["clip"]["fps"])
+            payload["scores"] = dict(meta["scores"], key=meta["key"], video_id=row["video_id"],
+                                     clip_index=row["clip_index"], uri=row["uri"], source=row["source"],
+                                     track_id=meta["clip"]["track_id"], start_s=meta["clip"]["start_s"],
+                                     duration_s=payload["duration_s"], status="rejected", reject_stage=self.name,
+                                     reject_reason=payload["reason"], features_computed=False)
             rej["payload"], rej["clip_index"] = dumps(payload), row["clip_index"]
             return rej
         meta["models"].update(feats["model_ids"])
@@ -328,7 +407,8 @@ def default_stages(config: CurateConfig) -> list[dict]:
     stages = [
         {"cls": ProbeStage, "kind": "map", "actor": False},
         {"cls": DetectTrackStage, "kind": "map", "actor": True, "pool": config.ray.detect_actors},
-        {"cls": CropStage, "kind": "flat_map", "actor": False},
+        {"cls": CropScoreStage, "kind": "flat_map", "actor": True, "pool": config.score.actors,
+         "num_gpus": config.score.num_gpus},
     ]
     if config.features.enabled:
         f = config.features

@@ -74,6 +74,47 @@ def test_expected_rejections(real_run):
         assert r["detail"] and (_name(r["uri"]) in r["detail"]), r
 
 
+def test_speech_and_mouth_rules_on_real_clips(real_run):
+    """Issue 3 on the real clips: silence and music-over-a-static-face are rejected with the
+    rule and the measured value; every keep clip is kept (smoke: sync rules not applied)."""
+    out = real_run["out"]
+    manifest, rejects, videos = _tables(out)
+    clip_rejects = {_name(r["uri"]): r for r in rejects.to_pylist() if r["clip_index"] >= 0}
+    silent = clip_rejects["liveportrait_d18_silent.mp4"]
+    assert silent["stage"] == "score" and "no speech" in silent["reason"]
+    assert silent["value"] is not None and silent["rule"].startswith("filters.")
+    music = clip_rejects["liveportrait_s18_music_static.mp4"]
+    assert music["reason"] in ("no speech", "no mouth activity")
+    assert "filters.mouth_activity_min" in music["detail"]  # both failures are named
+    status = {_name(v["uri"]): v["status"] for v in videos.to_pylist()}
+    for name in KEEP_CLIPS:
+        assert status[name] == "kept", name
+    run = json.loads((out / "run.json").read_text())
+    assert run["sync_rules_applied"] is False
+    sync_rules = [r for r in run["filter_rules"] if r["column"] in ("sync_conf", "sync_offset")]
+    assert sync_rules and not any(r["applied"] for r in sync_rules)
+
+
+def test_scores_table_holds_every_scored_clip(real_run):
+    out = real_run["out"]
+    manifest, rejects, _ = _tables(out)
+    scores = pq.read_table(out / "scores.parquet")
+    schemas.check_table(scores, schemas.SCORES_SCHEMA)
+    rows = scores.to_pylist()
+    assert len({r["key"] for r in rows}) == len(rows)
+    kept = {r["key"] for r in rows if r["status"] == "kept"}
+    assert kept == set(manifest.column("key").to_pylist())
+    score_rejects = {r["key"] for r in rejects.to_pylist() if r["stage"] == "score"}
+    assert score_rejects == {r["key"] for r in rows if r["status"] == "rejected"}
+    for r in rows:  # all scores are there for every scored clip, kept or not
+        for col in ("sync_conf", "sync_offset", "speech_ratio", "loudness_dbfs", "mouth_activity", "yaw_abs_max",
+                    "pitch_abs_max", "roll_abs_max", "head_translation", "complete_frac", "face_size_px", "n_faces_max"):
+            assert r[col] is not None, (r["key"], col)
+        assert r["sync_weights"] == "smoke-random"
+    hard = [r for r in rows if r["uri"].endswith("latentsync_demo1_portrait_hevc.mp4")]
+    assert hard and 150 < hard[0]["face_size_px"] < 300  # the small-face case: measured size recorded
+
+
 def test_keep_clips_yield_face_centred_crops(real_run):
     from pipeline.faces.mediapipe_backend import MediaPipeFaceDetector
 

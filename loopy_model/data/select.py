@@ -221,11 +221,15 @@ def select_samples(index: DatasetIndex, where: str | None, allow_smoke: bool = F
         smoke = pc.sum(pc.equal(table["profile"], "smoke")).as_py() or 0
         if smoke:
             raise ValueError(f"{index.uri}: manifest lists {smoke} 'smoke' samples; pass allow_smoke=True")
-    if not where:
-        return np.arange(index.num_samples, dtype=np.int64)
     if table is None:
-        raise ValueError(f"where={where!r} needs {index.uri}/manifest.parquet, which does not exist")
-    chosen = table.filter(parse_where(where, table.column_names))["key"].to_pylist()
+        if where:
+            raise ValueError(f"where={where!r} needs {index.uri}/manifest.parquet, which does not exist")
+        return np.arange(index.num_samples, dtype=np.int64)
+    # The manifest is the selection: jobs/refilter.py can drop samples from it while their bytes
+    # stay in the shards (index.json's "selection" says so), so without `where` it is used whole.
+    if not where and "selection" not in index.raw:
+        return np.arange(index.num_samples, dtype=np.int64)
+    chosen = (table.filter(parse_where(where, table.column_names)) if where else table)["key"].to_pylist()
     lookup = index.key_to_gid()
     unknown = [k for k in chosen if k not in lookup]
     if unknown:

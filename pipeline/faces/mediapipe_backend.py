@@ -1,7 +1,10 @@
 """`smoke` profile face backend: MediaPipe's pretrained models shipped in the mediapipe wheel.
 
 Detection: BlazeFace full-range (``model_selection=1``, faces up to ~5 m from the camera), so
-small faces in full-body shots are found. Landmarks: FaceMesh (478 points with iris
+small faces in full-body shots are found; when it finds nothing, the short-range model
+(``model_selection=0``, faces within ~2 m) runs too: the full-range model misses some large,
+turned close-up faces that the short-range one finds (``ranges="short"`` uses only the latter,
+as the scoring stage does on the 512 crops where the face fills half the frame). Landmarks: FaceMesh (478 points with iris
 refinement) run on a square crop around every detection, which keeps small faces at a
 resolution FaceMesh handles and maps each landmark set to exactly one detection.
 """
@@ -18,12 +21,18 @@ _KPS5_FROM_MESH = (468, 473, 1, 61, 291)
 
 
 class MediaPipeFaceDetector:
-    def __init__(self, min_confidence: float = 0.5, landmarks: bool = True, crop_expand: float = 1.7):
+    def __init__(self, min_confidence: float = 0.5, landmarks: bool = True, crop_expand: float = 1.7,
+                 ranges: str = "full+short"):
         import mediapipe as mp
 
-        self.name = f"mediapipe-{mp.__version__}:blazeface-full-range"
-        self._detector = mp.solutions.face_detection.FaceDetection(
-            model_selection=1, min_detection_confidence=min_confidence)
+        if ranges not in ("full+short", "short"):
+            raise ValueError(f"ranges must be 'full+short' or 'short', got {ranges!r}")
+        fd = mp.solutions.face_detection
+        self.name = f"mediapipe-{mp.__version__}:blazeface-{ranges.replace('+', '-')}"
+        self._detectors = [fd.FaceDetection(model_selection=0 if ranges == "short" else 1,
+                                            min_detection_confidence=min_confidence)]
+        if ranges == "full+short":
+            self._detectors.append(fd.FaceDetection(model_selection=0, min_detection_confidence=min_confidence))
         self._mesh = None
         if landmarks:
             self._mesh = mp.solutions.face_mesh.FaceMesh(
@@ -34,9 +43,13 @@ class MediaPipeFaceDetector:
     def detect(self, image_rgb: np.ndarray) -> list[Face]:
         h, w = image_rgb.shape[:2]
         image_rgb = np.ascontiguousarray(image_rgb)
-        result = self._detector.process(image_rgb)
+        detections = []
+        for detector in self._detectors:
+            detections = detector.process(image_rgb).detections or []
+            if detections:
+                break
         faces: list[Face] = []
-        for det in result.detections or []:
+        for det in detections:
             rb = det.location_data.relative_bounding_box
             x0, y0 = rb.xmin * w, rb.ymin * h
             box = np.array([x0, y0, x0 + rb.width * w, y0 + rb.height * h], dtype=np.float32)

@@ -1,0 +1,171 @@
+"""Per-clip scores, measured on the 512x512 25 fps frames while the crop stage writes them.
+
+For every output frame the face model runs on the crop (face box + landmarks of the face
+nearest the crop centre, number of faces), and the SyncNet input crop is cut around that
+box (joonson/syncnet_python ``crop_video`` geometry, ``pipeline.scoring.syncnet``). When the
+clip is complete, ``finish`` turns the series into the scores of ``schemas.SCORES_SCHEMA``:
+lip sync, speech, mouth activity, head pose, head movement and completeness (completeness in
+*source* pixels, since a head cut off by the source frame is what it detects). Definitions
+and their sources: docs/scoring.md.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .scoring import motion as motion_scores
+from .scoring import pose as pose_scores
+from .scoring import speech as speech_scores
+from .scoring import syncnet as sync
+from .segment import CandidateClip
+
+SMOKE_SYNC_WEIGHTS = "smoke-random"
+
+
+def load_syncnet(profile: str, model_dir: str | None, model_file: str = "syncnet_v2.model"):
+    """The published SyncNet v2 weights in ``full``; a tiny random SyncNet in ``smoke``."""
+    if profile == "smoke":
+        model = sync.SyncNet.tiny(seed=0)
+        return model.eval(), SMOKE_SYNC_WEIGHTS
+    from pathlib import Path
+
+    if not model_dir:
+        raise FileNotFoundError("the full profile needs a model directory holding "
+                                f"{model_file} (python jobs/fetch_models.py --profile full --dir MODELS)")
+    path = Path(model_dir) / model_file
+    if not path.exists():
+        raise FileNotFoundError(f"SyncNet weights not found: {path} "
+                                "(python jobs/fetch_models.py --profile full --dir MODELS)")
+    model = sync.SyncNet.from_state_dict_file(path)
+    return model.eval(), model.model_id
+
+
+class ClipObserver:
+    """Collects the per-frame observations of one clip."""
+
+    def __init__(self, clip: CandidateClip, detector, sync_size: int, fps: int = 25, size: int = 512):
+        self.clip, self.detector, self.sync_size, self.fps, self.size = clip, detector, sync_size, fps, size
+        self.boxes: list[np.ndarray] = []
+        self.landmarks: list[np.ndarray | None] = []
+        self.n_faces: list[int] = []
+        self.sync_crops: list[np.ndarray] = []
+
+    def observe(self, frame: np.ndarray) -> None:
+        faces = self.detector.detect(frame)
+        self.n_faces.append(len(faces))
+        if faces:
+            c = self.size / 2
+            face = min(faces, key=lambda f: (f.center[0] - c) ** 2 + (f.center[1] - c) ** 2)
+            box, lms = face.box.astype(np.float32), face.landmarks
+        else:  # hold the last box so SyncNet keeps a crop; the frame counts as incomplete
+            box, lms = (self.boxes[-1] if self.boxes else np.full(4, np.nan, np.float32)), None
+        self.boxes.append(box)
+        self.landmarks.append(lms)
+        crop_box = box if np.isfinite(box).all() else np.array([0, 0, self.size, self.size], np.float32)
+        self.sync_crops.append(sync.syncnet_crop(frame, crop_box, size=self.sync_size))
+
+    def _landmark_array(self) -> np.ndarray:
+        n = next((lm.shape for lm in self.landmarks if lm is not None), (478, 3))
+        out = np.full((len(self.landmarks),) + n, np.nan, np.float32)
+        for i, lm in enumerate(self.landmarks):
+            if lm is not None:
+                out[i] = lm
+        return out
+
+    def finish(self, audio16k: np.ndarray, syncnet, sync_weights: str, source_size: tuple[int, int],
+               batch_size: int = 20) -> tuple[dict, dict]:
+        """(scores row fields, extra detail for meta.json)."""
+        c = self.clip
+        fps = self.fps
+        lms = self._landmark_array()
+        boxes = np.stack(self.boxes)
+        detail: dict = {}
+        out: dict = {"face_size_px": c.face_size_px, "n_faces_max": int(max(c.max_faces, max(self.n_faces, default=0))),
+                     "sync_weights": sync_weights}
+        out["other_faces"] = out["n_faces_max"] > 1
+        # speech
+        sp = speech_scores.speech_scores(audio16k)
+        out["speech_ratio"], out["loudness_dbfs"] = sp["speech_ratio"], sp["loudness_dbfs"]
+        detail["speech"] = {k: v for k, v in sp.items() if isinstance(v, (int, float, bool))}
+        # lip sync (syncnet_python definitions); needs >= 5 frames + their audio
+        try:
+            res = sync.sync_scores(syncnet, np.stack(self.sync_crops), audio16k, batch_size=batch_size)
+            out.update(sync_conf=res.conf, sync_dist=res.min_dist, sync_offset=int(res.offset),
+                       sync_conf_frame_mean=res.frame_conf_mean, sync_conf_frame_p10=res.frame_conf_p10)
+        except ValueError as e:
+            detail["sync_error"] = str(e)
+        have = np.isfinite(lms[..., :2]).all(axis=(1, 2))
+        if have.sum() >= 2:
+            opening = motion_scores.mouth_opening(lms[..., :2])
+            ma = motion_scores.mouth_activity(opening, fps=fps)
+            out["mouth_activity"] = ma["mouth_speed"]
+            detail["mouth"] = ma
+            angles = pose_scores.pose_sequence(lms[..., :2], (self.size, self.size))
+            ps = pose_scores.pose_stats(angles, fps=fps)
+            for name in ("yaw", "pitch", "roll"):
+                out[f"{name}_mean"] = ps[f"{name}_mean"]
+                out[f"{name}_abs_max"] = ps[f"{name}_max_abs"]
+                out[f"{name}_range"] = ps[f"{name}_range"]
+            detail["pose"] = ps
+            hm = motion_scores.head_movement(boxes=np.where(have[:, None], boxes, np.nan), fps=fps)
+            out["head_translation"] = hm.get("head_translation_max")
+            ratio = hm.get("head_scale_ratio")
+            out["head_scale_change"] = None if ratio is None else ratio - 1.0
+            detail["movement"] = hm
+        # completeness in source pixels: crop coordinates -> source coordinates
+        k = c.crop_size / self.size
+        src_boxes = boxes * k + np.array([c.crop_x0, c.crop_y0, c.crop_x0, c.crop_y0], np.float32)
+        src_boxes[~have] = np.nan
+        src_lms = lms[..., :2] * k + np.array([c.crop_x0, c.crop_y0], np.float32)
+        comp = motion_scores.completeness(src_boxes, source_size, landmarks=src_lms)
+        out["complete_frac"] = comp["complete_fraction"]
+        detail["completeness"] = comp
+        for key, v in list(out.items()):
+            if isinstance(v, float) and math.isnan(v):
+                out[key] = None
+        return out, _jsonable(detail)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, np.ndarray):
+        return None  # series stay out of meta.json
+    return obj
+
+
+def select_speakers(clips_scores: dict[int, dict], clips: dict[int, CandidateClip]) -> dict[int, int]:
+    """Clips that lose the speaking-face choice -> the clip index that won.
+
+    Clips of different face tracks that overlap in time show several people at once; the one
+    speaking is the track with the highest sync confidence (real SyncNet) or, with smoke
+    weights, the highest mouth activity. The others are rejected, and the winner is flagged
+    ``other_faces``.
+    """
+    losers: dict[int, int] = {}
+    order = sorted(clips_scores)
+
+    def strength(i):
+        s = clips_scores[i]
+        real = s.get("sync_weights") not in (None, SMOKE_SYNC_WEIGHTS)
+        v = s.get("sync_conf") if real else s.get("mouth_activity")
+        return -math.inf if v is None else v
+
+    for i in order:
+        for j in order:
+            if i >= j or clips[i].track_id == clips[j].track_id:
+                continue
+            overlap = min(clips[i].end_s, clips[j].end_s) - max(clips[i].start_s, clips[j].start_s)
+            if overlap <= 0:
+                continue
+            win, lose = (i, j) if strength(i) >= strength(j) else (j, i)
+            losers[lose] = win
+            clips_scores[win]["other_faces"] = True
+    return losers

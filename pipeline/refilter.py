@@ -1,0 +1,118 @@
+"""Re-apply filter thresholds to a finished curation output from its stored scores.
+
+No video is decoded and no model runs: the scores table holds every score of every scored
+clip, and the shards hold every clip that ever passed. A clip that passes the new rules is
+kept when its sample is in a shard; when it is not (it was rejected before the expensive
+features were computed), it is listed in ``needs_rerun.parquet`` instead of vanishing. A
+kept clip that now fails leaves the manifest (its bytes stay in the shard, unused: the
+manifest is the selection the trainer reads) and gets a rejects row with stage "refilter".
+Speaking-face decisions are kept as the curation made them.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import schemas
+from . import __version__
+from .config import FilterConfig
+from .filters import evaluate, rule_table
+from .journal import Journal
+from .runner import _write_parquet
+from .shards import ShardInfo, atomic_write_json, build_index, read_index, write_index
+
+NEEDS_RERUN_SCHEMA = pa.schema([("key", pa.string()), ("uri", pa.string()), ("video_id", pa.string()),
+                                ("clip_index", pa.int32()), ("previous_reason", pa.string())])
+
+
+def refilter(root: str | Path, filters: FilterConfig) -> dict:
+    root = Path(root)
+    index = read_index(root)  # refuses unknown schema versions
+    journal = Journal(root)
+    shard_entries = journal.shards()
+    videos = journal.videos()
+    if not (root / "scores.parquet").exists():
+        raise FileNotFoundError(f"{root}/scores.parquet is missing: this output has no stored scores to refilter")
+    # Everything physically in the shards, and the curation's own outcomes.
+    present = {r["key"]: r for e in shard_entries for r in e["manifest"]}
+    base_rejects = [r for v in videos for r in v["rejects"]]
+    scores = pq.read_table(root / "scores.parquet").to_pylist()
+    before = set(pq.read_table(root / "manifest.parquet", columns=["key"]).column("key").to_pylist())
+
+    kept, dropped, rerun = [], [], []
+    new_scores = []
+    sync_real = index["profile"] == "full"
+    for s in scores:
+        speaker_loss = s.get("reject_reason") == "not the speaking face"
+        failed = [] if not speaker_loss else [{"reason": "not the speaking face", "rule": "speaker.selection",
+                                               "column": "sync_conf", "value": None, "op": ""}]
+        failed += evaluate(s, filters)
+        s = dict(s)
+        if not failed:
+            if s["key"] in present:
+                kept.append(s["key"])
+                s.update(status="kept", reject_stage=None, reject_reason=None, features_computed=True)
+            else:
+                rerun.append({"key": s["key"], "uri": s["uri"], "video_id": s["video_id"], "clip_index": s["clip_index"],
+                              "previous_reason": s.get("reject_reason")})
+                s.update(status="rejected", reject_stage=s.get("reject_stage"),
+                         reject_reason=f"needs rerun (was: {s.get('reject_reason')})")
+        else:
+            first = failed[0]
+            if s["key"] in present:
+                dropped.append((s, first, failed))
+            s.update(status="rejected", reject_stage="refilter" if s["key"] in present else s.get("reject_stage"),
+                     reject_reason=first["reason"])
+        new_scores.append(s)
+
+    kept_set = set(kept)
+    rerun_keys = {r["key"] for r in rerun}
+    rejects = [r for r in base_rejects if r.get("key") not in kept_set]
+    for s, first, failed in dropped:
+        rejects.append({"uri": s["uri"], "video_id": s["video_id"], "clip_index": s["clip_index"], "key": s["key"],
+                        "stage": "refilter", "reason": first["reason"], "rule": first["rule"],
+                        "value": s.get(first["column"]) if isinstance(s.get(first["column"]), (int, float)) else None,
+                        "threshold": first["value"] if isinstance(first["value"], (int, float)) else None,
+                        "detail": "; ".join(f"{f['rule']} ({f['column']} {f['op']} {f['value']})" for f in failed),
+                        "duration_s": s["duration_s"], "source": s["source"]})
+    manifest = [present[k] for e in shard_entries for k in e["shard"]["keys"] if k in kept_set]
+    video_rows = []
+    kept_by_uri: dict[str, int] = {}
+    for r in manifest:
+        kept_by_uri[r["uri"]] = kept_by_uri.get(r["uri"], 0) + 1
+    for v in videos:
+        row = dict(v["video"])
+        n = kept_by_uri.get(row["uri"], 0)
+        if row["status"] == "kept" or n:
+            row["n_kept"] = n
+            if n:
+                row.update(status="kept", stage=None, reason=None)
+            else:
+                row.update(status="rejected", stage="refilter", reason="all clips rejected by refilter")
+        video_rows.append(row)
+
+    _write_parquet(root / "manifest.parquet", manifest, schemas.MANIFEST_SCHEMA)
+    _write_parquet(root / "rejects.parquet", rejects, schemas.REJECTS_SCHEMA)
+    _write_parquet(root / "scores.parquet", new_scores, schemas.SCORES_SCHEMA)
+    _write_parquet(root / "videos.parquet", video_rows, schemas.VIDEOS_SCHEMA)
+    _write_parquet(root / "needs_rerun.parquet", rerun, NEEDS_RERUN_SCHEMA)
+    entered = sorted(kept_set - before)
+    left = sorted(before - kept_set)
+    report = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "filters": filters.model_dump(mode="json"),
+              "kept": len(kept_set), "entered": entered, "left": left, "needs_rerun": sorted(rerun_keys)}
+    run_path = root / "run.json"
+    run = json.loads(run_path.read_text())
+    run.setdefault("refilters", []).append({k: v for k, v in report.items()})
+    run["filter_rules"] = rule_table(filters, sync_real=sync_real)
+    run["config"]["filters"] = filters.model_dump(mode="json")
+    atomic_write_json(run_path, run)
+    new_index = build_index([ShardInfo(**e["shard"]) for e in shard_entries], profile=index["profile"],
+                            name=index.get("name", ""), members=index.get("members", []),
+                            pipeline_version=__version__)
+    new_index["selection"] = {"manifest": "manifest.parquet", "nsamples": len(manifest), "refiltered": report["time"]}
+    write_index(root, new_index)  # last: commits the new selection
+    return report

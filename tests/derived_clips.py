@@ -1,0 +1,85 @@
+"""Clips derived from a real clip by one known change (rotation, a turned face, a cut-off chin,
+a second face), for checking that the scoring rules catch exactly that change."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline.media import decode_audio, encode_clip, iter_frames, slice_audio
+
+
+def load_real(path: Path, seconds: float):
+    frames = [f for t, f in iter_frames(str(path), end_s=seconds)]
+    audio, t0 = decode_audio(str(path))
+    return frames, slice_audio(audio, t0, 16000, 0.0, len(frames) / 25)
+
+
+def write(path: Path, frames, audio) -> Path:
+    h, w = frames[0].shape[:2]
+    frames = [f[: h - h % 2, : w - w % 2] for f in frames]
+    path.write_bytes(encode_clip(frames, audio))
+    return path
+
+
+def rotate(frame: np.ndarray, degrees: float) -> np.ndarray:
+    """In-plane rotation (roll) about the frame centre on a larger black canvas."""
+    pad = frame.shape[0] // 4
+    big = cv2.copyMakeBorder(frame, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
+    m = cv2.getRotationMatrix2D((big.shape[1] / 2, big.shape[0] / 2), degrees, 1.0)
+    return cv2.warpAffine(big, m, (big.shape[1], big.shape[0]))
+
+
+class MeshTurner:
+    """Re-renders the face turned about the vertical axis (a yaw-like warp): FaceMesh's 3-D
+    landmarks are rotated about the head axis and each triangle's texture (a Delaunay
+    triangulation of the landmarks, so eyes and mouth are covered too) is warped to its new
+    place, far triangles first; the original face area is inpainted beforehand."""
+
+    def __init__(self):
+        import mediapipe as mp
+
+        self.mesh = mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, refine_landmarks=False)
+
+    def __call__(self, frame: np.ndarray, yaw_degrees: float) -> np.ndarray:
+        h, w = frame.shape[:2]
+        res = self.mesh.process(frame)
+        if not res.multi_face_landmarks:
+            return frame
+        p = np.array([[q.x * w, q.y * h, q.z * w] for q in res.multi_face_landmarks[0].landmark], np.float32)
+        centre = p.mean(0)
+        centre[2] += 0.35 * (p[:, 0].max() - p[:, 0].min())  # pivot behind the face: the head's axis
+        t = np.deg2rad(yaw_degrees)
+        rot = np.array([[np.cos(t), 0, np.sin(t)], [0, 1, 0], [-np.sin(t), 0, np.cos(t)]], np.float32)
+        q = (p - centre) @ rot.T + centre
+        from scipy.spatial import Delaunay
+
+        self.tris = Delaunay(p[:, :2]).simplices
+        hull = cv2.convexHull(p[:, :2].astype(np.int32))
+        mask = np.zeros((h, w), np.uint8)
+        cv2.fillConvexPoly(mask, hull, 255)
+        out = cv2.inpaint(frame, cv2.dilate(mask, np.ones((9, 9), np.uint8)), 5, cv2.INPAINT_TELEA)
+        depth = q[self.tris][:, :, 2].mean(1)
+        for tri in self.tris[np.argsort(-depth)]:  # larger z = farther from the camera in FaceMesh
+            src, dst = p[tri, :2], q[tri, :2]
+            if abs(np.cross(dst[1] - dst[0], dst[2] - dst[0])) < 1e-3:
+                continue
+            x, y, bw, bh = cv2.boundingRect(dst.astype(np.float32))
+            x0, y0 = max(x, 0), max(y, 0)
+            x1, y1 = min(x + bw + 1, w), min(y + bh + 1, h)
+            if x1 <= x0 or y1 <= y0:
+                continue
+            m = cv2.getAffineTransform(src, dst - np.array([x0, y0], np.float32))
+            patch = cv2.warpAffine(frame, m, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+            tmask = np.zeros((y1 - y0, x1 - x0), np.uint8)
+            cv2.fillConvexPoly(tmask, (dst - [x0, y0]).astype(np.int32), 1)
+            region = out[y0:y1, x0:x1]
+            region[tmask > 0] = patch[tmask > 0]
+        return out
+
+
+def paste_second_face(frame: np.ndarray, face_img: np.ndarray) -> np.ndarray:
+    """Side by side: the speaker on the left, a second (still) real face on the right."""
+    other = cv2.resize(face_img, (frame.shape[1], frame.shape[0]), interpolation=cv2.INTER_AREA)
+    return np.concatenate([frame, other], axis=1)

@@ -1,0 +1,48 @@
+"""Media helpers: exact-length AAC clips, audio remux for offset correction, probe facts."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import real_path
+from pipeline.media import encode_clip, probe, read_clip, remux_with_audio
+from pipeline.scoring.syncnet import shift_audio
+
+
+def _clicks(n_frames: int, at_frames) -> np.ndarray:
+    audio = np.zeros(n_frames * 640, np.float32)
+    for f in at_frames:
+        audio[f * 640:f * 640 + 64] = 0.9
+    return audio
+
+
+def test_clip_audio_length_is_exact_for_8_frame_multiples():
+    frames = np.zeros((96, 64, 64, 3), np.uint8)
+    data = encode_clip(frames, _clicks(96, [10]))
+    got_frames, audio, info = read_clip(data)
+    assert len(got_frames) == 96 and len(audio) == 96 * 640
+    assert info["audio_rate"] == 16000 and info["audio_channels"] == 1
+    assert abs(int(np.argmax(np.abs(audio))) - 10 * 640) < 64  # the click stays on frame 10
+
+
+@pytest.mark.parametrize("k", [-6, -2, 3, 6])
+def test_offset_correction_remux_shifts_audio_by_k_frames(k):
+    frames = np.random.default_rng(0).integers(0, 255, (64, 64, 64, 3), dtype=np.uint8)
+    original = encode_clip(frames, _clicks(64, [20, 40]))
+    shifted = remux_with_audio(original, shift_audio(_clicks(64, [20, 40]), k))
+    f0, a0, _ = read_clip(original)
+    f1, a1, _ = read_clip(shifted)
+    assert np.array_equal(f0, f1), "video packets are copied, not re-encoded"
+    assert len(a1) == len(a0)
+    onset0 = np.flatnonzero(np.abs(a0) > 0.45)[0]
+    onset1 = np.flatnonzero(np.abs(a1) > 0.45)[0]
+    assert abs((onset1 - onset0) - k * 640) < 64
+
+
+def test_probe_real_facts():
+    vfr = probe(str(real_path("retalking_face1_vfr30.mp4")))
+    assert vfr.vfr and 21 < vfr.fps < 24 and vfr.video_start_s == pytest.approx(0.033, abs=2e-3)
+    hevc = probe(str(real_path("latentsync_demo1_portrait_hevc.mp4")))
+    assert (hevc.width, hevc.height, hevc.video_codec, hevc.vfr) == (1080, 1920, "hevc", False)
+    noaudio = probe(str(real_path("edtalk_mouth_source_noaudio.mp4")))
+    assert noaudio.audio_streams == 0 and noaudio.audio_rate is None
