@@ -64,7 +64,13 @@ def main(argv=None) -> int:
         return 2
     from pipeline.runner import run_curation
 
-    run_curation(items, args.output, config, force_resume=args.force_resume, argv=sys.argv)
+    from pipeline.journal import ConfigMismatch
+
+    try:
+        run_curation(items, args.output, config, force_resume=args.force_resume, argv=sys.argv)
+    except (FileNotFoundError, ConfigMismatch) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"output: {os.path.abspath(args.output)}  (index.json, shards/, manifest.parquet, rejects.parquet, run.json)")
     return 0
 

@@ -46,6 +46,36 @@ class _InFlight:
         return self.video_reject is not None or (self.n_candidates is not None and self.terminal >= self.n_candidates)
 
 
+def required_models(config: CurateConfig) -> list[str]:
+    """Registry names of the weights a run needs (the smoke profile builds its models in memory)."""
+    if config.profile == "smoke":
+        return []
+    names = ["syncnet"]
+    if config.detector_backend == "scrfd":
+        names.append("scrfd")
+    if config.features.enabled:
+        names += ["sd-vae", "wav2vec2", "dwpose"]
+    return names
+
+
+def preflight(config: CurateConfig) -> None:
+    """Fail before any work (and before Ray starts) when a needed weights file is missing.
+
+    Checked on the driver; on a cluster the model directory must be the same path on every node
+    (a shared volume), which the workers check again when they load.
+    """
+    from .models.registry import require_model
+
+    missing = []
+    for name in required_models(config):
+        try:
+            require_model(config.model_dir, name)
+        except FileNotFoundError as e:
+            missing.append(str(e))
+    if missing:
+        raise FileNotFoundError("the full profile cannot start:\n  " + "\n  ".join(missing))
+
+
 def ensure_ray(config: CurateConfig) -> None:
     import ray
 
@@ -161,6 +191,7 @@ def _write_parquet(path: Path, rows: list[dict], schema: pa.Schema) -> None:
 def run_curation(items: list[InputItem], output: str | Path, config: CurateConfig, *, force_resume: bool = False,
                  progress_every_s: float = 5.0, argv: list[str] | None = None) -> dict:
     t_start = time.time()
+    preflight(config)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     journal = Journal(out)
