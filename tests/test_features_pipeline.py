@@ -28,7 +28,7 @@ def feature_run(tmp_path_factory, ray_local):
     src = tmp_path_factory.mktemp("feat_in")
     for i, (dur, rate, stereo) in enumerate(CASES):
         make_talking_head(src / f"talk_{i}_{rate}_{'st' if stereo else 'mono'}.mp4", duration_s=dur, audio_rate=rate,
-                          stereo=stereo, seed=20 + i, size=384)
+                          stereo=stereo, seed=20 + i)
     out = tmp_path_factory.mktemp("feat_out")
     config = load_config(None)
     assert config.features.enabled

@@ -67,10 +67,15 @@ def test_ray_job_submit_to_local_head(tmp_path):
         else:
             pytest.fail(f"the Ray head did not come up: {(tmp_path / 'head.log').read_text()[-3000:]}")
         # The documented command: the repo is the working dir (.gitignore keeps .venv out of the upload).
-        r = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
-             "python", "jobs/curate.py", "--demo", "--output", str(out)],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        for attempt in range(10):
+            r = subprocess.run(
+                [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+                 "python", "jobs/curate.py", "--demo", "--output", str(out)],
+                cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+            # The job API answers before the head's job agent is up; Ray asks to try again.
+            if "No available agent to submit job" not in r.stderr + r.stdout:
+                break
+            time.sleep(3)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert "succeeded" in (r.stdout + r.stderr).lower()
         _check_demo_output(out)

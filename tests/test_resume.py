@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_killed_job_resumes_exactly_once(tmp_path):
     inputs = tmp_path / "in"
     for i in range(8):
-        make_talking_head(inputs / f"talk_{i}.mp4", duration_s=2.6, seed=10 + i, size=384)
+        make_talking_head(inputs / f"talk_{i}.mp4", duration_s=2.6, seed=10 + i)
     (inputs / "broken.mp4").write_bytes(b"\x00" * 1000)
     out = tmp_path / "out"
     cfg = tmp_path / "cfg.yaml"
