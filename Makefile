@@ -24,7 +24,11 @@ test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 bench: setup
-	$(BIN)/python benchmarks/features.py
+	$(BIN)/python benchmarks/features.py --out benchmarks/results/features.json
+	$(BIN)/python benchmarks/feature_stage.py --out benchmarks/results/feature_stage.json
+	$(BIN)/python benchmarks/loader.py --out benchmarks/results/loader.json
+	$(BIN)/python benchmarks/curate.py --out benchmarks/results/curate.json
+	$(BIN)/python benchmarks/stats_report.py
 
 clean:
 	rm -rf demo_output .pytest_cache
