@@ -16,6 +16,8 @@ import av
 import cv2
 import numpy as np
 
+from .media import mux_audio
+
 # Pixel geometry of astronaut() (512x512): mouth centre and the chest patch used as marker.
 _MOUTH = (226, 157)
 _MARKER = (135, 175, 24)  # x, y, side: beside the cheek, inside a 2x face crop
@@ -102,16 +104,7 @@ def make_talking_head(path: str | Path, *, duration_s: float = 6.0, fps: float =
                 out.mux(p)
         for p in vs.encode(None):
             out.mux(p)
-        chans = np.stack([audio, audio]) if stereo else audio[None]
-        for start in range(0, n_audio, 1024):
-            chunk = np.ascontiguousarray(chans[:, start:start + 1024])
-            af = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="stereo" if stereo else "mono")
-            af.sample_rate = audio_rate
-            af.pts = start
-            for p in aus.encode(af):
-                out.mux(p)
-        for p in aus.encode(None):
-            out.mux(p)
+        mux_audio(out, aus, np.stack([audio, audio]) if stereo else audio[None], audio_rate)
     return path
 
 

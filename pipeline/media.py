@@ -330,17 +330,23 @@ def remux_with_audio(data: bytes, audio: np.ndarray, *, audio_rate: int = 16000,
                     continue
                 packet.stream = vout
                 out.mux(packet)
-            audio = np.asarray(audio, dtype=np.float32)
-            for start in range(0, len(audio), 1024):
-                af = av.AudioFrame.from_ndarray(audio[start:start + 1024].reshape(1, -1), format="flt", layout="mono")
-                af.sample_rate = audio_rate
-                af.pts = start
-                for packet in aout.encode(af):
-                    out.mux(packet)
-            for packet in aout.encode(None):
-                out.mux(packet)
+            mux_audio(out, aout, np.asarray(audio, dtype=np.float32)[None], audio_rate)
         with open(path, "rb") as f:
             return f.read()
+
+
+def mux_audio(out, stream, channels: np.ndarray, rate: int, block: int = 1024) -> None:
+    """Encode planar float audio [C, N] into ``stream`` (pts = sample index) and flush it."""
+    layout = "mono" if channels.shape[0] == 1 else "stereo"
+    for start in range(0, channels.shape[1], block):
+        af = av.AudioFrame.from_ndarray(np.ascontiguousarray(channels[:, start:start + block]), format="fltp",
+                                        layout=layout)
+        af.sample_rate = rate
+        af.pts = start
+        for packet in stream.encode(af):
+            out.mux(packet)
+    for packet in stream.encode(None):
+        out.mux(packet)
 
 
 def read_clip(data: bytes) -> tuple[np.ndarray, np.ndarray, dict]:

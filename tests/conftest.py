@@ -34,6 +34,21 @@ def ray_local():
     ray.shutdown()
 
 
+def read_samples(out: Path) -> tuple[dict, dict[str, dict[str, bytes]]]:
+    """(index.json, key -> {member: bytes}) of a curation output, read from its shards."""
+    import json
+    import tarfile
+
+    index = json.loads((out / "index.json").read_text())
+    samples: dict[str, dict] = {}
+    for entry in index["shardlist"]:
+        with tarfile.open(out / entry["url"]) as tar:
+            for m in tar.getmembers():
+                key, member = m.name.split(".", 1)
+                samples.setdefault(key, {})[member] = tar.extractfile(m).read()
+    return index, samples
+
+
 def make_truncated_faststart(path: Path) -> Path:
     """An MP4 whose index is at the front but whose data stops a third of the way in."""
     from pipeline.media import encode_clip

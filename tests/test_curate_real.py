@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import schemas
-from conftest import KEEP_CLIPS, VFR_MARKERS_S
+from conftest import KEEP_CLIPS, VFR_MARKERS_S, read_samples
 from pipeline.media import read_clip
 from pipeline.shards import verify_index
 
@@ -26,14 +25,7 @@ def _tables(out: Path):
 
 def _samples(out: Path):
     """All samples from the shards: key -> {member: bytes}."""
-    index = json.loads((out / "index.json").read_text())
-    samples: dict[str, dict] = {}
-    for entry in index["shardlist"]:
-        with tarfile.open(out / entry["url"]) as tar:
-            for m in tar.getmembers():
-                key, member = m.name.split(".", 1)
-                samples.setdefault(key, {})[member] = tar.extractfile(m).read()
-    return samples
+    return read_samples(out)[1]
 
 
 def _name(uri: str) -> str:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
 
 import schemas
+from conftest import read_samples
 from pipeline.config import load_config
 from pipeline.demo import make_talking_head
 from pipeline.inputs import expand_inputs
@@ -37,14 +37,7 @@ def feature_run(tmp_path_factory, ray_local):
 
 
 def _samples(out):
-    index = json.loads((out / "index.json").read_text())
-    samples: dict[str, dict] = {}
-    for e in index["shardlist"]:
-        with tarfile.open(out / e["url"]) as tar:
-            for m in tar.getmembers():
-                key, member = m.name.split(".", 1)
-                samples.setdefault(key, {})[member] = tar.extractfile(m).read()
-    return index, samples
+    return read_samples(out)
 
 
 def test_members_match_schema(feature_run):

@@ -22,6 +22,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.shards import sha256_file
+
 LOCK_FILE = "models.lock.json"
 FETCH_HINT = "run `python jobs/fetch_models.py --profile full --dir MODELS` and pass MODELS as model_dir"
 
@@ -143,11 +145,7 @@ class FetchError(RuntimeError):
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path, chunk)
 
 
 def _read_lock(root: Path) -> dict:
