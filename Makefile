@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(BIN)/python jobs/curate.py --demo --output demo_output
+	$(BIN)/python jobs/stats.py demo_output
+	@echo "demo output: $(CURDIR)/demo_output (report: demo_output/report/index.html)"
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
