@@ -44,8 +44,13 @@ def load_syncnet(profile: str, model_dir: str | None, model_file: str = "syncnet
 class ClipObserver:
     """Collects the per-frame observations of one clip."""
 
-    def __init__(self, clip: CandidateClip, detector, sync_size: int, fps: int = 25, size: int = 512):
+    def __init__(self, clip: CandidateClip, detector, sync_size: int, fps: int = 25, size: int = 512,
+                 landmarks3d=None):
         self.clip, self.detector, self.sync_size, self.fps, self.size = clip, detector, sync_size, fps, size
+        # full profile: insightface 1k3d68 68x3 landmarks give the head pose (its 3-D fit);
+        # FaceMesh's dense landmarks still give mouth opening, movement and completeness.
+        self.landmarks3d = landmarks3d
+        self.lm68: list[np.ndarray | None] = []
         self.boxes: list[np.ndarray] = []
         self.landmarks: list[np.ndarray | None] = []
         self.n_faces: list[int] = []
@@ -62,6 +67,8 @@ class ClipObserver:
             box, lms = (self.boxes[-1] if self.boxes else np.full(4, np.nan, np.float32)), None
         self.boxes.append(box)
         self.landmarks.append(lms)
+        if self.landmarks3d is not None:
+            self.lm68.append(self.landmarks3d(frame, box) if faces else None)
         crop_box = box if np.isfinite(box).all() else np.array([0, 0, self.size, self.size], np.float32)
         self.sync_crops.append(sync.syncnet_crop(frame, crop_box, size=self.sync_size))
 
@@ -101,7 +108,13 @@ class ClipObserver:
             ma = motion_scores.mouth_activity(opening, fps=fps)
             out["mouth_activity"] = ma["mouth_speed"]
             detail["mouth"] = ma
-            angles = pose_scores.pose_sequence(lms[..., :2], (self.size, self.size))
+            if self.landmarks3d is not None:
+                lm68 = np.stack([np.full((68, 3), np.nan, np.float32) if p is None else p for p in self.lm68])
+                angles = pose_scores.pose_sequence(lm68, method="3d")
+                detail["pose_source"] = self.landmarks3d.name
+            else:
+                angles = pose_scores.pose_sequence(lms[..., :2], (self.size, self.size))
+                detail["pose_source"] = "facemesh-478+pnp"
             ps = pose_scores.pose_stats(angles, fps=fps)
             for name in ("yaw", "pitch", "roll"):
                 out[f"{name}_mean"] = ps[f"{name}_mean"]

@@ -50,7 +50,7 @@ def required_models(config: CurateConfig) -> list[str]:
     """Registry names of the weights a run needs (the smoke profile builds its models in memory)."""
     if config.profile == "smoke":
         return []
-    names = ["syncnet"]
+    names = ["syncnet", "landmarks3d"]
     if config.detector_backend == "scrfd":
         names.append("scrfd")
     if config.features.enabled:

@@ -215,6 +215,11 @@ class CropScoreStage:
         self.face_model = MediaPipeFaceDetector(min_confidence=config.detect.min_confidence, landmarks=True,
                                                 ranges="short")
         self.syncnet, self.sync_weights = load_syncnet(config.profile, config.model_dir, config.score.syncnet_model)
+        self.landmarks3d = None
+        if config.profile == "full":
+            from .faces.landmarks3d import Landmarks3D
+
+            self.landmarks3d = Landmarks3D.from_model_dir(config.model_dir)
 
     def __call__(self, row: dict) -> list[dict]:
         if row["kind"] != "video":
@@ -252,8 +257,8 @@ class CropScoreStage:
                                        key=sample_key(row["video_id"], clip.clip_index), detail=str(err),
                                        duration_s=clip.n_frames / cfg.fps))
 
-        observers = {c.clip_index: ClipObserver(c, self.face_model, self.syncnet.image_size, cfg.fps, cfg.size)
-                     for c in clips}
+        observers = {c.clip_index: ClipObserver(c, self.face_model, self.syncnet.image_size, cfg.fps, cfg.size,
+                                                landmarks3d=self.landmarks3d) for c in clips}
         cropped = {}
         for cc in crop_and_normalize(row["uri"], clips, rotation=p["rotation"], audio=audio, audio_t0=audio_t0,
                                      size=cfg.size, fps=cfg.fps, audio_rate=cfg.audio_rate, crf=cfg.crf,
@@ -327,7 +332,8 @@ class CropScoreStage:
                      "shot_index": c.shot_index},
             "crop": {"x0": c.crop_x0, "y0": c.crop_y0, "size": c.crop_size, "scale": c.crop_scale,
                      "face_size_px": c.face_size_px, "padded": c.padded},
-            "models": dict(payload.get("models", {}), landmarks=self.face_model.name, syncnet=self.sync_weights),
+            "models": dict(payload.get("models", {}), landmarks=self.face_model.name, syncnet=self.sync_weights,
+                           **({"pose_landmarks": self.landmarks3d.name} if self.landmarks3d is not None else {})),
             "members": ["video.mp4", "meta.json"],
             "scores": dict(sc, max_faces=c.max_faces),
             "score_details": detail,

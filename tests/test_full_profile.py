@@ -12,6 +12,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,13 +44,30 @@ def build_model_dir(d: Path) -> Path:
     Wav2Vec2ForCTC(cfg).save_pretrained(d / "wav2vec2-base-960h", safe_serialization=True)
     Wav2Vec2FeatureExtractor(do_normalize=True).save_pretrained(d / "wav2vec2-base-960h")
     (d / "dw-ll_ucoco_384.onnx").write_bytes(dwpose.build_smoke_onnx())
-    return d
+    # insightface 1k3d68 signature (input "data" 1x3x192x192, output [1, 3309]) returning a 68-point
+    # face at a known pose, so the clip's pose scores must come from this model.
+    from test_landmarks3d import ANGLES, HALF, planted_crop_points
+
+    planted = planted_crop_points() / HALF - np.array([1.0, 1.0, 0.0])
+
+    class ConstantFace(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("out", torch.cat([torch.zeros(3309 - 204),
+                                                   torch.tensor(planted, dtype=torch.float32).reshape(-1)])[None])
+
+        def forward(self, x):
+            return self.out + 0 * x.mean()
+
+    torch.onnx.export(ConstantFace(), (torch.zeros(1, 3, 192, 192),), str(d / "1k3d68.onnx"), input_names=["data"],
+                      output_names=["fc1"], dynamo=False)
+    return d, ANGLES
 
 
 @pytest.mark.slow
 def test_full_profile_end_to_end(tmp_path, ray_local):
     (tmp_path / "models").mkdir()
-    models = build_model_dir(tmp_path / "models")
+    models, angles = build_model_dir(tmp_path / "models")
     src = make_talking_head(tmp_path / "in" / "talk.mp4", duration_s=2.6, seed=5)
     cfg = tmp_path / "full.yaml"
     # random SyncNet weights cannot reach Sync-C 3: that rule is switched off, the offset rule kept
@@ -68,6 +86,10 @@ def test_full_profile_end_to_end(tmp_path, ray_local):
     assert meta["models"]["vae"] == "stable-diffusion-v1-5/stable-diffusion-v1-5:vae"
     assert meta["models"]["audio_encoder"] == "facebook/wav2vec2-base-960h"
     assert meta["models"]["keypoints"] == "yzd-v/DWPose:dw-ll_ucoco_384.onnx"
+    assert meta["models"]["pose_landmarks"] == "insightface:1k3d68.onnx"
+    assert meta["score_details"]["pose_source"] == "insightface:1k3d68.onnx"
+    for axis in ("yaw", "pitch", "roll"):  # the planted pose, whatever the face in the frames does
+        assert meta["scores"][f"{axis}_mean"] == pytest.approx(angles[axis], abs=2.0)
     sc = meta["scores"]
     assert sc["sync_weights"] == "syncnet_v2" and -15 <= sc["sync_offset"] <= 15
     # offset correction: a kept clip's audio was shifted by exactly its measured offset
@@ -88,7 +110,7 @@ def test_missing_weights_stop_the_job_before_work(tmp_path):
                         str(tmp_path / "out"), "--profile", "full", "--model-dir", str(tmp_path / "models")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    for name in ("det_10g.onnx", "sd-vae/config.json", "wav2vec2-base-960h", "dw-ll_ucoco_384.onnx"):
+    for name in ("det_10g.onnx", "1k3d68.onnx", "sd-vae/config.json", "wav2vec2-base-960h", "dw-ll_ucoco_384.onnx"):
         assert name in r.stderr, r.stderr
     assert "fetch_models.py" in r.stderr
     assert not (tmp_path / "out").exists()

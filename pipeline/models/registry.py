@@ -100,6 +100,18 @@ FULL_MODELS: dict[str, ModelSpec] = {
             license="insightface pretrained models: non-commercial research use",
         ),
         ModelSpec(
+            name="landmarks3d",
+            model_id="insightface/buffalo_l:1k3d68.onnx",
+            # sha256/size as published by several independent download manifests of the same file
+            # (buffalo_l.zip member 1k3d68.onnx; antelopev2 ships the identical file).
+            files=(ModelFile("1k3d68.onnx",
+                             f"{_HF}/public-data/insightface/resolve/main/models/buffalo_l/1k3d68.onnx",
+                             sha256="df5c06b8a0c12e422b2ed8947b8869faa4105387f199c477af038aa01f9a45cc",
+                             size=143_607_619),),
+            license="insightface pretrained models: non-commercial research use",
+            notes="68 3-D landmarks (x, y, z) + head pose; input 1x3x192x192, output [1, 3309]",
+        ),
+        ModelSpec(
             name="syncnet",
             model_id="joonson/syncnet_python:syncnet_v2.model",
             # URL from joonson/syncnet_python download_model.sh.
