@@ -3,7 +3,7 @@
 
     python jobs/curate.py --input PATH... --output DIR [--profile smoke|full] [--config FILE]
     python jobs/curate.py --demo --output DIR          # built-in synthetic sample, no data needed
-    ray job submit --working-dir . -- python jobs/curate.py --input s3://bucket/raw --output s3://...
+    ray job submit --working-dir . -- python jobs/curate.py --input s3://bucket/raw --output /shared/curated
 
 With no Ray cluster (no RAY_ADDRESS, no --ray-address) an embedded Ray starts on this machine.
 """
@@ -30,6 +30,8 @@ def parse_args(argv=None):
     ap.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or embedded)")
     ap.add_argument("--demo", action="store_true", help="generate the built-in synthetic sample and curate it")
     ap.add_argument("--force-resume", action="store_true", help="resume into an output made with another config")
+    ap.add_argument("--no-retry-failed", action="store_true",
+                    help="do not reprocess inputs whose earlier outcome was a crash or an internal error")
     return ap.parse_args(argv)
 
 
@@ -67,8 +69,9 @@ def main(argv=None) -> int:
     from pipeline.journal import ConfigMismatch
 
     try:
-        run_curation(items, args.output, config, force_resume=args.force_resume, argv=sys.argv)
-    except (FileNotFoundError, ConfigMismatch) as e:
+        run_curation(items, args.output, config, force_resume=args.force_resume, argv=sys.argv,
+                     retry_failed=not args.no_retry_failed)
+    except (FileNotFoundError, ConfigMismatch, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"output: {os.path.abspath(args.output)}  (index.json, shards/, manifest.parquet, rejects.parquet, run.json)")

@@ -38,11 +38,20 @@ def load_syncnet(profile: str, model_dir: str | None, model_file: str = "syncnet
         raise FileNotFoundError(f"SyncNet weights not found: {path} "
                                 "(python jobs/fetch_models.py --profile full --dir MODELS)")
     model = sync.SyncNet.from_state_dict_file(path)
+    import torch
+
+    if torch.cuda.is_available():  # the actor was given a GPU (score.num_gpus): Ray sets CUDA_VISIBLE_DEVICES
+        model = model.cuda()
     return model.eval(), model.model_id
 
 
+# syncnet_python run_pipeline.py crop_video: box centres and sizes are median-filtered over 13
+# frames before the crops are cut; a frame's crop waits until the 6 frames after it are seen.
+SYNC_BOX_MEDIAN = 13
+
+
 class ClipObserver:
-    """Collects the per-frame observations of one clip."""
+    """Collects the per-frame observations of one clip (a few MB per clip once finished)."""
 
     def __init__(self, clip: CandidateClip, detector, sync_size: int, fps: int = 25, size: int = 512,
                  landmarks3d=None):
@@ -55,6 +64,7 @@ class ClipObserver:
         self.landmarks: list[np.ndarray | None] = []
         self.n_faces: list[int] = []
         self.sync_crops: list[np.ndarray] = []
+        self._pending: list[tuple[int, np.ndarray]] = []  # frames waiting for their smoothed box
 
     def observe(self, frame: np.ndarray) -> None:
         faces = self.detector.detect(frame)
@@ -69,8 +79,25 @@ class ClipObserver:
         self.landmarks.append(lms)
         if self.landmarks3d is not None:
             self.lm68.append(self.landmarks3d(frame, box) if faces else None)
-        crop_box = box if np.isfinite(box).all() else np.array([0, 0, self.size, self.size], np.float32)
-        self.sync_crops.append(sync.syncnet_crop(frame, crop_box, size=self.sync_size))
+        self._pending.append((len(self.boxes) - 1, frame))
+        self._cut_sync_crops(final=False)
+
+    def _smoothed_box(self, i: int) -> np.ndarray:
+        half = SYNC_BOX_MEDIAN // 2
+        window = np.stack(self.boxes[max(0, i - half):i + half + 1])
+        window = window[np.isfinite(window).all(axis=1)]
+        if not len(window):
+            return np.array([0, 0, self.size, self.size], np.float32)
+        cx = np.median((window[:, 0] + window[:, 2]) / 2)
+        cy = np.median((window[:, 1] + window[:, 3]) / 2)
+        half_side = np.median(np.maximum(window[:, 2] - window[:, 0], window[:, 3] - window[:, 1])) / 2
+        return np.array([cx - half_side, cy - half_side, cx + half_side, cy + half_side], np.float32)
+
+    def _cut_sync_crops(self, final: bool) -> None:
+        half = SYNC_BOX_MEDIAN // 2
+        while self._pending and (final or self._pending[0][0] + half < len(self.boxes)):
+            i, frame = self._pending.pop(0)
+            self.sync_crops.append(sync.syncnet_crop(frame, self._smoothed_box(i), size=self.sync_size))
 
     def _landmark_array(self) -> np.ndarray:
         n = next((lm.shape for lm in self.landmarks if lm is not None), (478, 3))
@@ -82,7 +109,14 @@ class ClipObserver:
 
     def finish(self, audio16k: np.ndarray, syncnet, sync_weights: str, source_size: tuple[int, int],
                batch_size: int = 20) -> tuple[dict, dict]:
-        """(scores row fields, extra detail for meta.json)."""
+        """(scores row fields, extra detail for meta.json). Frees the per-frame buffers."""
+        self._cut_sync_crops(final=True)
+        try:
+            return self._finish(audio16k, syncnet, sync_weights, source_size, batch_size)
+        finally:
+            self.sync_crops, self.landmarks, self.lm68 = [], [], []
+
+    def _finish(self, audio16k, syncnet, sync_weights, source_size, batch_size) -> tuple[dict, dict]:
         c = self.clip
         fps = self.fps
         lms = self._landmark_array()

@@ -25,10 +25,11 @@ class InputItem:
 
 
 def video_id_for(uri: str) -> str:
-    """Stable id: readable stem + 8 hex chars of the URI's sha1 (two files named alike differ)."""
+    """Stable id: readable stem + 16 hex chars (64 bits) of the URI's sha1, so that millions of files
+    named alike (VoxCeleb's 00001.mp4 in every folder) still get distinct ids."""
     stem = os.path.splitext(os.path.basename(uri.rstrip("/")))[0]
     stem = re.sub(r"[^A-Za-z0-9_-]+", "-", stem).strip("-")[:48] or "video"
-    return f"{stem}-{hashlib.sha1(uri.encode()).hexdigest()[:8]}"
+    return f"{stem}-{hashlib.sha1(uri.encode()).hexdigest()[:16]}"
 
 
 def _fs_and_path(arg: str):
@@ -62,12 +63,17 @@ def expand_inputs(args: list[str]) -> list[InputItem]:
 
     for arg in args:
         fs, path = _fs_and_path(arg)
-        if any(ch in arg for ch in "*?["):
+        # A pattern only when no file or directory has that literal name ("talk [1080p].mp4").
+        if any(ch in arg for ch in "*?[") and not fs.exists(path):
             matches = sorted(fs.glob(path))
             if not matches:
                 raise InputError(f"--input {arg}: the pattern matches no file")
             for m in matches:
-                if fs.isfile(m) and not _hidden(os.path.basename(m)):
+                if fs.isdir(m):  # a matched directory is searched like a directory argument
+                    for p in sorted(fs.find(m)):
+                        if not _hidden(os.path.relpath(p, m)):
+                            add(_unstrip(fs, p, arg), arg)
+                elif not _hidden(os.path.basename(m)):
                     add(_unstrip(fs, m, arg), arg)
         elif fs.isdir(path):
             found = sorted(p for p in fs.find(path) if not _hidden(os.path.relpath(p, path)))
@@ -85,9 +91,11 @@ def expand_inputs(args: list[str]) -> list[InputItem]:
                     raise InputError(f"--input {arg}: parquet file has no 'uri' column (columns: {table.column_names})")
                 uris = table.column("uri").to_pylist()
                 sources = table.column("source").to_pylist() if "source" in table.column_names else [arg] * len(uris)
+                empty = [i for i, u in enumerate(uris) if not u]
+                if empty:
+                    raise InputError(f"--input {arg}: {len(empty)} rows have an empty 'uri' (rows {empty[:10]})")
                 for u, s in zip(uris, sources):
-                    if u:
-                        add(str(u), str(s) if s is not None else arg)
+                    add(str(u), str(s) if s is not None else arg)
             elif arg.endswith(".txt"):
                 with fs.open(path, "r") as f:
                     for line in f:

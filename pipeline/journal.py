@@ -15,6 +15,9 @@ run resumed counts every input exactly once.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import fcntl
 import hashlib
 import json
 import os
@@ -30,10 +33,24 @@ class ConfigMismatch(RuntimeError):
     pass
 
 
+# Fields that change how fast or where things run, not what is computed: a run may resume on a
+# resized cluster.
+_RESOURCE_FIELDS = {
+    "ray": None, "model_dir": None,
+    "write": ("dataset_name",),
+    "features": ("device", "batch_size", "num_gpus", "num_cpus", "actors"),
+    "score": ("syncnet_batch_size", "num_gpus", "actors"),
+}
+
+
 def config_fingerprint(config_dict: dict) -> str:
-    # Only fields that change what is computed; Ray resource settings and dataset naming do not.
-    relevant = {k: v for k, v in config_dict.items() if k not in ("ray",)}
-    relevant.get("write", {}).pop("dataset_name", None)
+    relevant = copy.deepcopy(config_dict)
+    for section, fields in _RESOURCE_FIELDS.items():
+        if fields is None:
+            relevant.pop(section, None)
+        else:
+            for f in fields:
+                relevant.get(section, {}).pop(f, None)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -43,6 +60,19 @@ class Journal:
         self.dir = self.root / "_journal"
         (self.dir / "shards").mkdir(parents=True, exist_ok=True)
         (self.dir / "videos").mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Exclusive lock of the output for one run (a second concurrent run fails at once)."""
+        f = open(self.dir / "lock", "w")
+        try:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigMismatch(f"{self.root} is being written by another run (lock {self.dir / 'lock'})") from None
+            yield
+        finally:
+            f.close()
 
     # -- config
     def check_config(self, fingerprint: str, config_dict: dict, force: bool = False) -> None:
@@ -87,8 +117,10 @@ class Journal:
                               {"videos": videos})
 
     def videos(self) -> list[dict]:
+        """The latest journaled outcome of every input (a retried input replaces its old entry)."""
+        parts = sorted((self.dir / "videos").glob("part-*.json"), key=lambda p: (p.stat().st_mtime_ns, p.name))
         out: dict[str, dict] = {}
-        for p in sorted((self.dir / "videos").glob("part-*.json")):
+        for p in parts:
             for v in json.loads(p.read_text())["videos"]:
-                out.setdefault(v["video"]["uri"], v)
+                out[v["video"]["uri"]] = v
         return list(out.values())

@@ -206,12 +206,27 @@ def decode_audio(uri: str, rate: int = 16000, *, start_s: float | None = None,
         resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
         chunks: list[np.ndarray] = []
         t0 = None
+        total = 0  # samples placed so far (the resampler holds back only a few)
         try:
             for frame in c.decode(a):
-                if t0 is None and frame.pts is not None:
-                    t0 = float(frame.pts * a.time_base)
+                if frame.pts is not None:
+                    t = float(frame.pts * a.time_base)
+                    if t0 is None:
+                        t0 = t
+                    # Place audio by its timestamps: a gap in the stream (dropped packets, a paused
+                    # capture) is filled with silence and an overlap trimmed, so audio after it
+                    # stays aligned with the video instead of sliding early.
+                    drift = int(round((t - t0) * rate)) - total
+                    if drift > rate // 50:  # more than 20 ms missing
+                        chunks.append(np.zeros(drift, np.float32))
+                        total += drift
+                    elif drift < -(rate // 50) and chunks:
+                        cut = min(-drift, len(chunks[-1]))
+                        chunks[-1] = chunks[-1][: len(chunks[-1]) - cut]
+                        total -= cut
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray().reshape(-1))
+                    total += len(chunks[-1])
             for out in resampler.resample(None):
                 chunks.append(out.to_ndarray().reshape(-1))
         except (av.error.InvalidDataError, av.error.FFmpegError) as e:

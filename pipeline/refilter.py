@@ -29,7 +29,20 @@ NEEDS_RERUN_SCHEMA = pa.schema([("key", pa.string()), ("uri", pa.string()), ("vi
                                 ("clip_index", pa.int32()), ("previous_reason", pa.string())])
 
 
+REFILTER_STATE = "refilter.json"  # under _journal/: the thresholds a later curate run re-applies
+
+
 def refilter(root: str | Path, filters: FilterConfig) -> dict:
+    """Apply ``filters`` to the output at ``root`` (holding its lock) and remember them, so a later
+    curation run into the same output (adding inputs) applies them too instead of undoing them."""
+    journal = Journal(root)
+    with journal.lock():
+        report = apply_filters(root, filters)
+        atomic_write_json(journal.dir / REFILTER_STATE, {"filters": filters.model_dump(mode="json")})
+    return report
+
+
+def apply_filters(root: str | Path, filters: FilterConfig) -> dict:
     root = Path(root)
     index = read_index(root)  # refuses unknown schema versions
     journal = Journal(root)

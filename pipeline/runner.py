@@ -96,8 +96,11 @@ def build_dataset(items: list[InputItem], config: CurateConfig):
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False
+    # A block whose task fails after Ray's retries (a worker killed by a poison input) is skipped
+    # instead of failing the job; its inputs become "worker failed" rejects (run_curation).
+    ctx.max_errored_blocks = -1
     rows = [new_row(it.video_id, it.uri, it.source, "video", {}) for it in items]
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4096)))
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))  # one input per block
     for spec in default_stages(config):
         cls = spec["cls"]
         method = getattr(ds, spec["kind"])
@@ -108,7 +111,14 @@ def build_dataset(items: list[InputItem], config: CurateConfig):
             kwargs["batch_size"] = spec["batch_size"]
             kwargs["batch_format"] = "numpy"
         if spec["actor"]:
-            kwargs["compute"] = ActorPoolStrategy(min_size=1, max_size=spec["pool"])
+            # One task in flight per CPU actor: a poison input that kills its actor then takes no
+            # other input down with it (GPU feature actors keep a queue to stay busy).
+            in_flight = None if spec.get("num_gpus") else 1
+            kwargs["compute"] = ActorPoolStrategy(min_size=1, max_size=spec["pool"],
+                                                  max_tasks_in_flight_per_actor=in_flight)
+            # Ray Data's actor default is to restart and retry forever; a poison input must end.
+            kwargs["max_restarts"] = 2
+            kwargs["max_task_retries"] = 1
             kwargs["fn_constructor_args"] = (config,)
             ds = method(cls, **kwargs)
         else:
@@ -160,6 +170,16 @@ def _kept_scores_row(meta: dict, source: str, features: bool) -> dict:
                 status="kept", reject_stage=None, reject_reason=None, features_computed=features)
 
 
+# Outcomes that say more about the machine than about the video (a crashed worker, a bug, a
+# GPU out of memory): journaled, but retried by the next run instead of counted as final.
+RETRYABLE_REASONS = ("internal error", "worker failed")
+
+
+def _retryable(st: _InFlight) -> bool:
+    rejects = ([st.video_reject] if st.video_reject else []) + st.rejects
+    return any(r.get("reason") in RETRYABLE_REASONS or r.get("stage") == "features" for r in rejects)
+
+
 def _video_row(st: _InFlight) -> dict:
     probe = (st.summary or {}).get("probe") or {}
     if st.video_reject is not None:
@@ -189,18 +209,32 @@ def _write_parquet(path: Path, rows: list[dict], schema: pa.Schema) -> None:
 
 
 def run_curation(items: list[InputItem], output: str | Path, config: CurateConfig, *, force_resume: bool = False,
-                 progress_every_s: float = 5.0, argv: list[str] | None = None) -> dict:
+                 progress_every_s: float = 5.0, argv: list[str] | None = None, retry_failed: bool = True) -> dict:
+    """Curate ``items`` into ``output`` (a local or shared-filesystem directory).
+
+    ``retry_failed``: inputs whose outcome was a crash, an internal error or a feature failure
+    in an earlier run are processed again (their journal entry is replaced).
+    """
+    if "://" in str(output) and not str(output).startswith("file://"):
+        raise ValueError(f"--output {output}: write to a local or shared-filesystem directory (object-store "
+                         "output is not supported yet; sync the finished directory, index.json last)")
     t_start = time.time()
     preflight(config)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     journal = Journal(out)
+    with journal.lock():
+        return _run_locked(items, out, journal, config, t_start, force_resume, progress_every_s, argv, retry_failed)
+
+
+def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_start: float, force_resume: bool,
+                progress_every_s: float, argv, retry_failed: bool) -> dict:
     cfg_dict = config.model_dump(mode="json")
     journal.check_config(config_fingerprint(cfg_dict), cfg_dict, force=force_resume)
     remove_stale_temp_shards(out)
     journal.remove_orphan_shards()
 
-    done_videos = {v["video"]["uri"] for v in journal.videos()}
+    done_videos = {v["video"]["uri"] for v in journal.videos() if not (retry_failed and v.get("retryable"))}
     committed_keys = {k for e in journal.shards() for k in e["shard"]["keys"]}
     todo = [it for it in items if it.uri not in done_videos]
     progress = _Progress(total=len(items), already=len(items) - len(todo), every_s=progress_every_s)
@@ -221,7 +255,7 @@ def run_curation(items: list[InputItem], output: str | Path, config: CurateConfi
     def finish_if_ready(st: _InFlight):
         if st.finished and not st.pending_keys and st.item.uri in states:
             ready.append({"video": _video_row(st), "rejects": ([st.video_reject] if st.video_reject else []) + st.rejects,
-                          "scores": st.scores})
+                          "scores": st.scores, "retryable": _retryable(st)})
             del states[st.item.uri]
 
     def on_shard_close(info: ShardInfo):
@@ -238,6 +272,7 @@ def run_curation(items: list[InputItem], output: str | Path, config: CurateConfi
                          on_close=on_shard_close)
     stage_seconds: dict[str, float] = {}
     nodes_used: set[str] = set()
+    written_keys: set[str] = set()
     if todo:
         ensure_ray(config)
         ds = build_dataset(todo, config)
@@ -260,6 +295,11 @@ def run_curation(items: list[InputItem], output: str | Path, config: CurateConfi
                     for k, v in payload.get("timings", {}).items():
                         stage_seconds[k] = stage_seconds.get(k, 0.0) + v
                     nodes_used.update(n for n in payload.get("nodes", {}).values() if n)
+                elif kind == "reject" and payload.get("key") in committed_keys:
+                    # Published by an earlier, killed run: the sample stays; this run's different
+                    # outcome (a transient failure) must not make it both kept and rejected.
+                    st.kept_keys.append(payload["key"])
+                    st.terminal += 1
                 elif kind == "reject":
                     scores_row = payload.pop("scores", None)
                     if scores_row is not None:
@@ -273,6 +313,10 @@ def run_curation(items: list[InputItem], output: str | Path, config: CurateConfi
                     st.kept_keys.append(key)
                     progress.kept_clips += 1
                     progress.kept_seconds += payload["clip"]["n_frames"] / payload["clip"]["fps"]
+                    if key in written_keys:
+                        raise RuntimeError(f"sample key {key} produced twice in one run ({row['uri']}): "
+                                           "two inputs share a video id")
+                    written_keys.add(key)
                     if key not in committed_keys:
                         members = {member: bytes(row[col]) for col, member in SAMPLE_MEMBERS.items() if len(row[col])}
                         members["meta.json"] = json.dumps(payload, indent=1).encode()
@@ -296,9 +340,18 @@ def run_curation(items: list[InputItem], output: str | Path, config: CurateConfi
             raise
     writer.close()
     journal_ready(force=True)
-    if states:
-        missing = ", ".join(sorted(states)[:5])
-        raise RuntimeError(f"{len(states)} inputs produced no final outcome (pipeline bug): {missing}")
+    for st in list(states.values()):
+        # Its block failed in Ray (a worker died: out of memory, a crash in a native decoder)
+        # after Ray's retries. Recorded, and retried by the next run.
+        st.video_reject = {"uri": st.item.uri, "video_id": st.item.video_id, "clip_index": -1, "key": None,
+                           "stage": "ray", "reason": "worker failed", "rule": None, "value": None, "threshold": None,
+                           "detail": f"{st.item.uri}: the Ray task processing this input failed "
+                                     f"({st.terminal} of {st.n_candidates} candidate outcomes received); "
+                                     "it is retried by the next run", "duration_s": None, "source": st.item.source}
+        st.rejects, st.scores, st.pending_keys = [], [], set()
+        st.kept_keys = [k for k in st.kept_keys if k in committed_keys]
+        finish_if_ready(st)
+    journal_ready(force=True)
 
     # ---- tables, run facts, and the index last
     shard_entries = journal.shards()
@@ -338,6 +391,15 @@ def run_curation(items: list[InputItem], output: str | Path, config: CurateConfi
     index = build_index([ShardInfo(**e["shard"]) for e in shard_entries], profile=config.profile,
                         name=config.write.dataset_name, members=members, pipeline_version=__version__)
     write_index(out, index)
+    refilter_state = journal.dir / "refilter.json"
+    if refilter_state.exists():
+        # jobs/refilter.py changed the thresholds of this output earlier: keep them for the new inputs.
+        from .config import FilterConfig
+        from .refilter import apply_filters
+
+        report = apply_filters(out, FilterConfig(**json.loads(refilter_state.read_text())["filters"]))
+        print(f"[curate] re-applied the refilter thresholds of {refilter_state}: {report['kept']} clips kept",
+              file=sys.stderr, flush=True)
     if config.profile == "smoke":
         print("[curate] note: smoke profile: SyncNet has random weights, so the lip-sync rules "
               "(filters.sync_conf_min, filters.sync_offset_abs_max) were not applied; scores are still recorded",

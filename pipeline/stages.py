@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
+import tempfile
 import time
 import traceback
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 
@@ -90,6 +94,14 @@ def _add_timing(payload: dict, stage: str, seconds: float) -> None:
     payload.setdefault("nodes", {})[stage] = _node_id()
 
 
+def _fault_injection(uri: str) -> None:
+    """Kill this worker process (as a segfaulting decoder or the OOM killer would) when the URI
+    contains $CURATE_FAULT_CRASH_ON. Used by tests of crash handling; unset in production."""
+    token = os.environ.get("CURATE_FAULT_CRASH_ON")
+    if token and token in uri:
+        os._exit(137)
+
+
 class ProbeStage:
     """Container facts; rejects unreadable files, no video, no audio, too short."""
 
@@ -133,11 +145,17 @@ class DetectTrackStage:
         from .faces import make_detector
 
         self.config = config
+        self.probe = ProbeStage(config)
         self.detector = make_detector(config)
 
     def __call__(self, row: dict) -> dict:
+        # Probing runs in this actor (it is cheap and decides whether detection runs at all):
+        # one operator instead of a task pool feeding an actor pool, which on a small node could
+        # hold the CPU the actor pools need.
+        row = self.probe(row)
         if row["kind"] != "video":
             return row
+        _fault_injection(row["uri"])
         t0 = time.perf_counter()
         payload = json.loads(row["payload"])
         p = payload["probe"]
@@ -221,17 +239,32 @@ class CropScoreStage:
 
             self.landmarks3d = Landmarks3D.from_model_dir(config.model_dir)
 
-    def __call__(self, row: dict) -> list[dict]:
+    def __call__(self, row: dict):
+        """Yields rows: first everything is computed (a failure here is one video-level reject),
+        then the summary and one row per candidate are emitted, their mp4s read back from the
+        actor's local temp files one at a time (a long video never holds all its clips in memory)."""
         if row["kind"] != "video":
-            return [row]
+            yield row
+            return
         t0 = time.perf_counter()
         payload = json.loads(row["payload"])
+        tmpdir = tempfile.mkdtemp(prefix="crop-score-")
         try:
-            return self._crop(row, payload, t0)
-        except Exception as e:  # noqa: BLE001
-            return [_crash_reject(row, self.name, e, payload)]
+            try:
+                rows = self._crop(row, payload, t0, Path(tmpdir))
+            except Exception as e:  # noqa: BLE001
+                yield _crash_reject(row, self.name, e, payload)
+                return
+            for r in rows:
+                path = r.pop("mp4_path", None)
+                if path is not None:
+                    r["mp4"] = Path(path).read_bytes()
+                    os.unlink(path)
+                yield r
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
 
-    def _crop(self, row: dict, payload: dict, t0: float) -> list[dict]:
+    def _crop(self, row: dict, payload: dict, t0: float, tmpdir: Path) -> list[dict]:
         from .clip_scores import ClipObserver, select_speakers
         from .crop import crop_and_normalize
         from .filters import evaluate
@@ -253,48 +286,56 @@ class CropScoreStage:
                                        detail=f"{row['uri']}: track {s['track_id']} at {s['start_s']:.2f} s"))
 
         def on_error(clip: CandidateClip, err: MediaError):
+            observers.pop(clip.clip_index, None)
             out_rows.append(reject_row(row, stage=self.name, reason=err.reason, clip_index=clip.clip_index,
                                        key=sample_key(row["video_id"], clip.clip_index), detail=str(err),
                                        duration_s=clip.n_frames / cfg.fps))
 
         observers = {c.clip_index: ClipObserver(c, self.face_model, self.syncnet.image_size, cfg.fps, cfg.size,
                                                 landmarks3d=self.landmarks3d) for c in clips}
-        cropped = {}
+        cropped, scores, details = {}, {}, {}
+        t_score = 0.0
         for cc in crop_and_normalize(row["uri"], clips, rotation=p["rotation"], audio=audio, audio_t0=audio_t0,
                                      size=cfg.size, fps=cfg.fps, audio_rate=cfg.audio_rate, crf=cfg.crf,
                                      preset=cfg.preset, audio_bitrate=cfg.audio_bitrate, on_error=on_error,
                                      on_frame=lambda c, f: observers[c.clip_index].observe(f)):
-            cropped[cc.clip.clip_index] = cc
-        t_crop = time.perf_counter() - t0
-        # ---- scores, speaking-face choice, filters
-        t1 = time.perf_counter()
-        scores, details = {}, {}
-        for ci, cc in cropped.items():
-            scores[ci], details[ci] = observers[ci].finish(cc.audio, self.syncnet, self.sync_weights,
-                                                           (p["width"], p["height"]),
-                                                           batch_size=self.config.score.syncnet_batch_size)
+            ci = cc.clip.clip_index
+            t1 = time.perf_counter()
+            # Score as soon as a clip is complete, so its per-frame buffers are freed right away.
+            scores[ci], details[ci] = observers.pop(ci).finish(cc.audio, self.syncnet, self.sync_weights,
+                                                               (p["width"], p["height"]),
+                                                               batch_size=self.config.score.syncnet_batch_size)
+            t_score += time.perf_counter() - t1
+            path = tmpdir / f"{ci}.mp4"
+            path.write_bytes(cc.mp4)
+            cc.mp4 = b""
+            cropped[ci] = (cc, path)
+        t_crop = time.perf_counter() - t0 - t_score
         losers = select_speakers(scores, {c.clip_index: c for c in clips})
-        t_score = time.perf_counter() - t1
-        for ci, cc in sorted(cropped.items()):
+        for ci, (cc, path) in sorted(cropped.items()):
             c = cc.clip
             key = sample_key(row["video_id"], ci)
             sc = scores[ci]
             failed = evaluate(sc, filters)
             if ci in losers:
-                failed.insert(0, {"rule": "speaker.selection", "column": "sync_conf", "reason": "not the speaking face",
-                                  "value": None, "op": "", "applied": True})
+                winner = scores[losers[ci]]
+                real = sc.get("sync_weights") not in (None, "smoke-random")
+                column = "sync_conf" if real else "mouth_activity"  # what the choice was made on
+                failed.insert(0, {"rule": "speaker.selection", "column": column, "reason": "not the speaking face",
+                                  "value": winner.get(column), "op": "<", "applied": True})
             audio_shift_s = 0.0
-            mp4, clip_audio = cc.mp4, cc.audio
+            clip_audio = cc.audio
             offset = sc.get("sync_offset")
             if (not failed and filters.fix_offset and offset and sc.get("sync_weights") == "syncnet_v2"):
                 # LatentSync sync_av.py: delay the audio by the measured offset so the clip is in sync.
                 clip_audio = shift_audio(cc.audio, int(offset), fps=cfg.fps, sample_rate=cfg.audio_rate)
-                mp4 = remux_with_audio(cc.mp4, clip_audio, audio_rate=cfg.audio_rate, audio_bitrate=cfg.audio_bitrate)
+                path.write_bytes(remux_with_audio(path.read_bytes(), clip_audio, audio_rate=cfg.audio_rate,
+                                                  audio_bitrate=cfg.audio_bitrate))
                 audio_shift_s = offset / cfg.fps
             sc["audio_shift_s"] = audio_shift_s
             if failed:
                 first = failed[0]
-                value = sc.get(first["column"]) if first["rule"] != "speaker.selection" else scores[ci].get("mouth_activity")
+                value = sc.get(first["column"])
                 rej = reject_row(row, stage="score", reason=first["reason"], clip_index=ci, key=key, rule=first["rule"],
                                  value=value if isinstance(value, (int, float)) else None,
                                  threshold=first["value"] if isinstance(first["value"], (int, float)) else None,
@@ -305,10 +346,13 @@ class CropScoreStage:
                 rp["scores"] = _scores_row(row, c, key, sc, "rejected", "score", first["reason"])
                 rej["payload"] = dumps(rp)
                 out_rows.append(rej)
+                path.unlink()
                 continue
             meta = self._meta(row, p, payload, c, key, cc, sc, details[ci], audio_shift_s)
-            out_rows.append(new_row(row["video_id"], row["uri"], row["source"], "clip", meta, clip_index=ci,
-                                    mp4=mp4, audio16k=npy_bytes(clip_audio)))
+            clip_row = new_row(row["video_id"], row["uri"], row["source"], "clip", meta, clip_index=ci,
+                               audio16k=npy_bytes(clip_audio))
+            clip_row["mp4_path"] = str(path)
+            out_rows.append(clip_row)
         _add_timing(payload, self.name, t_crop)
         _add_timing(payload, "score", t_score)
         summary = {"n_candidates": len(clips) + n_short, "probe": p, "timings": payload.get("timings", {}),
@@ -411,8 +455,7 @@ class FeatureStage:
 def default_stages(config: CurateConfig) -> list[dict]:
     """Stage class and how Ray runs it: ``actor`` stages load their models once per actor."""
     stages = [
-        {"cls": ProbeStage, "kind": "map", "actor": False},
-        {"cls": DetectTrackStage, "kind": "map", "actor": True, "pool": config.ray.detect_actors},
+        {"cls": DetectTrackStage, "kind": "map", "actor": True, "pool": config.ray.detect_actors},  # probe + detect
         {"cls": CropScoreStage, "kind": "flat_map", "actor": True, "pool": config.score.actors,
          "num_gpus": config.score.num_gpus},
     ]

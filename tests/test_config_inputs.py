@@ -79,11 +79,24 @@ def test_expand_dirs_globs_txt_parquet(tmp_path):
     assert len(expand_inputs([str(tmp_path / "b.mp4"), str(tmp_path / "*.mp4")])) == 1
 
 
+def test_glob_over_directories_and_literal_brackets(tmp_path):
+    for p in ["chan1/a.mp4", "chan2/sub/b.mp4", "top.mp4", "talk [1080p].mp4"]:
+        (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / p).write_bytes(b"0")
+    names = sorted(Path(i.uri).name for i in expand_inputs([str(tmp_path / "*")]))
+    assert names == ["a.mp4", "b.mp4", "talk [1080p].mp4", "top.mp4"]  # matched directories are searched
+    literal = expand_inputs([str(tmp_path / "talk [1080p].mp4")])  # an existing name is not a pattern
+    assert [Path(i.uri).name for i in literal] == ["talk [1080p].mp4"]
+
+
 def test_expand_errors(tmp_path):
     with pytest.raises(InputError, match="no such file"):
         expand_inputs([str(tmp_path / "missing")])
     with pytest.raises(InputError, match="matches no file"):
         expand_inputs([str(tmp_path / "*.avi")])
+    pq.write_table(pa.table({"uri": ["a.mp4", None]}), tmp_path / "nulls.parquet")
+    with pytest.raises(InputError, match="empty 'uri'"):
+        expand_inputs([str(tmp_path / "nulls.parquet")])
     pq.write_table(pa.table({"path": ["x"]}), tmp_path / "p.parquet")
     with pytest.raises(InputError, match="no 'uri' column"):
         expand_inputs([str(tmp_path / "p.parquet")])

@@ -143,10 +143,11 @@ def test_every_clip_is_512_25fps_16k_mono_and_aligned(real_run):
         frames, audio, info = read_clip(members["video.mp4"])
         assert frames.shape[1:] == (512, 512, 3)
         assert info["fps"] == 25 and info["audio_rate"] == 16000 and info["audio_channels"] == 1
-        duration = meta["clip"]["end_s"] - meta["clip"]["start_s"]
-        assert abs(len(frames) - 25 * duration) <= 1
-        assert len(frames) == meta["clip"]["n_frames"]
-        assert abs(len(audio) / 16000 - len(frames) / 25) <= 1 / 25, key
+        assert len(frames) == meta["clip"]["n_frames"] and len(frames) % 8 == 0
+        source_span = meta["clip"]["end_s"] - meta["clip"]["start_s"]  # of the source timeline
+        assert abs(len(frames) - 25 * source_span) <= 1
+        # exactly 640 samples per frame: the AAC track decodes to the video's length
+        assert len(audio) == len(frames) * 640 == meta["clip"]["audio_samples"], key
 
 
 def test_vfr_real_clip_comes_out_at_25fps(real_run):

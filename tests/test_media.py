@@ -76,3 +76,36 @@ def test_display_rotation_is_applied(tmp_path, rotation):
     _, frame = next(iter_frames(str(path), rotation=facts.rotation))
     assert frame.shape == upright.shape
     assert np.abs(frame.astype(int) - upright).mean() < 6  # upright again (codec noise only)
+
+
+def test_audio_after_a_gap_stays_aligned(tmp_path):
+    """A stream with a 1 s hole in its audio (dropped packets): later audio keeps its time."""
+    import av
+    from fractions import Fraction
+
+    from pipeline.media import decode_audio
+
+    rate = 16000
+    path = tmp_path / "gap.mkv"
+    with av.open(str(path), "w") as out:
+        st = out.add_stream("pcm_s16le", rate=rate)
+        st.layout = "mono"
+        st.time_base = Fraction(1, rate)
+        for start in range(0, 4 * rate, 1024):
+            if rate <= start < 2 * rate:
+                continue  # the gap: no packets between 1 s and 2 s
+            block = np.zeros((1, 1024), np.int16)
+            if start <= 3 * rate < start + 1024:
+                block[0, 3 * rate - start:] = 20000  # a click at exactly 3.0 s
+            frame = av.AudioFrame.from_ndarray(block, format="s16", layout="mono")
+            frame.sample_rate = rate
+            frame.pts = start
+            for p in st.encode(frame):
+                out.mux(p)
+        for p in st.encode(None):
+            out.mux(p)
+    audio, t0 = decode_audio(str(path))
+    assert t0 == 0.0
+    click = int(np.flatnonzero(np.abs(audio) > 0.3)[0])
+    assert abs(click - 3 * rate) <= 32, click / rate
+    assert abs(len(audio) - 4 * rate) < 1100

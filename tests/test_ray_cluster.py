@@ -48,7 +48,10 @@ def test_ray_job_submit_to_local_head(tmp_path):
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-         f"--temp-dir={ray_tmp}", "--disable-usage-stats"],
+         f"--temp-dir={ray_tmp}", "--disable-usage-stats",
+         # own agent/metrics ports: another Ray on this machine (the suite's embedded one) holds the defaults
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"],
         env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     out = tmp_path / "out"

@@ -62,3 +62,39 @@ def test_killed_job_resumes_exactly_once(tmp_path):
     assert len(kept) == 8 and {m["uri"] for m in manifest} == kept
     rejects = pq.read_table(out / "rejects.parquet").to_pylist()
     assert [r["uri"] for r in rejects if r["clip_index"] == -1] == [str(inputs / "broken.mp4")]
+
+
+@pytest.mark.slow
+def test_worker_crash_becomes_a_retryable_reject(tmp_path):
+    """An input that kills its worker (as a segfaulting decoder or the OOM killer would) does not
+    hang or fail the job: it is recorded as "worker failed", and the next run retries it."""
+    inputs = tmp_path / "in"
+    make_talking_head(inputs / "good.mp4", duration_s=2.6, seed=1)
+    make_talking_head(inputs / "poison.mp4", duration_s=2.6, seed=2)
+    out = tmp_path / "out"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("features:\n  enabled: false\n")
+    cmd = [sys.executable, "jobs/curate.py", "--input", str(inputs), "--output", str(out), "--config", str(cfg)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400,
+                       env=dict(os.environ, CURATE_FAULT_CRASH_ON="poison"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    videos = {Path(v["uri"]).name: v for v in pq.read_table(out / "videos.parquet").to_pylist()}
+    assert videos["good.mp4"]["status"] == "kept"
+    assert (videos["poison.mp4"]["status"], videos["poison.mp4"]["reason"]) == ("rejected", "worker failed")
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)  # the fault is gone
+    assert r.returncode == 0, r.stderr[-3000:]
+    videos = pq.read_table(out / "videos.parquet").to_pylist()
+    assert sorted((Path(v["uri"]).name, v["status"]) for v in videos) == [("good.mp4", "kept"), ("poison.mp4", "kept")]
+    assert json.loads((out / "run.json").read_text())["summary"]["inputs_this_run"] == 1
+    assert verify_index(out) == []
+
+
+def test_second_concurrent_run_is_refused(tmp_path):
+    from pipeline.journal import Journal
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x.mp4").write_bytes(b"0")
+    with Journal(tmp_path / "out").lock():
+        r = subprocess.run([sys.executable, "jobs/curate.py", "--input", str(tmp_path / "in"), "--output",
+                            str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "another run" in r.stderr

@@ -114,3 +114,11 @@ def test_refilter_moves_exactly_the_clips_crossing_a_threshold(derived_run, tmp_
     run = json.loads((out / "run.json").read_text())
     assert len(run["refilters"]) == 2
     assert [r["value"] for r in run["filter_rules"] if r["rule"] == "filters.roll_abs_max"] == [90]
+    # A later curation run into the same output (here: nothing new to do) keeps the refiltered
+    # thresholds instead of silently rebuilding the tables with the original ones.
+    _refilter(out, tmp_path, f"filters:\n  head_translation_max: {threshold}\n")
+    src = Path(scores[0]["uri"]).parent
+    run_curation(expand_inputs([str(src)]), out, load_config(None, **{"features.enabled": False}),
+                 progress_every_s=60)
+    manifest = set(pq.read_table(out / "manifest.parquet").column("key").to_pylist())
+    assert manifest == {s["key"] for s in kept} - expected_left
