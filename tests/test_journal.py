@@ -1,0 +1,40 @@
+"""The progress journal's crash windows, without Ray: what a restart keeps and what it drops."""
+from __future__ import annotations
+
+import json
+
+from pipeline.config import load_config
+from pipeline.journal import Journal, config_fingerprint
+from pipeline.runner import run_curation
+from pipeline.shards import ShardWriter, verify_index
+
+
+def test_restart_drops_unpublished_and_unjournaled_shards(tmp_path):
+    out = tmp_path / "out"
+    journal = Journal(out)
+    writer = ShardWriter(out, 1 << 20)
+    writer.write("vid-a_0000", {"meta.json": b"{}"})
+    info = writer.close_current()
+    journal.record_shard(info, [{"key": "vid-a_0000", "uri": "/x/a.mp4", "duration_s": 2.0}], [])  # published + journaled
+    writer.write("vid-b_0000", {"meta.json": b"{}"})
+    writer.close_current()  # renamed into place, killed before its journal entry: an orphan
+    writer.write("vid-c_0000", {"meta.json": b"{}"})  # still a temp file when the run died
+    assert (out / "shards" / ".shard-000002.tar.tmp").exists()
+
+    config = load_config(None, **{"features.enabled": False})
+    run_curation([], out, config, progress_every_s=60)  # nothing new to do: just the restart path
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard-000000.tar"]
+    index = json.loads((out / "index.json").read_text())
+    assert [e["keys"] for e in index["shardlist"]] == [["vid-a_0000"]]
+    assert verify_index(out) == []
+    assert Journal(out).next_shard_index() == 1
+
+
+def test_fingerprint_ignores_resources_not_results():
+    base = load_config(None).model_dump(mode="json")
+    resized = load_config(None, **{"features.actors": 8, "features.num_gpus": 0.5, "ray.detect_actors": 4,
+                                   "write.dataset_name": "other"}).model_dump(mode="json")
+    changed = load_config(None, **{"segment.min_clip_s": 3.0}).model_dump(mode="json")
+    assert config_fingerprint(base) == config_fingerprint(resized)
+    assert config_fingerprint(base) != config_fingerprint(changed)
+    assert resized["write"]["dataset_name"] == "other"  # the fingerprint does not mutate the config
