@@ -100,7 +100,9 @@ def build_dataset(items: list[InputItem], config: CurateConfig):
     # instead of failing the job; its inputs become "worker failed" rejects (run_curation).
     ctx.max_errored_blocks = -1
     rows = [new_row(it.video_id, it.uri, it.source, "video", {}) for it in items]
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))  # one input per block
+    # One input per block (a failed block loses one input), up to a block count the driver's
+    # bookkeeping handles comfortably; beyond it a few inputs share a block.
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 200_000)))
     for spec in default_stages(config):
         cls = spec["cls"]
         method = getattr(ds, spec["kind"])
