@@ -140,6 +140,8 @@ def probe(uri: str, max_packets: int = 2000) -> ProbeResult:
         raise
     except (av.error.InvalidDataError, av.error.FFmpegError, UnicodeDecodeError) as e:
         raise MediaError("unreadable container", f"{uri}: {e}") from e
+    except OSError as e:  # missing or unreadable through fsspec (s3 404, permission): final, not retried
+        raise MediaError("cannot open", f"{uri}: {type(e).__name__}: {e}") from e
 
 
 def _size_of(uri: str) -> int | None:

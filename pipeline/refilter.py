@@ -50,10 +50,12 @@ def apply_filters(root: str | Path, filters: FilterConfig) -> dict:
     videos = journal.videos()
     if not (root / "scores.parquet").exists():
         raise FileNotFoundError(f"{root}/scores.parquet is missing: this output has no stored scores to refilter")
+    # The journal holds every score as the curation measured it; scores.parquet may already carry
+    # an earlier refilter's statuses, so successive refilters always start from the same base.
     # Everything physically in the shards, and the curation's own outcomes.
     present = {r["key"]: r for e in shard_entries for r in e["manifest"]}
     base_rejects = [r for v in videos for r in v["rejects"]]
-    scores = pq.read_table(root / "scores.parquet").to_pylist()
+    scores = [r for e in shard_entries for r in e.get("scores", [])] + [r for v in videos for r in v.get("scores", [])]
     before = set(pq.read_table(root / "manifest.parquet", columns=["key"]).column("key").to_pylist())
 
     kept, dropped, rerun = [], [], []

@@ -109,3 +109,12 @@ def test_audio_after_a_gap_stays_aligned(tmp_path):
     click = int(np.flatnonzero(np.abs(audio) > 0.3)[0])
     assert abs(click - 3 * rate) <= 32, click / rate
     assert abs(len(audio) - 4 * rate) < 1100
+
+
+def test_missing_remote_file_is_a_final_media_reject():
+    """fsspec raises the builtin FileNotFoundError (not an FFmpeg error): still a clear, final reject."""
+    from pipeline.media import MediaError
+
+    with pytest.raises(MediaError) as e:
+        probe("memory://bucket/none/such.mp4")
+    assert e.value.reason == "cannot open" and "such.mp4" in str(e.value)
