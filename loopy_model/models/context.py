@@ -1,0 +1,31 @@
+"""What one Loopy forward passes from the ReferenceNet to the denoising U-Net.
+
+A fresh ``LoopyContext`` is made for every forward and handed to both U-Nets through
+``cross_attention_kwargs={"loopy": ctx}``: diffusers passes it unchanged to every transformer
+block and attention processor, so no ``forward`` is replaced and nothing outlives the call (the
+Moore-AnimateAnyone ``bank`` needs ``clear()`` after every step, and leaks when it is forgotten).
+
+Batch layout: the ReferenceNet runs on ``[ref (B rows); motion frames (B*M rows)]``, the denoiser
+on ``B*F`` rows, sample-major (frame f of sample b is row ``b*F + f``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class LoopyContext:
+    batch_size: int  # B
+    num_frames: int  # F, target frames per sample in the denoiser
+    num_motion: int = 0  # M, motion-frame latents per sample in the ReferenceNet (0: none)
+    # [B] bool: the reference is visible to the denoiser's self-attention (paper 3.4: dropped 15%).
+    ref_keep: torch.Tensor | None = None
+    # [B, M] bool: motion tokens visible to the inter-clip temporal attention (the loader's
+    # history mask, and False for every slot of a sample whose reference is dropped, paper 3.4).
+    motion_keep: torch.Tensor | None = None
+    audio_tokens: torch.Tensor | None = None  # [B*F, T, D] projected audio for the audio cross-attention
+    capture: bool = False  # ReferenceNet writers store only while True (not on checkpoint recompute)
+    ref_bank: dict[int, torch.Tensor] = field(default_factory=dict)  # attn1 id -> [B, N, C] attn1 input
+    motion_bank: dict[int, torch.Tensor] = field(default_factory=dict)  # block id -> [B*M, C, h, w]
