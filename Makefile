@@ -20,7 +20,9 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/python jobs/curate.py --demo --output demo_output
 	$(BIN)/python jobs/stats.py demo_output
-	@echo "demo output: $(CURDIR)/demo_output (report: demo_output/report/index.html)"
+	$(BIN)/python jobs/train.py --data demo_output --stage 1 --preset tiny --max-steps 20 --allow-smoke --out demo_output/train/stage1 --resume
+	$(BIN)/python jobs/train.py --data demo_output --stage 2 --preset tiny --max-steps 20 --allow-smoke --out demo_output/train/stage2 --init demo_output/train/stage1 --resume
+	@echo "demo output: $(CURDIR)/demo_output (report: demo_output/report/index.html, Loopy runs: demo_output/train/)"
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
@@ -31,6 +33,7 @@ bench: setup
 	$(BIN)/python benchmarks/loader.py --out benchmarks/results/loader.json
 	$(BIN)/python benchmarks/curate.py --out benchmarks/results/curate.json
 	$(BIN)/python benchmarks/stats_report.py
+	$(BIN)/python benchmarks/train_step.py --out benchmarks/results/train_step.json
 
 clean:
 	rm -rf demo_output .pytest_cache

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import copy
 
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-)
+from loopy_model.weights import SD15_UNET_CONFIG
+
+# SD 1.5's U-Net (runwayml/stable-diffusion-v1-5 unet/config.json), for both U-Nets.
+SD15_UNET = dict(SD15_UNET_CONFIG)
 
 TINY_UNET = dict(
     sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
@@ -30,14 +27,14 @@ TINY_UNET = dict(
 
 PRESETS = {
     "tiny": {
-        "model": dict(unet=TINY_UNET, text_context_tokens=1, audio_context_tokens=4, audio_context_dim=16,
+        "model": dict(unet=TINY_UNET, text_context_tokens=4, audio_context_tokens=4, audio_context_dim=16,
                       audio_proj_hidden=32, audio_heads=2, temporal_heads=2, temporal_max_frames=16,
                       num_motion_latents=4, a2l_dim=16, a2l_embeddings=8, a2l_heads=2),
         # window shapes: 4 target frames, TSM s=2, r=2, 2 segments (6 preceding frames -> 4)
         "data": dict(num_frames=4, motion_stride=2, motion_expand_ratio=2, motion_segments=2, latent_size=16),
     },
     "paper": {
-        "model": dict(unet=SD15_UNET, text_context_tokens=1, audio_context_tokens=32, audio_context_dim=768,
+        "model": dict(unet=SD15_UNET, text_context_tokens=77, audio_context_tokens=32, audio_context_dim=768,
                       audio_proj_hidden=512, audio_heads=8, temporal_heads=8, temporal_max_frames=32,
                       num_motion_latents=20, a2l_dim=256, a2l_embeddings=64, a2l_heads=4),
         "data": dict(num_frames=12, motion_stride=4, motion_expand_ratio=2, motion_segments=5, latent_size=64),

@@ -328,3 +328,44 @@ def motion_modules_by_position(adapter_sd: dict[str, torch.Tensor]) -> dict[str,
         order = ({"down_blocks": 0, "up_blocks": 2}.get(kind, 1), int(block or 0), int(j))
         groups.setdefault(order, (f"{where}.motion_modules.{j}", {}))[1][inner] = value
     return {name: inner for _, (name, inner) in sorted(groups.items())}
+
+
+# --------------------------------------------------------------------------- CLIP text context
+
+
+def empty_prompt_embedding(sd_dir) -> torch.Tensor | None:
+    """[1, 77, 768] CLIP ``last_hidden_state`` of ``""`` from a local SD 1.5 pipeline directory.
+
+    This is SD 1.5's own unconditional context (diffusers ``StableDiffusionPipeline.encode_prompt``
+    with ``clip_skip=None``): the tokenizer pads ``""`` to ``tokenizer.model_max_length`` (77)
+    with ``padding="max_length", truncation=True`` -> ``[bos, eos, eos, ...]`` and the text
+    encoder's output ``[0]`` is taken. Loaded from ``sd_dir/tokenizer`` and
+    ``sd_dir/text_encoder`` with the concrete classes ``CLIPTokenizer`` /
+    ``CLIPTextModel.from_pretrained(..., local_files_only=True)`` (never the Auto classes, so an
+    ``auto_map`` in a config never runs remote code; nothing global is set), in fp32, eval mode,
+    under ``no_grad``; an fp16-variant-only text encoder (``model.fp16.safetensors``) is read as
+    that variant and upcast. Returns a CPU fp32 tensor, or None when ``sd_dir`` is not a
+    directory holding both ``text_encoder/`` and ``tokenizer/`` (a UNet-only dir, a single file).
+    """
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = Path(sd_dir)
+    tokenizer_dir, encoder_dir = path / "tokenizer", path / "text_encoder"
+    if not (path.is_dir() and tokenizer_dir.is_dir() and encoder_dir.is_dir()):
+        return None
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    full_precision = any((encoder_dir / name).is_file() for name in (
+        "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"))
+    variant = None if full_precision or not any(encoder_dir.glob("model*.fp16*.safetensors")) else "fp16"
+    text_encoder = CLIPTextModel.from_pretrained(
+        str(encoder_dir), local_files_only=True, dtype=torch.float32, variant=variant)
+    text_encoder.eval()
+
+    # A tokenizer_config without model_max_length reports a huge sentinel; CLIP's position
+    # table is the real limit then (77 for SD 1.5).
+    max_length = min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings)
+    input_ids = tokenizer("", padding="max_length", max_length=max_length, truncation=True,
+                          return_tensors="pt").input_ids
+    with torch.no_grad():
+        return text_encoder(input_ids)[0].float().cpu()

@@ -356,3 +356,130 @@ def test_motion_modules_by_position_loads_strict_into_animatediff_transformer(ti
 def test_motion_modules_by_position_rejects_foreign_keys():
     with pytest.raises(ValueError, match="conv_in.weight"):
         motion_modules_by_position({"conv_in.weight": torch.zeros(1)})
+
+
+# --------------------------------------------------------------------------- empty-prompt CLIP context
+
+from loopy_model.weights import empty_prompt_embedding  # noqa: E402
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+# A tiny byte-level BPE vocabulary in CLIP's format: word-final pieces end in "</w>".
+TINY_CLIP_VOCAB = {BOS: 0, EOS: 1, "a": 2, "b": 3, "c": 4, "a</w>": 5, "b</w>": 6, "c</w>": 7, "ab": 8, "ab</w>": 9}
+TINY_CLIP_MERGES = ["a b", "a b</w>"]
+TINY_CLIP_TEXT = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      vocab_size=len(TINY_CLIP_VOCAB), max_position_embeddings=77, projection_dim=16,
+                      bos_token_id=0, eos_token_id=1, pad_token_id=1)
+
+
+def write_tiny_clip(root, *, seed=0):
+    """``root/tokenizer`` laid out like SD 1.5's (vocab.json, merges.txt, tokenizer_config.json,
+    special_tokens_map.json; no tokenizer.json) and a tiny ``root/text_encoder``."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tok = root / "tokenizer"
+    tok.mkdir(parents=True)
+    (tok / "vocab.json").write_text(json.dumps(TINY_CLIP_VOCAB))
+    (tok / "merges.txt").write_text("#version: 0.2\n" + "\n".join(TINY_CLIP_MERGES) + "\n")
+    (tok / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
+        "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}))
+    (tok / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}))
+    torch.manual_seed(seed)
+    CLIPTextModel(CLIPTextConfig(**TINY_CLIP_TEXT)).save_pretrained(root / "text_encoder")
+    return root
+
+
+def reference_empty_embedding(root):
+    """What StableDiffusionPipeline.encode_prompt("") computes (clip_skip=None), done here by hand."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True,
+                                                 dtype=torch.float32).eval()
+    ids = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        return ids, text_encoder(ids)[0]
+
+
+def test_tiny_clip_tokenizer_is_like_sd15s(tmp_path):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(write_tiny_clip(tmp_path) / "tokenizer", local_files_only=True)
+    assert tokenizer.model_max_length == 77
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (0, 1, 1)
+    # the BPE works: merges apply, word-final pieces carry </w>, lowercase normaliser
+    assert tokenizer("AB c").input_ids == [0, 9, 7, 1]
+    ids = tokenizer("", padding="max_length", max_length=77, truncation=True).input_ids
+    assert ids == [0] + [1] * 76  # [bos, eos, eos, ...]: SD 1.5's unconditional prompt
+
+
+def test_empty_prompt_embedding_matches_encode_prompt(tmp_path):
+    root = write_tiny_clip(tmp_path)
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    got = empty_prompt_embedding(root)
+    ids, want = reference_empty_embedding(root)
+    assert ids.tolist() == [[0] + [1] * 76]
+    assert got.shape == (1, 77, 16) and got.dtype == torch.float32 and not got.requires_grad
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # a different text encoder gives a different context (the weights are really read)
+    other = write_tiny_clip(tmp_path / "other", seed=1)
+    assert not torch.allclose(empty_prompt_embedding(other), got)
+
+
+def test_empty_prompt_embedding_none_without_text_encoder_or_tokenizer(tmp_path, tiny_unet):
+    unet_only = tmp_path / "unet_only"
+    tiny_unet.save_pretrained(unet_only / "unet")
+    (unet_only / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    assert empty_prompt_embedding(unet_only) is None
+    assert empty_prompt_embedding(unet_only / "unet") is None
+
+    no_tokenizer = write_tiny_clip(tmp_path / "no_tok")
+    for f in (no_tokenizer / "tokenizer").iterdir():
+        f.unlink()
+    (no_tokenizer / "tokenizer").rmdir()
+    assert empty_prompt_embedding(no_tokenizer) is None
+
+    save_file(tiny_unet.state_dict(), str(tmp_path / "unet.safetensors"))
+    assert empty_prompt_embedding(tmp_path / "unet.safetensors") is None
+    assert empty_prompt_embedding(tmp_path / "missing") is None
+
+
+def test_empty_prompt_embedding_reads_fp16_variant_as_fp32(tmp_path):
+    root = write_tiny_clip(tmp_path)
+    _, want = reference_empty_embedding(root)
+    enc = root / "text_encoder"
+    sd = load_file(str(enc / "model.safetensors"))
+    (enc / "model.safetensors").unlink()
+    save_file({k: v.half() for k, v in sd.items()}, str(enc / "model.fp16.safetensors"), metadata={"format": "pt"})
+    got = empty_prompt_embedding(root)
+    assert got.dtype == torch.float32 and got.shape == (1, 77, 16)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_empty_prompt_embedding_runs_no_remote_code_and_no_network(tmp_path, monkeypatch):
+    """An auto_map in either config names code in the directory; it must never be imported,
+    and loading must not open a socket."""
+    import socket
+
+    root = write_tiny_clip(tmp_path)
+    _, want = reference_empty_embedding(root)
+    sentinel = tmp_path / "remote_code_ran"
+    for sub, cfg_name, auto_map in (
+        ("text_encoder", "config.json", {"AutoModel": "evil.EvilModel", "AutoConfig": "evil.EvilConfig"}),
+        ("tokenizer", "tokenizer_config.json", {"AutoTokenizer": ["evil.EvilTokenizer", None]}),
+    ):
+        (root / sub / "evil.py").write_text(f"open({str(sentinel)!r}, 'w').write('ran')\n")
+        cfg = json.loads((root / sub / cfg_name).read_text())
+        cfg["auto_map"] = auto_map
+        (root / sub / cfg_name).write_text(json.dumps(cfg))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    got = empty_prompt_embedding(root)
+    assert not sentinel.exists()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -37,7 +37,7 @@ class LoopyModel(ModelMixin, ConfigMixin):
     _supports_gradient_checkpointing = True
 
     @register_to_config
-    def __init__(self, unet: dict, stage: int = 2, text_context_tokens: int = 1,
+    def __init__(self, unet: dict, stage: int = 2, text_context_tokens: int = 77,
                  audio_layers: int = 13, audio_dim: int = 768, audio_window: int = 5,
                  audio_context_tokens: int = 32, audio_context_dim: int = 768, audio_proj_hidden: int = 512,
                  audio_heads: int = 8, temporal_heads: int = 8, temporal_max_frames: int = 32,
@@ -51,9 +51,12 @@ class LoopyModel(ModelMixin, ConfigMixin):
         if stage == 2:  # A2L's output FC is the U-Net's own class embedding (simple_projection)
             unet.update(class_embed_type="simple_projection", projection_class_embeddings_input_dim=a2l_dim)
         self.denoising_unet = _build_unet(unet, "denoiser")
-        # SD's attn2 needs a text context; Loopy has no text, so it is a learned constant
-        # (initialise it from CLIP's empty-prompt embedding to stay closest to SD 1.5).
-        self.text_context = nn.Parameter(torch.zeros(1, text_context_tokens, unet["cross_attention_dim"]))
+        # SD's attn2 needs a text context; Loopy has no text, so it is a learned constant of
+        # several distinct tokens (with one token, or identical ones, attn2's softmax is constant
+        # and its to_q/to_k never learn). Unit scale, like CLIP's layer-normed outputs.
+        if text_context_tokens < 2:
+            raise ValueError("text_context_tokens must be >= 2 (one token makes attn2's queries and keys dead)")
+        self.text_context = nn.Parameter(torch.randn(1, text_context_tokens, unet["cross_attention_dim"]))
         if stage == 2:
             for block in _transformers(self.denoising_unet):
                 block.add_loopy_layers(audio_context_dim=audio_context_dim, audio_heads=audio_heads,
@@ -150,6 +153,34 @@ class LoopyModel(ModelMixin, ConfigMixin):
                                  f"({len(result.unexpected_keys)})")
             report[name] = loopy_only
         return report
+
+    def load_motion_modules(self, adapter_state_dict: dict, layers=("intra_temporal", "inter_temporal")) -> dict:
+        """Initialise the temporal layers from AnimateDiff motion modules (diffusers MotionAdapter
+        keys; ``loopy_model.weights.motion_adapter_state_dict`` reads either format).
+
+        The adapter's module at ``<block>.motion_modules.<j>`` goes to the denoiser's transformer
+        ``<block>.attentions.<j>``; adapter positions with no spatial transformer (SD's
+        attention-free ``down_blocks.3`` / ``up_blocks.0``) are skipped and reported. AnimateDiff's
+        ``proj_out`` is trained, so after this the model no longer starts from the stage-1 function.
+        """
+        from loopy_model.weights import motion_modules_by_position
+
+        modules = dict(self.denoising_unet.named_modules())
+        loaded, skipped = [], []
+        for position, weights in motion_modules_by_position(adapter_state_dict).items():
+            block = modules.get(position.replace(".motion_modules.", ".attentions."))
+            if not isinstance(block, LoopyTransformer2DModel) or not block.has_loopy_layers:
+                skipped.append(position)
+                continue
+            for layer in layers:
+                result = getattr(block, layer).load_state_dict(weights, strict=False)
+                if result.unexpected_keys or [k for k in result.missing_keys if k != "type_embedding"]:
+                    raise ValueError(f"motion module {position} does not fit {layer}: missing "
+                                     f"{result.missing_keys[:6]}, unexpected {result.unexpected_keys[:6]}")
+            loaded.append(position)
+        if not loaded:
+            raise ValueError("no motion module position matches this model's spatial transformers")
+        return {"loaded": loaded, "skipped": skipped}
 
     def to_stage2(self, **overrides) -> "LoopyModel":
         """A stage-2 model initialised from this stage-1 model (paper 3.4, "Multistage Training")."""

@@ -28,6 +28,26 @@ def temporal_layer_kwargs(channels: int, heads: int, max_frames: int, norm_group
                 num_positional_embeddings=max_frames)
 
 
+def masked_group_norm(norm: nn.GroupNorm, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``norm`` over [B, C, T, H, W] with statistics from the kept time steps only.
+
+    With everything kept this is ``norm(x)`` (AnimateDiff normalises over its whole sequence);
+    a motion slot left out of attention (no history, or the reference dropped) must not shift the
+    statistics the current frames are normalised with either, or what fills it would leak in.
+    """
+    if keep is None:
+        return norm(x)
+    b, c, t = x.shape[:3]
+    g = norm.num_groups
+    xf = x.float().view(b, g, c // g, t, -1)
+    w = keep.to(xf.dtype).view(b, 1, 1, t, 1)
+    count = w.sum(3, keepdim=True).clamp(min=1) * (c // g) * xf.shape[-1]
+    mean = (xf * w).sum((2, 3, 4), keepdim=True) / count
+    var = (((xf - mean) ** 2) * w).sum((2, 3, 4), keepdim=True) / count
+    out = ((xf - mean) * torch.rsqrt(var + norm.eps)).view_as(x).to(x.dtype)
+    return out * norm.weight.view(1, c, 1, 1, 1) + norm.bias.view(1, c, 1, 1, 1)
+
+
 class IntraClipTemporalLayer(AnimateDiffTransformer3D):
     """Temporal self-attention over the current clip's frames; zero-initialised output."""
 
@@ -55,15 +75,15 @@ class InterClipTemporalLayer(AnimateDiffTransformer3D):
         b = rows // num_frames
         m = motion_states.shape[0] // b
         seq = torch.cat([motion_states.view(b, m, c, h, w), hidden_states.view(b, num_frames, c, h, w)], 1)
-        seq = self.norm(seq.permute(0, 2, 1, 3, 4))  # GroupNorm over (C, time, H, W), as AnimateDiff
+        keep = None
+        if motion_keep is not None and not bool(motion_keep.all()):
+            keep = torch.cat([motion_keep, motion_keep.new_ones(b, num_frames)], 1)  # [B, M+F]
+        seq = masked_group_norm(self.norm, seq.permute(0, 2, 1, 3, 4), keep)
         seq = seq.permute(0, 3, 4, 2, 1).reshape(b * h * w, m + num_frames, c)
         seq = self.proj_in(seq)
         kind = torch.cat([seq.new_zeros(m, dtype=torch.long), seq.new_ones(num_frames, dtype=torch.long)])
         seq = seq + self.type_embedding[kind].to(seq.dtype)
-        mask = None
-        if motion_keep is not None and not bool(motion_keep.all()):
-            keys = torch.cat([motion_keep, motion_keep.new_ones(b, num_frames)], 1)  # [B, M+F]
-            mask = keys.repeat_interleave(h * w, 0)[:, None, :]  # [B*H*W, 1, M+F], broadcast over queries
+        mask = None if keep is None else keep.repeat_interleave(h * w, 0)[:, None, :]  # [B*H*W, 1, M+F]
         for block in self.transformer_blocks:
             seq = block(seq, attention_mask=mask, encoder_attention_mask=mask)
         out = self.proj_out(seq[:, m:])  # only the current clip's rows leave the layer

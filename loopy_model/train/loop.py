@@ -67,6 +67,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, world: World):
         self.cfg, self.world = cfg, world
         self.out = Path(cfg.out)
+        if not cfg.resume and latest_checkpoint(cfg.out) is not None:
+            raise ValueError(f"{cfg.out} already holds checkpoints ({latest_checkpoint(cfg.out).name}); pass "
+                             "--resume to continue that run, or choose another --out")
         if world.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank

@@ -5,22 +5,23 @@ Ray's own checkpoint upload is not used, so one resume rule serves all launchers
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from .config import TrainConfig
 
 
 def _worker(config: dict) -> None:
-    import ray.train
-
     from .loop import train
 
-    summary = train(TrainConfig(**config))
-    ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    return train(TrainConfig(**config))  # rank 0's summary becomes Result.return_value
 
 
 def train_with_ray(cfg: TrainConfig, num_workers: int, use_gpu: bool, resources_per_worker: dict | None = None,
                    storage_path: str | None = None):
     """Run ``cfg`` on ``num_workers`` Ray Train workers (connects to RAY_ADDRESS or starts Ray)."""
+    # workers resolve relative paths against their own working directory: make them absolute
+    cfg = dataclasses.replace(cfg, out=os.path.abspath(cfg.out),
+                              data=cfg.data if "://" in cfg.data else os.path.abspath(cfg.data))
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

@@ -137,10 +137,16 @@ def build_model(cfg: TrainConfig, layout: DataLayout) -> tuple[LoopyModel, str]:
         if model.config.stage != cfg.stage:
             raise ValueError(f"{init_dir} is a stage-{model.config.stage} model; stage {cfg.stage} cannot start from it")
         return model, f"initialised from {init_dir}"
-    from loopy_model.weights import sd15_unet_state_dict  # SD 1.5 weights into both U-Nets
+    from loopy_model.weights import empty_prompt_embedding, sd15_unet_state_dict  # SD 1.5 into both U-Nets
 
     model = LoopyModel(stage=1, **model_cfg)
     model.load_unet_weights(sd15_unet_state_dict(cfg.init))
+    context = empty_prompt_embedding(cfg.init)  # SD's own unconditional context, when it ships CLIP
+    if context is not None:
+        if context.shape[1:] != model.text_context.shape[1:]:
+            raise ValueError(f"{cfg.init}: CLIP's empty-prompt embedding is {list(context.shape[1:])}, the model's "
+                             f"text context {list(model.text_context.shape[1:])} (text_context_tokens, cross_attention_dim)")
+        model.text_context.data.copy_(context)
     if cfg.stage == 2:
         log.warning("stage 2 from SD 1.5 weights directly: the paper trains stage 1 first")
         model = model.to_stage2()
