@@ -29,15 +29,17 @@ PRESETS = {
     "tiny": {
         "model": dict(unet=TINY_UNET, text_context_tokens=4, audio_context_tokens=4, audio_context_dim=16,
                       audio_proj_hidden=32, audio_heads=2, temporal_heads=2, temporal_max_frames=16,
-                      num_motion_latents=4, a2l_dim=16, a2l_embeddings=8, a2l_heads=2),
-        # window shapes: 4 target frames, TSM s=2, r=2, 2 segments (6 preceding frames -> 4)
-        "data": dict(num_frames=4, motion_stride=2, motion_expand_ratio=2, motion_segments=2, latent_size=16),
+                      num_motion_latents=4, a2l_dim=16, a2l_embeddings=8, a2l_heads=2,
+                      # 4 target frames; TSM s=2, r=2, 2 segments (6 preceding frames -> 4 latents)
+                      num_frames=4, motion_stride=2, motion_expand_ratio=2, motion_segments=2),
+        "data": dict(latent_size=16),
     },
     "paper": {
         "model": dict(unet=SD15_UNET, text_context_tokens=77, audio_context_tokens=32, audio_context_dim=768,
                       audio_proj_hidden=512, audio_heads=8, temporal_heads=8, temporal_max_frames=32,
-                      num_motion_latents=20, a2l_dim=256, a2l_embeddings=64, a2l_heads=4),
-        "data": dict(num_frames=12, motion_stride=4, motion_expand_ratio=2, motion_segments=5, latent_size=64),
+                      num_motion_latents=20, a2l_dim=256, a2l_embeddings=64, a2l_heads=4,
+                      num_frames=12, motion_stride=4, motion_expand_ratio=2, motion_segments=5),
+        "data": dict(latent_size=64),
     },
 }
 

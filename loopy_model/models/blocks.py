@@ -50,8 +50,7 @@ class LoopyTransformer2DModel(Transformer2DModel):
                               cross_attention_kwargs, attention_mask, encoder_attention_mask, return_dict=False)[0]
         ctx: LoopyContext | None = (cross_attention_kwargs or {}).get("loopy")
         if ctx is not None and self.role == "reference" and ctx.capture and ctx.num_motion:
-            self_rows = ctx.batch_size
-            ctx.motion_bank[self.block_id] = out[self_rows:]
+            ctx.motion_bank[self.block_id] = out[ctx.ref_rows:]
         elif ctx is not None and self.role == "denoiser" and self.has_loopy_layers:
             args = (out, ctx.audio_tokens, ctx.motion_bank.get(self.block_id), ctx.motion_keep, ctx.num_frames)
             if torch.is_grad_enabled() and self.gradient_checkpointing:

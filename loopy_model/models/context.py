@@ -27,5 +27,20 @@ class LoopyContext:
     motion_keep: torch.Tensor | None = None
     audio_tokens: torch.Tensor | None = None  # [B*F, T, D] projected audio for the audio cross-attention
     capture: bool = False  # ReferenceNet writers store only while True (not on checkpoint recompute)
+    ref_rows: int = 0  # leading ReferenceNet rows that are reference frames (0: motion frames only)
     ref_bank: dict[int, torch.Tensor] = field(default_factory=dict)  # attn1 id -> [B, N, C] attn1 input
     motion_bank: dict[int, torch.Tensor] = field(default_factory=dict)  # block id -> [B*M, C, h, w]
+
+    def tiled(self, ref_keep: torch.Tensor, motion_mask: torch.Tensor | None = None) -> "LoopyContext":
+        """The same features for ``n = len(ref_keep) // batch_size`` copies of the batch (pass-major:
+        row ``p * B + b``), e.g. the three guidance passes of inference batched into one forward.
+        ``motion_mask`` [B, M] is the history mask (default: every slot that was visible)."""
+        n = len(ref_keep) // self.batch_size
+        ctx = LoopyContext(batch_size=len(ref_keep), num_frames=self.num_frames, num_motion=self.num_motion,
+                           ref_keep=ref_keep.bool())
+        ctx.ref_bank = {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in self.ref_bank.items()}
+        ctx.motion_bank = {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in self.motion_bank.items()}
+        if self.num_motion:
+            base = motion_mask if motion_mask is not None else self.motion_keep
+            ctx.motion_keep = base.bool().repeat(n, 1).to(ctx.ref_keep.device) & ctx.ref_keep[:, None]
+        return ctx

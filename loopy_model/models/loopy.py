@@ -42,10 +42,20 @@ class LoopyModel(ModelMixin, ConfigMixin):
                  audio_context_tokens: int = 32, audio_context_dim: int = 768, audio_proj_hidden: int = 512,
                  audio_heads: int = 8, temporal_heads: int = 8, temporal_max_frames: int = 32,
                  num_motion_latents: int = 20, num_keypoints: int = 68, a2l_dim: int = 256,
-                 a2l_embeddings: int = 64, a2l_heads: int = 4):
+                 a2l_embeddings: int = 64, a2l_heads: int = 4, num_frames: int = 12, motion_stride: int = 4,
+                 motion_expand_ratio: int = 2, motion_segments: int = 5, motion_mode: str = "uniform"):
+        # num_frames and the temporal-segment settings (paper 4: 12 frames; s=4, r=2 over 124 frames
+        # -> 20 motion latents) are the clip shapes the model is trained on; the loader and
+        # autoregressive inference read them from here, so a checkpoint carries its own.
         super().__init__()
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+        if num_motion_latents != motion_stride * motion_segments:
+            raise ValueError(f"num_motion_latents {num_motion_latents} != motion_stride x motion_segments "
+                             f"({motion_stride} x {motion_segments})")
+        if num_motion_latents + num_frames > temporal_max_frames:
+            raise ValueError(f"{num_motion_latents} motion + {num_frames} current frames exceed the temporal "
+                             f"positional table ({temporal_max_frames})")
         unet = dict(unet)
         self.reference_unet = _build_unet(unet, "reference")
         if stage == 2:  # A2L's output FC is the U-Net's own class embedding (simple_projection)
@@ -87,38 +97,68 @@ class LoopyModel(ModelMixin, ConfigMixin):
         audio_keep (False zeroes the audio features and the A2L motion latents), motion_keep
         (False zeroes the motion-frame latents). Returns [B, F, c, H, W].
         """
-        b, f = noisy_latents.shape[:2]
-        stage2 = self.config.stage == 2
-        ones = torch.ones(b, dtype=torch.bool, device=noisy_latents.device)
-        ref_keep = ones if ref_keep is None else ref_keep.bool()
-        ctx = LoopyContext(batch_size=b, num_frames=f, ref_keep=ref_keep)
-        ref_input = ref_latents
-        if stage2:
-            motion_latents, motion_mask = self._motion_inputs(motion_latents, motion_mask, noisy_latents)
+        ctx = self.reference_context(ref_latents, noisy_latents.shape[1], motion_latents=motion_latents,
+                                     motion_mask=motion_mask, motion_keep=motion_keep, ref_keep=ref_keep)
+        return self.denoise(noisy_latents, timesteps, ctx, audio=audio, keypoints=keypoints,
+                            head_motion_var=head_motion_var, expression_var=expression_var,
+                            a2l_condition=a2l_condition, audio_keep=audio_keep)
+
+    def reference_context(self, ref_latents, num_frames: int, *, motion_latents=None, motion_mask=None,
+                          motion_keep=None, ref_keep=None, reuse: LoopyContext | None = None) -> LoopyContext:
+        """Run the ReferenceNet once: the reference tokens of every ``attn1`` and (stage 2) the
+        motion-frame features of every block, for any number of denoising steps.
+
+        The ReferenceNet sees the reference and motion frames at timestep 0, independent of the
+        noisy latents, so inference computes this once per clip; with ``reuse`` (the context of an
+        earlier clip of the same video) only the motion frames go through it, the reference tokens
+        are taken over (once per video).
+        """
+        b = ref_latents.shape[0]
+        ref_keep = (torch.ones(b, dtype=torch.bool, device=ref_latents.device) if ref_keep is None
+                    else ref_keep.bool().to(ref_latents.device))
+        ctx = LoopyContext(batch_size=b, num_frames=num_frames, ref_keep=ref_keep)
+        frames = [] if reuse is not None else [ref_latents]
+        if reuse is not None:
+            ctx.ref_bank = dict(reuse.ref_bank)
+        if self.config.stage == 2:
+            motion_latents, motion_mask = self._motion_inputs(motion_latents, motion_mask, ref_latents)
             if motion_keep is not None:
                 motion_latents = motion_latents * _per_sample(motion_keep, motion_latents)
             ctx.num_motion = motion_latents.shape[1]
-            ctx.motion_keep = motion_mask.bool() & ref_keep[:, None]
-            ref_input = torch.cat([ref_latents, motion_latents.flatten(0, 1)])
-        text = self.text_context.expand(ref_input.shape[0], -1, -1)
+            ctx.motion_keep = motion_mask.bool().to(ref_keep.device) & ref_keep[:, None]
+            frames.append(motion_latents.flatten(0, 1))
+        if not frames:
+            return ctx
+        ref_input = torch.cat(frames)
+        ctx.ref_rows = 0 if reuse is not None else b
         ctx.capture = True
         try:
-            self.reference_unet(ref_input, torch.zeros_like(timesteps).repeat_interleave(ref_input.shape[0] // b),
-                                encoder_hidden_states=text, cross_attention_kwargs={"loopy": ctx})
+            self.reference_unet(ref_input, torch.zeros(ref_input.shape[0], dtype=torch.long, device=ref_input.device),
+                                encoder_hidden_states=self.text_context.expand(ref_input.shape[0], -1, -1),
+                                cross_attention_kwargs={"loopy": ctx})
         finally:
             ctx.capture = False  # checkpoint recomputation must not overwrite the banks
+        return ctx
+
+    def denoise(self, noisy_latents, timesteps, ctx: LoopyContext, *, audio=None, keypoints=None,
+                head_motion_var=None, expression_var=None, a2l_condition=None, audio_keep=None) -> torch.Tensor:
+        """The denoising U-Net with the reference/motion features of ``ctx``: [B, F, c, H, W]."""
+        b, f = noisy_latents.shape[:2]
+        if ctx.batch_size != b or ctx.num_frames != f:
+            raise ValueError(f"context for {ctx.batch_size} x {ctx.num_frames} frames, latents {b} x {f}")
         class_labels = None
-        if stage2:
+        if self.config.stage == 2:
             if audio is None:
                 raise ValueError("a stage-2 LoopyModel needs audio features [B, F, window, L, D]")
             if audio_keep is not None:
-                audio = audio * _per_sample(audio_keep, audio)
+                audio = audio * _per_sample(audio_keep.to(audio.device), audio)
             audio = audio.to(noisy_latents.dtype)
             ctx.audio_tokens = self.audio_proj(audio)
             condition = a2l_condition if a2l_condition is not None else torch.zeros_like(timesteps)
             class_labels = self.a2l(condition, audio, keypoints, head_motion_var, expression_var)
             if audio_keep is not None:
-                class_labels = class_labels * audio_keep.to(class_labels.dtype).repeat_interleave(f)[:, None]
+                keep = audio_keep.to(class_labels.device, class_labels.dtype).repeat_interleave(f)[:, None]
+                class_labels = class_labels * keep
         out = self.denoising_unet(noisy_latents.flatten(0, 1), timesteps.repeat_interleave(f),
                                   encoder_hidden_states=self.text_context.expand(b * f, -1, -1),
                                   class_labels=class_labels, cross_attention_kwargs={"loopy": ctx}).sample
@@ -126,7 +166,7 @@ class LoopyModel(ModelMixin, ConfigMixin):
 
     def _motion_inputs(self, motion_latents, motion_mask, like):
         """Zero, fully masked motion frames when none are given (the first clip of a video)."""
-        b, _, c, h, w = like.shape
+        b, c, h, w = like.shape
         if motion_latents is None:
             m = self.config.num_motion_latents
             return like.new_zeros(b, m, c, h, w), torch.zeros(b, m, dtype=torch.bool, device=like.device)

@@ -42,8 +42,8 @@ class ReferenceWriteProcessor(LoopyAttnProcessor):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  loopy: LoopyContext | None = None):
-        if loopy is not None and loopy.capture:
-            loopy.ref_bank[self.layer_id] = hidden_states[: loopy.batch_size]
+        if loopy is not None and loopy.capture and loopy.ref_rows:
+            loopy.ref_bank[self.layer_id] = hidden_states[: loopy.ref_rows]
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 

@@ -66,10 +66,12 @@ def _device(local_rank: int) -> torch.device:
 
 # ---------------------------------------------------------------------------- data
 def window_config(cfg: TrainConfig) -> WindowConfig:
-    shapes = preset(cfg.preset)["data"]
+    """The loader's windows for the preset's clip shapes (checked against the model in check_layout)."""
+    shapes = {**preset(cfg.preset)["model"], **cfg.model_overrides}
     return WindowConfig(num_frames=1 if cfg.stage == 1 else shapes["num_frames"],  # stage 1: one frame
                         windows_per_clip=cfg.windows_per_clip, motion_stride=shapes["motion_stride"],
-                        motion_expand_ratio=shapes["motion_expand_ratio"], motion_segments=shapes["motion_segments"])
+                        motion_expand_ratio=shapes["motion_expand_ratio"], motion_segments=shapes["motion_segments"],
+                        motion_mode=shapes.get("motion_mode", "uniform"))
 
 
 def build_loader(cfg: TrainConfig, world: World) -> StreamingLoader:
@@ -104,9 +106,15 @@ def data_layout(loader: StreamingLoader) -> DataLayout:
     return DataLayout(c, int(latent[2]), int(audio[1]), int(audio[2]))
 
 
-def check_layout(model: LoopyModel, layout: DataLayout, where: str) -> None:
+def check_layout(model: LoopyModel, layout: DataLayout, where: str, windows: WindowConfig | None = None) -> None:
     mc = model.config
     wrong = []
+    if windows is not None:
+        clip = (mc.motion_stride, mc.motion_expand_ratio, mc.motion_segments, mc.motion_mode)
+        loader = (windows.motion_stride, windows.motion_expand_ratio, windows.motion_segments, windows.motion_mode)
+        if clip != loader or windows.num_frames not in (1, mc.num_frames):
+            wrong.append(f"clip shapes: loader {windows.num_frames} frames, TSM {loader}; model {mc.num_frames} "
+                         f"frames, TSM {clip} (choose the --preset the model was trained with)")
     if mc.unet["in_channels"] != layout.latent_channels:
         wrong.append(f"latent channels: data {layout.latent_channels}, model {mc.unet['in_channels']}")
     if (mc.audio_layers, mc.audio_dim) != (layout.audio_layers, layout.audio_dim):
@@ -119,6 +127,12 @@ def check_layout(model: LoopyModel, layout: DataLayout, where: str) -> None:
 # ---------------------------------------------------------------------------- model
 def build_model(cfg: TrainConfig, layout: DataLayout) -> tuple[LoopyModel, str]:
     """The model a run starts from, and where it came from (for the log)."""
+    model, origin = _build_model(cfg, layout)
+    check_layout(model, layout, origin, window_config(cfg))
+    return model, origin
+
+
+def _build_model(cfg: TrainConfig, layout: DataLayout) -> tuple[LoopyModel, str]:
     if cfg.resume and latest_checkpoint(cfg.out) is not None:
         path = latest_checkpoint(cfg.out) / "model"
         model = LoopyModel.from_pretrained(str(path), low_cpu_mem_usage=False)
