@@ -107,6 +107,12 @@ def reduce_motion(z: np.ndarray, at, motion_frames: list[np.ndarray]) -> tuple[n
     return out, mask
 
 
+def audio_window_rows(frames: np.ndarray, n: int, context: int = 2) -> np.ndarray:
+    """[len(frames), 2*context+1] audio rows of each frame's window t-context..t+context, clamped to
+    the clip's n frames (EMO/Loopy 3.3). Training windows and inference use this one definition."""
+    return np.clip(np.asarray(frames)[:, None] + np.arange(-context, context + 1)[None, :], 0, n - 1)
+
+
 def clip_windows(shard, key: str, rng: np.random.Generator, cfg: WindowConfig) -> tuple[list[dict], int]:
     """Draw ``cfg.windows_per_clip`` windows from sample ``key`` of an open shard.
 
@@ -138,8 +144,7 @@ def clip_windows(shard, key: str, rng: np.random.Generator, cfg: WindowConfig) -
         at = lambda frames: np.searchsorted(rows, frames)  # noqa: E731 - frame -> row of z
 
         motion_z, motion_mask = reduce_motion(z, at, motion_frames)
-        a = cfg.audio_context
-        audio_rows = np.clip(target[:, None] + np.arange(-a, a + 1)[None, :], 0, n - 1)
+        audio_rows = audio_window_rows(target, n, cfg.audio_context)
         audio_win = audio.rows(audio_rows.ravel()).reshape(audio_rows.shape + tuple(audio.shape[1:]))
         if len(motion):
             head_var, expr_var = motion.rows([min(t0, len(motion) - 1)])[0].astype(np.float32)
