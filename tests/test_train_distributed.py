@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray.exceptions
 
 from loader_fixtures import make_dataset
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.shards import atomic_write_bytes
+
 LATEST = "latest"
 
 
@@ -96,7 +98,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, trainer_state: dict, 
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_atomic(root / LATEST, name)
+    atomic_write_bytes(root / LATEST, name.encode())
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -104,15 +106,6 @@ def save_checkpoint(run_dir: str | Path, step: int, model, trainer_state: dict, 
 
 def load_trainer_state(path: Path) -> dict:
     return torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,6 +28,7 @@ from loopy_model.conditions import ConditionConfig, draw_conditions, model_input
 from loopy_model.diffusion import Diffusion, DiffusionConfig, timestep_buckets
 from loopy_model.models import LoopyModel, parameter_groups
 from loopy_model.presets import preset
+from pipeline.shards import atomic_write_bytes
 
 from .checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
@@ -145,7 +145,7 @@ class Trainer:
     def run(self) -> dict:
         cfg, world = self.cfg, self.world
         if world.is_main:
-            _write_json(self.out / "config.json", cfg.to_dict())
+            atomic_write_bytes(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2, default=str).encode())
         buckets = list(timestep_buckets(torch.zeros(1, dtype=torch.long), torch.zeros(1), 1000))
         metrics = MetricsWriter(self.out, self.step, cfg.max_steps, buckets, enabled=world.is_main,
                                 progress=cfg.progress)
@@ -269,9 +269,5 @@ def _gpu_mem_gb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
