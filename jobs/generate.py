@@ -35,6 +35,9 @@ def parse_args(argv=None):
     ap.add_argument("--model-dir", help="feature-model weights for --profile full")
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--ray", action="store_true", help="with --batch: a Ray Data job over model actors (RAY_ADDRESS)")
+    ap.add_argument("--actors", type=int, default=1, help="with --ray: actors, each holding the model")
+    ap.add_argument("--gpus-per-actor", type=float, default=0.0)
     args = ap.parse_args(argv)
     if not args.batch and not (args.image and args.audio and args.out):
         ap.error("give --image, --audio and --out, or --batch")
@@ -67,12 +70,14 @@ def main(argv=None) -> int:
     from loopy_model.generate import GenerateConfig, GenerateError, Generator
     from loopy_model.sampling import GuidanceConfig
 
+    cfg = GenerateConfig(profile=args.profile, model_dir=args.model_dir, seed=args.seed, crop=not args.no_crop,
+                         use_ema=not args.no_ema, device=args.device, progress=not args.no_progress,
+                         guidance=GuidanceConfig(audio_cfg=args.audio_cfg, ref_cfg=args.ref_cfg, steps=args.steps))
+    if args.ray:
+        return render_on_ray(args, cfg)
     try:
         todo = requests(args)
-        gen = Generator(args.model, GenerateConfig(
-            profile=args.profile, model_dir=args.model_dir, seed=args.seed, crop=not args.no_crop,
-            use_ema=not args.no_ema, device=args.device, progress=not args.no_progress,
-            guidance=GuidanceConfig(audio_cfg=args.audio_cfg, ref_cfg=args.ref_cfg, steps=args.steps)))
+        gen = Generator(args.model, cfg)
     except (GenerateError, ValueError, FileNotFoundError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -84,6 +89,25 @@ def main(argv=None) -> int:
         except (GenerateError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             failed += 1
+    return 2 if failed else 0
+
+
+def render_on_ray(args, cfg) -> int:
+    from loopy_model.generate import GenerateError, render_with_ray, resolve_checkpoint
+
+    try:
+        todo = requests(args)
+        resolve_checkpoint(args.model, cfg.use_ema)  # a bad checkpoint fails here, not in every actor
+    except (GenerateError, ValueError, FileNotFoundError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    failed = 0
+    for row in render_with_ray(args.model, cfg, todo, actors=args.actors, gpus_per_actor=args.gpus_per_actor):
+        if row["error"]:
+            print(f"error: {row['error']}", file=sys.stderr)
+            failed += 1
+        else:
+            print(json.dumps({"out": row["out"], "frames": int(row["frames"])}))
     return 2 if failed else 0
 
 

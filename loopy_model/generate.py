@@ -191,3 +191,35 @@ def write_video(path: str | Path, frames: np.ndarray, audio16k: np.ndarray) -> N
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+class _RenderActor:
+    """One Generator per Ray actor (the model loads once per actor); rows in, result rows out."""
+
+    def __init__(self, checkpoint: str, cfg: GenerateConfig):
+        self.gen = Generator(checkpoint, cfg)
+
+    def __call__(self, batch: dict) -> dict:
+        results = {"out": [], "frames": [], "error": []}
+        for image, audio, out, seed in zip(batch["image"], batch["audio"], batch["out"], batch["seed"]):
+            try:
+                r = self.gen.render(image, audio, out, seed=None if seed < 0 else int(seed))
+                results["out"].append(r["out"]), results["frames"].append(r["frames"]), results["error"].append("")
+            except (GenerateError, FileNotFoundError) as e:
+                results["out"].append(str(out)), results["frames"].append(0), results["error"].append(str(e))
+        return results
+
+
+def render_with_ray(checkpoint: str | Path, cfg: GenerateConfig, requests: list[dict], actors: int = 1,
+                    gpus_per_actor: float = 0.0) -> list[dict]:
+    """The same requests as a Ray Data job over ``actors`` model-holding actors (GPUs from the
+    cluster). Connects to RAY_ADDRESS or starts Ray locally. Returns one row per request, with
+    ``error`` empty on success."""
+    import ray
+
+    rows = [{"image": str(r["image"]), "audio": str(r["audio"]), "out": str(Path(r["out"]).resolve()),
+             "seed": int(r.get("seed", -1))} for r in requests]
+    ds = ray.data.from_items(rows).map_batches(
+        _RenderActor, fn_constructor_args=(str(Path(checkpoint).resolve()), cfg), batch_size=1,
+        concurrency=actors, num_gpus=gpus_per_actor)
+    return ds.take_all()
