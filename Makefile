@@ -34,6 +34,7 @@ bench: setup
 	$(BIN)/python benchmarks/curate.py --out benchmarks/results/curate.json
 	$(BIN)/python benchmarks/stats_report.py
 	$(BIN)/python benchmarks/train_step.py --out benchmarks/results/train_step.json
+	$(BIN)/python benchmarks/generate.py --out benchmarks/results/generate.json
 
 clean:
 	rm -rf demo_output .pytest_cache

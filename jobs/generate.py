@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,6 +37,7 @@ def parse_args(argv=None):
     ap.add_argument("--model-dir", help="feature-model weights for --profile full")
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--native-logs", action="store_true", help="keep native libraries' own stderr logging")
     ap.add_argument("--ray", action="store_true", help="with --batch: a Ray Data job over model actors (RAY_ADDRESS)")
     ap.add_argument("--actors", type=int, default=1, help="with --ray: actors, each holding the model")
     ap.add_argument("--gpus-per-actor", type=float, default=0.0)
@@ -57,7 +60,12 @@ def requests(args) -> list[dict]:
     with open(args.batch) as f:
         for n, line in enumerate(f, 1):
             if line.strip():
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{args.batch}:{n}: not JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{args.batch}:{n}: a request must be a JSON object, got {type(row).__name__}")
                 missing = [k for k in ("image", "audio", "out") if k not in row]
                 if missing:
                     raise ValueError(f"{args.batch}:{n}: request lacks {missing}")
@@ -65,8 +73,23 @@ def requests(args) -> list[dict]:
     return rows
 
 
+def silence_native_stderr() -> None:
+    """Native libraries (MediaPipe's TFLite/absl) log start-up lines on fd 2, some from their own
+    threads at any time; send fd 2 to /dev/null and keep Python's sys.stderr (our error lines,
+    tracebacks, progress bars) on a copy of the terminal."""
+    sys.stderr.flush()
+    sys.stderr = os.fdopen(os.dup(2), "w", buffering=1)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not args.native_logs and argv is None:  # the command line, not a test calling main()
+        silence_native_stderr()
+        # mediapipe 0.10.14 on protobuf 4 warns about a deprecated protobuf API on every start
+        warnings.filterwarnings("ignore", category=UserWarning, module="google.protobuf")
     from loopy_model.generate import GenerateConfig, GenerateError, Generator
     from loopy_model.sampling import GuidanceConfig
 

@@ -10,8 +10,10 @@ training shards were made with.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,17 +46,18 @@ class GenerateConfig:
 
 
 def resolve_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[Path, dict]:
-    """(model directory, diffusion settings) from a RUN_DIR, a checkpoint or a model directory."""
+    """(model directory, diffusion settings) from a RUN_DIR, a checkpoint or a model directory.
+
+    The diffusion settings (prediction type, zero-terminal SNR) come from the run's config.json,
+    found by walking up from ``path`` to the directory that holds ``checkpoints/``.
+    """
     from loopy_model.train.checkpoint import latest_checkpoint
 
     path = Path(path)
-    run_config = {}
+    run_config = next((json.loads((d / "config.json").read_text()) for d in [path, *path.parents][:4]
+                       if (d / "checkpoints").is_dir() and (d / "config.json").is_file()), {})
     if (path / "checkpoints").is_dir():
-        if (path / "config.json").exists():
-            run_config = json.loads((path / "config.json").read_text())
         path = latest_checkpoint(path) or path
-    elif (path.parent.parent / "config.json").exists() and (path / "trainer.pt").exists():
-        run_config = json.loads((path.parent.parent / "config.json").read_text())
     if use_ema and (path / "ema" / "config.json").exists():
         path = path / "ema"
     elif (path / "model" / "config.json").exists():
@@ -63,6 +66,21 @@ def resolve_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[Path, di
         raise GenerateError(f"{path}: not a Loopy checkpoint (no LoopyModel config.json)")
     diffusion = {k: run_config[k] for k in ("prediction_type", "zero_terminal_snr") if k in run_config}
     return path, diffusion
+
+
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """Silence what native libraries print on fd 2 (MediaPipe's TFLite/absl start-up lines), so
+    a bad input stays one clear line on the terminal. Python-level errors are unaffected."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 class Generator:
@@ -82,10 +100,14 @@ class Generator:
         try:
             self.model = LoopyModel.from_pretrained(str(model_dir), low_cpu_mem_usage=False).eval().to(self.device)
         except (ValueError, RuntimeError, OSError) as e:
-            raise GenerateError(f"{model_dir}: the checkpoint does not match its model config: {e}") from None
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            detail = lines[0] if lines else e.__class__.__name__
+            more = f" (+{len(lines) - 1} more lines)" if len(lines) > 1 else ""
+            raise GenerateError(f"{model_dir}: the checkpoint does not match its model config: {detail}{more}") from None
         self.scheduler = DDIMScheduler(**Diffusion(DiffusionConfig(**diffusion)).scheduler_config())
         self.curate = load_config(profile=cfg.profile, model_dir=cfg.model_dir)
-        self.detector = make_detector(self.curate) if cfg.crop else None
+        with quiet_native_stderr():
+            self.detector = make_detector(self.curate) if cfg.crop else None
         self.vae, _ = load_vae(cfg.profile, cfg.model_dir)
         self.vae = self.vae.to(self.device)
         self.wav2vec, _, self.normalize_audio = load_wav2vec2(cfg.profile, cfg.model_dir)
@@ -113,7 +135,8 @@ class Generator:
             if img.shape[0] != img.shape[1]:
                 raise GenerateError(f"{image_path}: --no-crop needs a square image, got {img.shape[1]}x{img.shape[0]}")
             return crop_square(img, 0, 0, img.shape[0], size)
-        faces = self.detector.detect(img)
+        with quiet_native_stderr():
+            faces = self.detector.detect(img)
         if not faces:
             raise GenerateError(f"{image_path}: no face found")
         x0, y0, side, *_ = crop_box(np.asarray([faces[0].box], dtype=np.float32), width=img.shape[1],
