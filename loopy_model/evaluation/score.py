@@ -32,7 +32,6 @@ from pipeline.clip_scores import ClipObserver, load_syncnet
 from pipeline.config import CurateConfig, load_config
 from pipeline.crop import crop_and_normalize
 from pipeline.features.dwpose import DWPoseFace
-from pipeline.features.motion import WINDOW as MOTION_WINDOW
 from pipeline.features.motion import motion_variances
 from pipeline.filters import evaluate as failed_rules
 from pipeline.media import MediaError, decode_audio, n_output_frames, probe, slice_audio
@@ -100,6 +99,21 @@ class KeypointSink:
         return np.concatenate(self.kps) if self.kps else np.zeros((0, 68, 3), np.float32)
 
 
+@dataclass
+class Observed:
+    uri: str
+    probe: object
+    clip: CandidateClip
+    observer: ClipObserver
+    kps: KeypointSink
+    sinks: list
+    audio: np.ndarray
+    have_audio: bool
+    notes: list
+    extra: dict
+    t0: float
+
+
 class Scorer:
     """Loads every model once; ``score(path)`` -> one row of ``EVAL_SCHEMA`` (or raises EvalInputError)."""
 
@@ -151,10 +165,11 @@ class Scorer:
         return best, {"candidates": len(clips), "face_detector": self._detect.detector.name}
 
     # -- one video -----------------------------------------------------------------------
-    def score(self, path: str | Path) -> dict:
+    def observe(self, path: str | Path) -> "Observed":
+        """Decode and normalise one video, streaming every 512 frame through the observers."""
         uri = str(path)
         t0 = time.perf_counter()
-        p = _probe(uri)
+        p = probe_input(uri)
         notes: list[str] = []
         try:
             audio, audio_t0 = decode_audio(uri, rate=AUDIO_RATE)
@@ -203,6 +218,20 @@ class Scorer:
                          f"{clip.n_frames} frames that decoded")
             clip.n_frames = n_seen
             clip_audio = slice_audio(audio, audio_t0, AUDIO_RATE, clip.start_s, clip.start_s + n_seen / FPS)
+        return Observed(uri, p, clip, observer, kps, sinks, clip_audio, have_audio, notes, extra, t0)
+
+    def sync_inputs(self, path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+        """The SyncNet input crops [T, S, S, 3] (S = this scorer's SyncNet size) and the 16 kHz
+        audio exactly as ``score`` feeds them to SyncNet (for training or checking a SyncNet)."""
+        ob = self.observe(path)
+        ob.observer._cut_sync_crops(final=True)
+        return np.stack(ob.observer.sync_crops), ob.audio
+
+    def score(self, path: str | Path) -> dict:
+        ob = self.observe(path)
+        uri, p, clip, observer, notes = ob.uri, ob.probe, ob.clip, ob.observer, ob.notes
+        have_audio, kps, sinks, extra, t0 = ob.have_audio, ob.kps, ob.sinks, ob.extra, ob.t0
+        clip_audio = ob.audio
 
         # Face size as the curation job measures it (median face side in source pixels, the
         # segment stage's crop_box over median-filtered boxes); in --crop face the detect stage did.
@@ -224,6 +253,8 @@ class Scorer:
                 scores[key] = None
         elif detail.get("sync_error"):
             notes.append(f"sync: {detail['sync_error']}")
+        for sink in sinks:  # FID / FVD statistics of the run
+            sink.flush()
         kp = kps.result()
         motion = motion_variances(kp, self.cfg.curate.features.motion_window)
         failed = failed_rules(scores, self.cfg.curate.filters)
@@ -241,24 +272,27 @@ class Scorer:
             curation_pass=not failed, curation_failed_rules=",".join(f["rule"] for f in failed) or None,
             model_face=self.models["face"], model_pose=detail.get("pose_source") or self.models["pose"],
             model_keypoints=self.models["keypoints"], seconds=time.perf_counter() - t0,
-            **{f"crop_{k2}": v for k2, v in extra.items() if k2 == "candidates"})
+            crop_candidates=extra.get("candidates"))
         row["sync_weights"] = self.sync_weights
         for key, v in list(row.items()):
             if isinstance(v, float) and not math.isfinite(v):
                 row[key] = None
-        row["_sinks"] = sinks
         return row
 
 
-def _probe(uri: str):
+def probe_input(uri: str):
+    """Container facts of a video, or EvalInputError naming why it is none."""
     if not Path(uri).exists() and "://" not in uri:
         raise EvalInputError("not found", uri)
     if "://" not in uri and Path(uri).stat().st_size == 0:
-        raise EvalInputError("empty file", f"{uri} is 0 bytes")
+        raise EvalInputError("empty file", "0 bytes")
     try:
         p = probe(uri)
     except MediaError as e:
-        raise EvalInputError(e.reason, e.detail or str(e)) from None
+        detail = "" if e.reason == "no video stream" else (e.detail or str(e))  # e.g. an audio-only file
+        raise EvalInputError(e.reason, detail) from None
+    if p.n_frames < 2:  # e.g. an mp3's cover art: a video stream holding one still picture
+        raise EvalInputError("not a video", f"{uri}: its video stream holds {p.n_frames} frame(s) (a still image)")
     if p.width < 16 or p.height < 16:
         raise EvalInputError("video too small", f"{uri}: {p.width}x{p.height}")
     return p
@@ -279,4 +313,3 @@ def load_syncnet_file(path: str):
     return model.eval(), model.model_id
 
 
-MOTION_WINDOW_DEFAULT = MOTION_WINDOW
