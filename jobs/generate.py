@@ -37,6 +37,7 @@ def parse_args(argv=None):
     ap.add_argument("--model-dir", help="feature-model weights for --profile full")
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--vae-tiling", action="store_true", help="decode frames in tiles (less memory)")
     ap.add_argument("--native-logs", action="store_true", help="keep native libraries' own stderr logging")
     ap.add_argument("--ray", action="store_true", help="with --batch: a Ray Data job over model actors (RAY_ADDRESS)")
     ap.add_argument("--actors", type=int, default=1, help="with --ray: actors, each holding the model")
@@ -95,6 +96,7 @@ def main(argv=None) -> int:
 
     cfg = GenerateConfig(profile=args.profile, model_dir=args.model_dir, seed=args.seed, crop=not args.no_crop,
                          use_ema=not args.no_ema, device=args.device, progress=not args.no_progress,
+                         vae_tiling=args.vae_tiling,
                          guidance=GuidanceConfig(audio_cfg=args.audio_cfg, ref_cfg=args.ref_cfg, steps=args.steps))
     if args.ray:
         return render_on_ray(args, cfg)

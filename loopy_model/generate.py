@@ -43,6 +43,7 @@ class GenerateConfig:
     use_ema: bool = True  # the EMA weights when the checkpoint has them
     device: str = "cpu"
     progress: bool = True
+    vae_tiling: bool = False  # decode in overlapping tiles (diffusers enable_tiling) when memory asks
 
 
 def resolve_checkpoint(path: str | Path, use_ema: bool = True) -> tuple[Path, dict]:
@@ -110,6 +111,8 @@ class Generator:
             self.detector = make_detector(self.curate) if cfg.crop else None
         self.vae, _ = load_vae(cfg.profile, cfg.model_dir)
         self.vae = self.vae.to(self.device)
+        if cfg.vae_tiling:
+            self.vae.enable_tiling()
         self.wav2vec, _, self.normalize_audio = load_wav2vec2(cfg.profile, cfg.model_dir)
         mc = self.model.config
         layers, dim = self.wav2vec.config.num_hidden_layers + 1, self.wav2vec.config.hidden_size

@@ -721,3 +721,24 @@ def test_autoregressive_clips_motion_frames_and_reference_once_per_clip(monkeypa
     for k, call in enumerate(clip_calls):
         assert torch.equal(call["motion_mask"], context_calls[k + 1]["ctx"].motion_keep)
         torch.testing.assert_close(call["window"][0], audio_windows(audio, k * f, f), atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_batch_as_a_ray_data_job(model_dir, inputs, tmp_path, ray_local):
+    """--ray: the same requests over a model-holding Ray actor; a bad request comes back as an
+    error row, the good ones are written and match the in-process render."""
+    from loopy_model.generate import GenerateConfig, Generator, render_with_ray
+    from loopy_model.sampling import GuidanceConfig
+
+    cfg = GenerateConfig(guidance=GuidanceConfig(steps=1), progress=False)
+    rows = [{"image": str(inputs["face"]), "audio": str(inputs["short"]), "out": str(tmp_path / "ray.mp4")},
+            {"image": str(inputs["gray"]), "audio": str(inputs["short"]), "out": str(tmp_path / "bad.mp4")}]
+    results = sorted(render_with_ray(model_dir, cfg, rows, actors=1), key=lambda r: r["out"])
+    assert [r["error"] for r in results] == [f"{inputs['gray']}: no face found", ""]
+    assert results[1]["frames"] == 14 and not (tmp_path / "bad.mp4").exists()
+    Generator(model_dir, cfg).render(inputs["face"], inputs["short"], tmp_path / "local.mp4")
+    from pipeline.media import read_clip
+
+    ray_frames, _, _ = read_clip((tmp_path / "ray.mp4").read_bytes())
+    local_frames, _, _ = read_clip((tmp_path / "local.mp4").read_bytes())
+    assert np.array_equal(ray_frames, local_frames)
