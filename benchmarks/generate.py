@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import sys
@@ -49,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loopy_model.diffusion import Diffusion, DiffusionConfig  # noqa: E402
+from machine import loadavg, machine  # noqa: E402  (benchmarks/machine.py)
 from loopy_model.generate import AUDIO_RATE, FPS, GenerateConfig, Generator  # noqa: E402
 from loopy_model.models import LoopyModel  # noqa: E402
 from loopy_model.presets import preset  # noqa: E402
@@ -61,23 +60,6 @@ SPEECH = ROOT.parent / "shared" / "data" / "real" / "edtalk_mouth_source.wav"
 
 
 # ---------------------------------------------------------------------------- machine
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def loadavg() -> list[float] | None:
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        return None
-
-
 def rss_mib() -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -90,23 +72,6 @@ def rss_mib() -> float | None:
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def machine(device: torch.device) -> dict:
-    info = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
-            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "platform": platform.platform(), "loadavg_start": loadavg()}
-    try:
-        mem_kb = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1])
-        info["memory_gib"] = round(mem_kb / 2**20, 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / GIB, 1)
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 # ---------------------------------------------------------------------------- models

@@ -37,8 +37,6 @@ import argparse
 import csv
 import gc
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -52,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from machine import loadavg, machine  # noqa: E402  (benchmarks/machine.py)
 from loopy_model.presets import preset  # noqa: E402
 from loopy_model.train import TrainConfig  # noqa: E402
 from loopy_model.train.loop import Trainer  # noqa: E402
@@ -71,38 +70,6 @@ class BenchTrainer(Trainer):
 
 
 # ---------------------------------------------------------------------------- machine
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def loadavg() -> list[float] | None:
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        return None
-
-
-def machine(device: torch.device) -> dict:
-    info = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
-            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "platform": platform.platform(), "loadavg_start": loadavg()}
-    try:
-        mem_kb = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1])
-        info["memory_gib"] = round(mem_kb / 2**20, 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / GIB, 1)
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 # ---------------------------------------------------------------------------- data
