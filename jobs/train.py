@@ -35,6 +35,7 @@ def parse_args(argv=None):
     ap.add_argument("--where", help='select clips by stored scores, e.g. "sync_conf >= 5"')
     ap.add_argument("--max-steps", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=0, help="global batch (clips per step); 0 = 1 per process")
+    ap.add_argument("--grad-accum", type=int, default=1, help="loader batches per optimiser step")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--warmup-steps", type=int, default=0)
     ap.add_argument("--lr-schedule", default="constant")
@@ -67,7 +68,8 @@ def config_from_args(args):
     return TrainConfig(
         data=args.data, out=args.out, stage=args.stage, preset=args.preset, init=args.init, where=args.where,
         allow_smoke=args.allow_smoke, resume=args.resume, max_steps=args.max_steps,
-        global_batch_size=args.batch_size, seed=args.seed, lr=args.lr, warmup_steps=args.warmup_steps,
+        global_batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed, lr=args.lr,
+        warmup_steps=args.warmup_steps,
         lr_schedule=args.lr_schedule, grad_clip=args.grad_clip, mixed_precision=args.precision,
         gradient_checkpointing=args.gradient_checkpointing, ema_decay=args.ema_decay,
         max_nonfinite_steps=args.max_nonfinite_steps,

@@ -275,3 +275,13 @@ def test_ray_train_with_a_relative_run_dir(ray_session, dataset, workdir, baseli
     result = train_with_ray(_ray_config(dataset, Path("ray-relative")), num_workers=2, use_gpu=False)
     assert result.error is None, result.error
     assert_same_curve(workdir / "ray-relative", baseline(1))
+
+
+@pytest.mark.slow
+def test_torchrun_with_gradient_accumulation_matches_single_process(dataset, workdir, baseline):
+    """2 ranks x 2 accumulated batches of 1 clip each (DDP no_sync on the first): the same steps
+    as one process taking all 4 clips at once."""
+    out = workdir / "torchrun-accum"
+    run_torchrun(dataset, out, stage=1, extra=["--grad-accum", "2"])
+    assert_same_curve(out, baseline(1))
+    assert_same_weights(out, baseline(1))

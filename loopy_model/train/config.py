@@ -24,7 +24,8 @@ class TrainConfig:
     allow_smoke: bool = False
     resume: bool = False
     max_steps: int = 1000
-    global_batch_size: int = 0  # clips per optimiser step over all ranks; 0 = world size (1 per GPU)
+    global_batch_size: int = 0  # clips per optimiser step over all ranks; 0 = world size x grad_accum
+    grad_accum: int = 1  # loader batches (of global_batch_size / grad_accum clips) per optimiser step
     seed: int = 0
     lr: float = 1e-5
     weight_decay: float = 1e-2
@@ -65,6 +66,9 @@ class TrainConfig:
             raise ValueError("mixed_precision must be 'bf16' or 'no'")
         if self.max_steps < 1:
             raise ValueError("max_steps must be >= 1")
+        if self.grad_accum < 1 or (self.global_batch_size and self.global_batch_size % self.grad_accum):
+            raise ValueError(f"global_batch_size {self.global_batch_size} must be a multiple of grad_accum "
+                             f"{self.grad_accum} (>= 1)")
         self.adam_betas = tuple(self.adam_betas)
         if self.trainable is not None:
             self.trainable = tuple(self.trainable)

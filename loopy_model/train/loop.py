@@ -11,6 +11,7 @@ checkpoint, a resumed run reproduces the uninterrupted loss curve (bitwise on CP
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -150,16 +151,23 @@ class Trainer:
         metrics = MetricsWriter(self.out, self.step, cfg.max_steps, buckets, enabled=world.is_main,
                                 progress=cfg.progress)
         last_saved, loss = self.step, float("nan")
+        self.optimizer.zero_grad(set_to_none=True)
         try:
             while self.step < cfg.max_steps:
                 fetch_start = time.perf_counter()
+                pending, wait, clips, step_start = [], 0.0, 0, fetch_start
                 for batch in self.loader:
-                    wait = time.perf_counter() - fetch_start
-                    row = self.train_step(batch)
-                    step_time = time.perf_counter() - fetch_start
+                    wait += time.perf_counter() - fetch_start
+                    pending.append(self.micro_step(batch, last=len(pending) + 1 == cfg.grad_accum))
+                    clips += len(batch["keys"]) * world.size
+                    if len(pending) < cfg.grad_accum:  # accumulate gradients over grad_accum batches
+                        fetch_start = time.perf_counter()
+                        continue
+                    row = self.optimizer_step(pending)
+                    step_time = time.perf_counter() - step_start
                     loss = row["loss"]
                     row.update(step=self.step, epoch=int(batch["epoch"]), step_time_s=step_time,
-                               data_wait_frac=wait / step_time, samples_per_s=len(batch["keys"]) * world.size / step_time)
+                               data_wait_frac=wait / step_time, samples_per_s=clips / step_time)
                     if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                         metrics.write(row)
                     metrics.advance()
@@ -169,6 +177,7 @@ class Trainer:
                     if self.step >= cfg.max_steps:
                         break
                     fetch_start = time.perf_counter()
+                    pending, wait, clips, step_start = [], 0.0, 0, fetch_start
         finally:
             metrics.close()
         if last_saved != self.step:
@@ -178,7 +187,9 @@ class Trainer:
         self._log(f"done: {json.dumps(summary)}")
         return summary
 
-    def train_step(self, batch: dict) -> dict:
+    def micro_step(self, batch: dict, last: bool = True) -> tuple:
+        """Forward and backward of one loader batch; gradients add up until the optimiser step.
+        Under DDP only the ``last`` micro-batch of a step all-reduces gradients."""
         cfg, dev = self.cfg, self.world.device
         inputs = model_inputs(batch, cfg.stage, self.latent_size)
         gens = sample_generators(cfg.seed, batch)
@@ -190,15 +201,22 @@ class Trainer:
                            draw_conditions(self.conditions, gens, batch["a2l_valid"]).items()})
         frame_mask = kwargs.pop("frame_mask")
         z0, noise, t = z0.to(dev), noise.to(dev), t.to(dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
-            pred = self.net(self.diffusion.add_noise(z0, noise, t), t, kwargs.pop("ref_latents"), **kwargs)
-        loss, per_sample = self.diffusion.loss(pred.float(), self.diffusion.target(z0, noise, t), t, frame_mask)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        sync = last or self.world.size == 1
+        with contextlib.nullcontext() if sync else self.net.no_sync():
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+                pred = self.net(self.diffusion.add_noise(z0, noise, t), t, kwargs.pop("ref_latents"), **kwargs)
+            loss, per_sample = self.diffusion.loss(pred.float(), self.diffusion.target(z0, noise, t), t, frame_mask)
+            (loss / cfg.grad_accum).backward()
+        return loss.detach(), t, per_sample.detach()
+
+    def optimizer_step(self, micro: list[tuple]) -> dict:
+        """Clip, check, step (or skip) with the gradients of the ``micro`` batches; the metrics row."""
+        cfg = self.cfg
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
-        stats = self._reduce(loss.detach(), finite, t, per_sample.detach())
+        loss = torch.stack([m[0] for m in micro]).mean()
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        stats = self._reduce(loss, finite, torch.cat([m[1] for m in micro]), torch.cat([m[2] for m in micro]))
         self.step += 1
         if stats["finite"]:
             self.optimizer.step()
@@ -207,7 +225,6 @@ class Trainer:
                 self.ema.step(self.model.parameters())
             self.nonfinite_run = 0
         else:  # the non-finite guard: skip, count, stop after too many in a row
-            self.optimizer.zero_grad(set_to_none=True)
             self.skipped += 1
             self.nonfinite_run += 1
             self._log(f"step {self.step}: non-finite loss or gradient, step skipped "
@@ -216,8 +233,9 @@ class Trainer:
                 raise NonFiniteLossError(
                     f"{self.nonfinite_run} non-finite steps in a row; the last good checkpoint is "
                     f"{latest_checkpoint(cfg.out)}")
+        self.optimizer.zero_grad(set_to_none=True)
         row = {"loss": stats["loss"], "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-               "skipped": self.skipped, "gpu_mem_gb": _gpu_mem_gb(dev)}
+               "skipped": self.skipped, "gpu_mem_gb": _gpu_mem_gb(self.world.device)}
         row.update({f"loss_{k}": v for k, v in stats["buckets"].items()})
         return row
 

@@ -75,7 +75,8 @@ def window_config(cfg: TrainConfig) -> WindowConfig:
 
 
 def build_loader(cfg: TrainConfig, world: World) -> StreamingLoader:
-    batch = cfg.global_batch_size or world.size
+    # one loader batch = one micro-batch: the clips of an optimiser step / grad_accum, over all ranks
+    batch = (cfg.global_batch_size or world.size * cfg.grad_accum) // cfg.grad_accum
     dataset = StreamingWindowDataset(LoaderConfig(
         cfg.data, global_batch_size=batch, seed=cfg.seed, where=cfg.where, allow_smoke=cfg.allow_smoke,
         storage_options=cfg.storage_options, cache_dir=cfg.cache_dir, windows=window_config(cfg)),
