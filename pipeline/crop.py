@@ -2,9 +2,11 @@
 
 One sequential decode of the source feeds every candidate clip of the video (clips may
 overlap in time when several faces are tracked). Frame-rate conversion picks, for output
-frame j at source time ``start + j/25``, the source frame on screen at that time (the last one
-with pts <= t), which handles constant and variable frame rates alike. Audio is cut from the
-same source timeline, so audio sample 0 is captured with output frame 0.
+frame j at source time ``start + j/25``, the source frame whose pts is nearest to that time
+(FFmpeg's ``fps`` filter, ``round=near``), which handles constant and variable frame rates alike;
+holding the last frame with pts <= t instead lags by half a source interval on average
+(definitions audit, item 8). Audio is cut from the same source timeline, so audio sample 0 is
+captured with output frame 0.
 """
 from __future__ import annotations
 
@@ -75,9 +77,9 @@ def crop_and_normalize(uri: str, clips: list[CandidateClip], *, rotation: int, a
         done: set[int] = set()
         prev: tuple[float, np.ndarray] | None = None
 
-        def emit_until(t_next: float):
-            # Every output time before the next source frame's pts is shown by `prev`.
-            nonlocal prev
+        def emit_until(t_next: float, next_img: np.ndarray | None = None):
+            # Every output time before the next source frame's pts lies between `prev` and that
+            # frame: it takes the nearer of the two (ties go to `prev`, the earlier frame).
             for c in clips:
                 ci = c.clip_index
                 if ci in done or prev is None:
@@ -89,7 +91,10 @@ def crop_and_normalize(uri: str, clips: list[CandidateClip], *, rotation: int, a
                         encoders[ci] = ClipEncoder(os.path.join(tmpdir, f"{ci}.mp4"), clip_audio, width=size,
                                                    height=size, fps=fps, audio_rate=audio_rate, crf=crf,
                                                    preset=preset, audio_bitrate=audio_bitrate)
-                    out_frame = crop_square(prev[1], c.crop_x0, c.crop_y0, c.crop_size, size)
+                    t_out = tt[written[ci]]
+                    nearer_next = next_img is not None and t_next - t_out < t_out - prev[0]
+                    out_frame = crop_square(next_img if nearer_next else prev[1], c.crop_x0, c.crop_y0,
+                                            c.crop_size, size)
                     encoders[ci].add_frame(out_frame)
                     if on_frame is not None:
                         on_frame(c, out_frame)
@@ -109,7 +114,7 @@ def crop_and_normalize(uri: str, clips: list[CandidateClip], *, rotation: int, a
 
         try:
             for t, img in iter_frames(uri, start_s=max(0.0, start - 1.0), end_s=end + 1.0, rotation=rotation):
-                emit_until(t)
+                emit_until(t, img)
                 yield from finish_ready()
                 prev = (t, img)
             if prev is not None:

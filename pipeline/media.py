@@ -387,16 +387,5 @@ def frame_times(n_frames: int, start_s: float, fps: int = 25) -> np.ndarray:
     return start_s + np.arange(n_frames) / fps
 
 
-def nearest_source_index(source_times: np.ndarray, target_times: np.ndarray) -> np.ndarray:
-    """For each output time, the source frame whose display interval contains it.
-
-    A source frame is shown from its pts until the next frame's pts (how a player and FFmpeg's
-    fps filter with round=down see a VFR stream), so output frame j takes the last source
-    frame with pts <= t_j (+half a tick of tolerance for rounding).
-    """
-    idx = np.searchsorted(source_times, target_times + 1e-4, side="right") - 1
-    return np.clip(idx, 0, len(source_times) - 1)
-
-
 def n_output_frames(duration_s: float, fps: int = 25) -> int:
     return int(math.floor(duration_s * fps + 1e-6))

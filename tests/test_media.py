@@ -118,3 +118,41 @@ def test_missing_remote_file_is_a_final_media_reject():
     with pytest.raises(MediaError) as e:
         probe("memory://bucket/none/such.mp4")
     assert e.value.reason == "cannot open" and "such.mp4" in str(e.value)
+
+
+@pytest.mark.parametrize("source_fps", [15, 30, 60])
+def test_frame_rate_conversion_takes_the_nearest_source_frame(tmp_path, source_fps):
+    """Output frame j (t = j/25) shows the source frame whose pts is nearest to t, as FFmpeg's
+    fps filter with round=near does (definitions audit, item 8); ties go to the earlier frame."""
+    import av
+    from fractions import Fraction
+
+    from pipeline.crop import crop_and_normalize
+    from pipeline.segment import CandidateClip
+
+    path, n_src, size = tmp_path / f"src{source_fps}.mp4", source_fps * 2, 64
+    with av.open(str(path), "w") as out:
+        st = out.add_stream("libx264", rate=source_fps)
+        st.width, st.height, st.pix_fmt, st.time_base = size, size, "yuv420p", Fraction(1, source_fps)
+        st.options = {"crf": "0", "preset": "ultrafast"}  # lossless: the gray level is the frame index
+        for i in range(n_src):
+            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), 2 * i + 10, np.uint8), format="rgb24")
+            frame.pts = i
+            for p in st.encode(frame):
+                out.mux(p)
+        for p in st.encode(None):
+            out.mux(p)
+    n_out = 40  # 1.6 s at 25 fps, inside the 2 s source
+    clip = CandidateClip(clip_index=0, track_id=0, shot_index=0, start_s=0.0, n_frames=n_out, crop_x0=0.0,
+                         crop_y0=0.0, crop_size=float(size), crop_scale=1.0, face_size_px=32.0, padded=False,
+                         max_faces=1, detections={})
+    seen = []
+    results = list(crop_and_normalize(str(path), [clip], rotation=0, audio=np.zeros(16000 * 2, np.float32),
+                                      audio_t0=0.0, size=size, on_frame=lambda c, f: seen.append(f)))
+    assert len(results) == 1 and len(seen) == n_out
+    got = np.array([(int(round(float(f[size // 2, size // 2].mean()))) - 10) / 2 for f in seen])
+    t = np.arange(n_out) / 25
+    nearest = np.floor(t * source_fps + 0.5 - 1e-9)  # round half down: ties take the earlier frame
+    np.testing.assert_allclose(got, nearest, atol=0.5)
+    held = np.floor(t * source_fps + 1e-9)  # the old rule (last pts <= t) picks other frames here
+    assert (nearest != held).any()
