@@ -271,3 +271,12 @@ def test_gradient_accumulation_equals_the_whole_batch(dataset, tmp_path):
     assert (state["epoch"], state["samples"]) == (1, 0)  # 3 steps x 4 clips = the 12-clip epoch
     with pytest.raises(ValueError, match="multiple of grad_accum"):
         run_cfg(dataset, tmp_path / "bad", global_batch_size=3, grad_accum=2)
+
+
+def test_gradient_accumulation_straddles_the_epoch_boundary(dataset, tmp_path):
+    """12 clips = 6 loader batches of 2 per epoch, 4 per optimiser step: step 2 takes the last 2
+    batches of epoch 0 and the first 2 of epoch 1, so 3 steps consume exactly 2 epochs."""
+    train(run_cfg(dataset, tmp_path / "run", stage=1, global_batch_size=8, grad_accum=4, max_steps=3))
+    state = load_trainer_state(latest_checkpoint(tmp_path / "run"))["loader"]
+    assert (state["epoch"], state["samples"]) == (2, 0)
+    assert len(losses(tmp_path / "run")) == 3

@@ -153,9 +153,11 @@ class Trainer:
         last_saved, loss = self.step, float("nan")
         self.optimizer.zero_grad(set_to_none=True)
         try:
+            # an optimiser step's micro-batches may straddle an epoch boundary: the accumulation
+            # state lives outside the epoch loop, as the gradients do
+            pending, wait, clips, step_start = [], 0.0, 0, time.perf_counter()
             while self.step < cfg.max_steps:
                 fetch_start = time.perf_counter()
-                pending, wait, clips, step_start = [], 0.0, 0, fetch_start
                 for batch in self.loader:
                     wait += time.perf_counter() - fetch_start
                     pending.append(self.micro_step(batch, last=len(pending) + 1 == cfg.grad_accum))
