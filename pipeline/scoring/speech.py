@@ -8,9 +8,10 @@ filter has to reject music, so this module uses a small, explainable detector in
 1. Frame activity (25 ms Hann windows, 10 ms hop, like the SyncNet MFCC): the energy in the
    speech band 300-4000 Hz is more than ``snr_db`` above the clip's noise floor (its 5th
    percentile frame level) and above ``min_level_dbfs``.
-2. Speech-likeness of 1 s windows (0.5 s hop), from the classic speech/music discriminators
-   (Saunders, ICASSP 1996: zero-crossing-rate variation; Scheirer & Slaney, ICASSP 1997:
-   low-energy frames / 4 Hz syllabic modulation). Speech alternates voiced (low ZCR) and
+2. Speech-likeness of 1 s windows (0.5 s hop), a heuristic *inspired by* the classic
+   speech/music discriminators (Saunders, ICASSP 1996: zero-crossing-rate variation; Scheirer &
+   Slaney, ICASSP 1997: low-energy frames / 4 Hz syllabic modulation) but implementing neither:
+   it keeps only a level-range and a ZCR-deviation test. Speech alternates voiced (low ZCR) and
    unvoiced (high ZCR) sounds and drops between syllables, so within a second it has
    - a large frame-level range: p95 - p10 of the band level >= ``min_range_db`` (20 dB), and
    - a varying zero-crossing rate: std of the per-frame ZCR >= ``min_zcr_std`` (0.035).
