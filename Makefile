@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
+# Reference packages that judge our SyncNet and DWPose code (tests/test_reference_judges.py),
+# without their dependencies: rtmlib's opencv-python would replace mediapipe's cv2, and
+# syncnet-python's torchvision from PyPI is a CUDA build that does not import with CPU torch
+# (syncnet_python never imports it); scenedetect 0.6 and ffmpeg-python make its package import.
+	$(BIN)/pip install -q --no-deps syncnet-python==0.2.3 scenedetect==0.6.6 ffmpeg-python==0.2.0 future==1.0.0 rtmlib==0.0.16
 	touch $(STAMP)
 
 demo: setup

@@ -238,7 +238,9 @@ def syncnet_crop(frame: np.ndarray, box, crop_scale: float = 0.4, size: int = 22
     x0, y0, x1, y1 = syncnet_crop_box(box, crop_scale)
     pad = int(max(x1 - x0, y1 - y0)) + 1
     padded = np.pad(frame, ((pad, pad), (pad, pad), (0, 0)), constant_values=pad_value)
-    crop = padded[int(y0) + pad:int(y1) + pad, int(x0) + pad:int(x1) + pad]
+    # int() of the padded (positive) coordinate floors, as crop_video's int(my - bs) does;
+    # int(y0) + pad would round a negative y0 up and cut one pixel off (tests/test_reference_judges.py).
+    crop = padded[int(y0 + pad):int(y1 + pad), int(x0 + pad):int(x1 + pad)]
     return cv2.resize(crop, (size, size))
 
 
