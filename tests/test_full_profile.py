@@ -87,7 +87,7 @@ def test_full_profile_end_to_end(tmp_path, ray_local):
     assert meta["models"]["audio_encoder"] == "facebook/wav2vec2-base-960h"
     assert meta["models"]["keypoints"] == "yzd-v/DWPose:dw-ll_ucoco_384.onnx"
     assert meta["models"]["pose_landmarks"] == "insightface:1k3d68.onnx"
-    assert meta["score_details"]["pose_source"] == "insightface:1k3d68.onnx"
+    assert meta["score_details"]["pose_source"] == "insightface:1k3d68.onnx+meanshape_68"
     for axis in ("yaw", "pitch", "roll"):  # the planted pose, whatever the face in the frames does
         assert meta["scores"][f"{axis}_mean"] == pytest.approx(angles[axis], abs=2.0)
     sc = meta["scores"]
