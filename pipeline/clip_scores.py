@@ -5,8 +5,8 @@ nearest the crop centre, number of faces), and the SyncNet input crop is cut aro
 box of the profile's detector (joonson/syncnet_python ``crop_video`` geometry,
 ``pipeline.scoring.syncnet``): SCRFD in ``full`` (WIDER FACE boxes, as syncnet_python's S3FD),
 BlazeFace in ``smoke``. In ``full`` the same SCRFD box feeds insightface 1k3d68, as insightface's
-``FaceAnalysis`` does. When the
-clip is complete, ``finish`` turns the series into the scores of ``schemas.SCORES_SCHEMA``:
+``FaceAnalysis`` does. When the clip is complete, ``finish`` turns the series into the scores of
+``schemas.SCORES_SCHEMA``:
 lip sync, speech, mouth activity, head pose, head movement and completeness (completeness in
 *source* pixels, since a head cut off by the source frame is what it detects). Definitions
 and their sources: docs/scoring.md.
