@@ -1,9 +1,12 @@
 """Per-clip scores, measured on the 512x512 25 fps frames while the crop stage writes them.
 
 For every output frame the face model runs on the crop (face box + landmarks of the face
-nearest the crop centre, number of faces), and the SyncNet input crop is cut around that
-box (joonson/syncnet_python ``crop_video`` geometry, ``pipeline.scoring.syncnet``). When the
-clip is complete, ``finish`` turns the series into the scores of ``schemas.SCORES_SCHEMA``:
+nearest the crop centre, number of faces), and the SyncNet input crop is cut around the face
+box of the profile's detector (joonson/syncnet_python ``crop_video`` geometry,
+``pipeline.scoring.syncnet``): SCRFD in ``full`` (WIDER FACE boxes, as syncnet_python's S3FD),
+BlazeFace in ``smoke``. In ``full`` the same SCRFD box feeds insightface 1k3d68, as insightface's
+``FaceAnalysis`` does. When the clip is complete, ``finish`` turns the series into the scores of
+``schemas.SCORES_SCHEMA``:
 lip sync, speech, mouth activity, head pose, head movement and completeness (completeness in
 *source* pixels, since a head cut off by the source frame is what it detects). Definitions
 and their sources: docs/scoring.md.
@@ -54,37 +57,50 @@ class ClipObserver:
     """Collects the per-frame observations of one clip (a few MB per clip once finished)."""
 
     def __init__(self, clip: CandidateClip, detector, sync_size: int, fps: int = 25, size: int = 512,
-                 landmarks3d=None):
+                 landmarks3d=None, box_detector=None):
         self.clip, self.detector, self.sync_size, self.fps, self.size = clip, detector, sync_size, fps, size
         # full profile: insightface 1k3d68 68x3 landmarks give the head pose (its 3-D fit);
         # FaceMesh's dense landmarks still give mouth opening, movement and completeness.
         self.landmarks3d = landmarks3d
+        # the profile's detector (SCRFD in full) boxes the face for SyncNet and 1k3d68; None = the
+        # landmark model's own box (BlazeFace in smoke)
+        self.box_detector = box_detector
         self.lm68: list[np.ndarray | None] = []
         self.boxes: list[np.ndarray] = []
+        self.det_boxes: list[np.ndarray] = []
         self.landmarks: list[np.ndarray | None] = []
         self.n_faces: list[int] = []
         self.sync_crops: list[np.ndarray] = []
         self._pending: list[tuple[int, np.ndarray]] = []  # frames waiting for their smoothed box
 
+    def _central_face(self, faces):
+        c = self.size / 2
+        return min(faces, key=lambda f: (f.center[0] - c) ** 2 + (f.center[1] - c) ** 2) if faces else None
+
     def observe(self, frame: np.ndarray) -> None:
         faces = self.detector.detect(frame)
         self.n_faces.append(len(faces))
-        if faces:
-            c = self.size / 2
-            face = min(faces, key=lambda f: (f.center[0] - c) ** 2 + (f.center[1] - c) ** 2)
+        face = self._central_face(faces)
+        if face is not None:
             box, lms = face.box.astype(np.float32), face.landmarks
         else:  # hold the last box so SyncNet keeps a crop; the frame counts as incomplete
             box, lms = (self.boxes[-1] if self.boxes else np.full(4, np.nan, np.float32)), None
         self.boxes.append(box)
         self.landmarks.append(lms)
+        det_face, det_box = face, box
+        if self.box_detector is not None:
+            det_face = self._central_face(self.box_detector.detect(frame))
+            held = self.det_boxes[-1] if self.det_boxes else np.full(4, np.nan, np.float32)
+            det_box = det_face.box.astype(np.float32) if det_face is not None else held
+        self.det_boxes.append(det_box)
         if self.landmarks3d is not None:
-            self.lm68.append(self.landmarks3d(frame, box) if faces else None)
-        self._pending.append((len(self.boxes) - 1, frame))
+            self.lm68.append(self.landmarks3d(frame, det_box) if det_face is not None else None)
+        self._pending.append((len(self.det_boxes) - 1, frame))
         self._cut_sync_crops(final=False)
 
     def _smoothed_box(self, i: int) -> np.ndarray:
         half = SYNC_BOX_MEDIAN // 2
-        window = np.stack(self.boxes[max(0, i - half):i + half + 1])
+        window = np.stack(self.det_boxes[max(0, i - half):i + half + 1])
         window = window[np.isfinite(window).all(axis=1)]
         if not len(window):
             return np.array([0, 0, self.size, self.size], np.float32)
@@ -95,7 +111,7 @@ class ClipObserver:
 
     def _cut_sync_crops(self, final: bool) -> None:
         half = SYNC_BOX_MEDIAN // 2
-        while self._pending and (final or self._pending[0][0] + half < len(self.boxes)):
+        while self._pending and (final or self._pending[0][0] + half < len(self.det_boxes)):
             i, frame = self._pending.pop(0)
             self.sync_crops.append(sync.syncnet_crop(frame, self._smoothed_box(i), size=self.sync_size))
 
@@ -130,6 +146,7 @@ class ClipObserver:
         out["speech_ratio"], out["loudness_dbfs"] = sp["speech_ratio"], sp["loudness_dbfs"]
         detail["speech"] = {k: v for k, v in sp.items() if isinstance(v, (int, float, bool))}
         # lip sync (syncnet_python definitions); needs >= 5 frames + their audio
+        detail["sync_box_source"] = getattr(self.box_detector or self.detector, "name", None)
         try:
             res = sync.sync_scores(syncnet, np.stack(self.sync_crops), audio16k, batch_size=batch_size)
             out.update(sync_conf=res.conf, sync_dist=res.min_dist, sync_offset=int(res.offset),
@@ -142,17 +159,20 @@ class ClipObserver:
             ma = motion_scores.mouth_activity(opening, fps=fps)
             out["mouth_activity"] = ma["mouth_speed"]
             detail["mouth"] = ma
+            # insightface's 68-point fit to its meanshape_68 (pipeline/scoring/pose.py) on 1k3d68's points
+            # (full) or FaceMesh's mapped to iBUG-68 (smoke)
             if self.landmarks3d is not None:
                 lm68 = np.stack([np.full((68, 3), np.nan, np.float32) if p is None else p for p in self.lm68])
-                angles = pose_scores.pose_sequence(lm68, method="3d")
-                detail["pose_source"] = self.landmarks3d.name
+                angles = pose_scores.pose_sequence(lm68)
+                detail["pose_source"] = self.landmarks3d.name + "+meanshape_68"
             else:
-                angles = pose_scores.pose_sequence(lms[..., :2], (self.size, self.size))
-                detail["pose_source"] = "facemesh-478+pnp"
+                angles = pose_scores.pose_sequence(lms[..., :2])
+                detail["pose_source"] = "facemesh-478>ibug68+meanshape_68"
             ps = pose_scores.pose_stats(angles, fps=fps)
             for name in ("yaw", "pitch", "roll"):
                 out[f"{name}_mean"] = ps[f"{name}_mean"]
                 out[f"{name}_abs_max"] = ps[f"{name}_max_abs"]
+                out[f"{name}_abs_p95"] = ps[f"{name}_abs_p95"]
                 out[f"{name}_range"] = ps[f"{name}_range"]
             detail["pose"] = ps
             hm = motion_scores.head_movement(boxes=np.where(have[:, None], boxes, np.nan), fps=fps)

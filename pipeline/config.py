@@ -79,8 +79,9 @@ class FilterConfig(_Section):
     loudness_dbfs_min: float | None = -50.0
     # Mouth activity (face sizes/s of inner-lip opening change): a static face over a voice.
     mouth_activity_min: float | None = 0.25
-    # Pose (degrees). No paper fixes plain limits; TalkVid's orientation score >= 70 on average
-    # allows ~54 deg RMS. We keep near-frontal talking heads, as Loopy/Hallo training data is.
+    # Pose (degrees), applied to the clip's 95th percentile of |angle| (scores *_abs_p95; the max is
+    # recorded as *_abs_max). No paper fixes plain limits; TalkVid's orientation score >= 70 on
+    # average allows ~54 deg RMS. We keep near-frontal talking heads, as Loopy/Hallo training data is.
     yaw_abs_max: float | None = 40.0
     pitch_abs_max: float | None = 30.0
     roll_abs_max: float | None = 30.0

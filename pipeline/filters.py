@@ -29,9 +29,10 @@ RULES: tuple[Rule, ...] = (
     Rule("speech_ratio_min", "speech_ratio", ">=", "no speech"),
     Rule("face_size_px_min", "face_size_px", ">=", "face too small"),
     Rule("complete_frac_min", "complete_frac", ">=", "head cut off by the frame"),
-    Rule("yaw_abs_max", "yaw_abs_max", "<=", "extreme rotation (yaw)"),
-    Rule("pitch_abs_max", "pitch_abs_max", "<=", "extreme rotation (pitch)"),
-    Rule("roll_abs_max", "roll_abs_max", "<=", "extreme rotation (roll)"),
+    # pose: the clip's 95th percentile of |angle|, so a few mis-fitted frames do not reject a clip
+    Rule("yaw_abs_max", "yaw_abs_p95", "<=", "extreme rotation (yaw)"),
+    Rule("pitch_abs_max", "pitch_abs_p95", "<=", "extreme rotation (pitch)"),
+    Rule("roll_abs_max", "roll_abs_p95", "<=", "extreme rotation (roll)"),
     Rule("head_translation_max", "head_translation", "<=", "excessive head movement"),
     Rule("mouth_activity_min", "mouth_activity", ">=", "no mouth activity"),
     Rule("sync_offset_abs_max", "sync_offset", "abs<=", "large audio-video offset", needs_real_sync=True),

@@ -238,6 +238,13 @@ class CropScoreStage:
             from .faces.landmarks3d import Landmarks3D
 
             self.landmarks3d = Landmarks3D.from_model_dir(config.model_dir)
+        # The face box for SyncNet's crop and 1k3d68 comes from the profile's detector (SCRFD in full,
+        # the WIDER FACE box convention of syncnet_python's S3FD); with mediapipe it is BlazeFace's own.
+        self.box_detector = None
+        if config.detector_backend != "mediapipe":
+            from .faces import make_detector
+
+            self.box_detector = make_detector(config)
 
     def __call__(self, row: dict):
         """Yields rows: first everything is computed (a failure here is one video-level reject),
@@ -292,7 +299,8 @@ class CropScoreStage:
                                        duration_s=clip.n_frames / cfg.fps))
 
         observers = {c.clip_index: ClipObserver(c, self.face_model, self.syncnet.image_size, cfg.fps, cfg.size,
-                                                landmarks3d=self.landmarks3d) for c in clips}
+                                                landmarks3d=self.landmarks3d, box_detector=self.box_detector)
+                     for c in clips}
         cropped, scores, details = {}, {}, {}
         t_score = 0.0
         for cc in crop_and_normalize(row["uri"], clips, rotation=p["rotation"], audio=audio, audio_t0=audio_t0,
@@ -377,7 +385,8 @@ class CropScoreStage:
             "crop": {"x0": c.crop_x0, "y0": c.crop_y0, "size": c.crop_size, "scale": c.crop_scale,
                      "face_size_px": c.face_size_px, "padded": c.padded},
             "models": dict(payload.get("models", {}), landmarks=self.face_model.name, syncnet=self.sync_weights,
-                           **({"pose_landmarks": self.landmarks3d.name} if self.landmarks3d is not None else {})),
+                           **({"pose_landmarks": self.landmarks3d.name} if self.landmarks3d is not None else {}),
+                           **({"score_boxes": self.box_detector.name} if self.box_detector is not None else {})),
             "members": ["video.mp4", "meta.json"],
             "scores": dict(sc, max_faces=c.max_faces),
             "score_details": detail,

@@ -152,6 +152,8 @@ SCORES_SCHEMA = pa.schema([
     # head pose (degrees) and movement
     ("yaw_mean", pa.float64()), ("pitch_mean", pa.float64()), ("roll_mean", pa.float64()),
     ("yaw_abs_max", pa.float64()), ("pitch_abs_max", pa.float64()), ("roll_abs_max", pa.float64()),
+    # 95th percentile of |angle| over the clip: what the pose rules use (the max stays recorded)
+    ("yaw_abs_p95", pa.float64()), ("pitch_abs_p95", pa.float64()), ("roll_abs_p95", pa.float64()),
     ("yaw_range", pa.float64()), ("pitch_range", pa.float64()), ("roll_range", pa.float64()),
     ("head_translation", pa.float64()), ("head_scale_change", pa.float64()),
     # completeness and faces

@@ -87,7 +87,7 @@ def test_full_profile_end_to_end(tmp_path, ray_local):
     assert meta["models"]["audio_encoder"] == "facebook/wav2vec2-base-960h"
     assert meta["models"]["keypoints"] == "yzd-v/DWPose:dw-ll_ucoco_384.onnx"
     assert meta["models"]["pose_landmarks"] == "insightface:1k3d68.onnx"
-    assert meta["score_details"]["pose_source"] == "insightface:1k3d68.onnx"
+    assert meta["score_details"]["pose_source"] == "insightface:1k3d68.onnx+meanshape_68"
     for axis in ("yaw", "pitch", "roll"):  # the planted pose, whatever the face in the frames does
         assert meta["scores"][f"{axis}_mean"] == pytest.approx(angles[axis], abs=2.0)
     sc = meta["scores"]
@@ -114,3 +114,46 @@ def test_missing_weights_stop_the_job_before_work(tmp_path):
         assert name in r.stderr, r.stderr
     assert "fetch_models.py" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.realdata
+def test_full_scores_use_scrfd_boxes_for_syncnet_and_1k3d68(tmp_path):
+    """In `full` the SyncNet crop and the 1k3d68 input are boxed by the profile's detector (SCRFD, here a stand-in
+    with SCRFD's signature that boxes a known region), not by BlazeFace, whose box still serves completeness."""
+    import av
+
+    from conftest import real_path
+    from pipeline.clip_scores import ClipObserver
+    from pipeline.faces.landmarks3d import Landmarks3D
+    from pipeline.faces.mediapipe_backend import MediaPipeFaceDetector
+    from pipeline.faces.scrfd import ScrfdDetector
+    from pipeline.scoring.syncnet import syncnet_crop
+    from pipeline.segment import CandidateClip
+    from test_landmarks3d import FakeLandmark3D, planted_crop_points
+    from test_landmarks3d import export as export_landmarks
+    from test_scrfd import BOX, FakeScrfd
+    from test_scrfd import export as export_scrfd
+
+    scrfd = ScrfdDetector(export_scrfd(FakeScrfd(), tmp_path / "det_10g.onnx"))
+    lmk = Landmarks3D(export_landmarks(FakeLandmark3D(planted_crop_points() / 96 - [1.0, 1.0, 0.0]),
+                                       tmp_path / "1k3d68.onnx"))
+    with av.open(str(real_path("wda_aoc_000.mp4"))) as c:  # 512 x 512: the crop stage's frames
+        frames = [f.to_ndarray(format="rgb24") for _, f in zip(range(16), c.decode(video=0))]
+    clip = CandidateClip(clip_index=0, track_id=0, shot_index=0, start_s=0.0, n_frames=16, crop_x0=0.0, crop_y0=0.0,
+                         crop_size=512.0, crop_scale=2.0, face_size_px=200.0, padded=False, max_faces=1, detections={})
+    obs = ClipObserver(clip, MediaPipeFaceDetector(landmarks=True, ranges="short"), 224, landmarks3d=lmk,
+                       box_detector=scrfd)
+    for f in frames:
+        obs.observe(f)
+    obs._cut_sync_crops(final=True)
+    scrfd_box = BOX / (640 / 512)  # the stand-in's planted box in 512-frame pixels (letterbox scale 1.25)
+    np.testing.assert_allclose(np.stack(obs.det_boxes), np.tile(scrfd_box, (16, 1)), atol=0.05)
+    blaze = np.stack(obs.boxes)
+    assert np.isfinite(blaze).all() and np.abs(blaze - scrfd_box).max() > 20  # a different box, still recorded
+    side = (scrfd_box[2:] - scrfd_box[:2]).max() / 2
+    centre = (scrfd_box[:2] + scrfd_box[2:]) / 2
+    square = np.r_[centre - side, centre + side]  # the 13-frame median of a constant box, squared
+    for i in (0, 8, 15):
+        np.testing.assert_array_equal(obs.sync_crops[i], syncnet_crop(frames[i], square.astype(np.float32), size=224))
+        np.testing.assert_allclose(obs.lm68[i], lmk(frames[i], scrfd_box), atol=1e-4)
+    assert not np.allclose(lmk(frames[0], blaze[0]), obs.lm68[0], atol=1.0)

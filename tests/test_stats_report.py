@@ -135,8 +135,8 @@ def test_score_distributions_and_thresholds(syn_out):
     edges = s["scores"]["columns"]["sync_offset"]["edges"]
     assert edges[0] <= -6 and edges[-1] >= 6
     effects = {r["column"]: r for r in s["thresholds"]}
-    x = scores["yaw_abs_max"].to_numpy(zero_copy_only=False).astype(float)
-    assert effects["yaw_abs_max"]["fail"] == int((x > 60).sum())
+    x = scores["yaw_abs_p95"].to_numpy(zero_copy_only=False).astype(float)
+    assert effects["yaw_abs_p95"]["fail"] == int((x > 60).sum())
     assert not effects["face_size_px"]["applied"]
     # features exist for kept clips only; the table's nulls are reported, not plotted
     assert s["scores"]["columns"]["head_motion_var_mean"]["rejected"]["n"] == 0

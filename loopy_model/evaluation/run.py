@@ -41,7 +41,8 @@ EVAL_SCHEMA = pa.schema([
     ("speech_ratio", _F), ("loudness_dbfs", _F), ("mouth_activity", _F),
     # head pose (degrees) and movement
     ("yaw_mean", _F), ("pitch_mean", _F), ("roll_mean", _F), ("yaw_abs_max", _F), ("pitch_abs_max", _F),
-    ("roll_abs_max", _F), ("yaw_range", _F), ("pitch_range", _F), ("roll_range", _F),
+    ("roll_abs_max", _F), ("yaw_abs_p95", _F), ("pitch_abs_p95", _F), ("roll_abs_p95", _F),
+    ("yaw_range", _F), ("pitch_range", _F), ("roll_range", _F),
     ("head_translation", _F), ("head_scale_change", _F),
     # face size, faces and completeness
     ("face_size_px", _F), ("face_size_out_px", _F), ("face_detected_frac", _F), ("n_faces_max", _I),
@@ -61,6 +62,7 @@ SCORE_LABELS = {
     "head_motion_var_mean": "Glo: head-motion variance (px²)", "expression_var_mean": "Exp: expression variance (px²)",
     "yaw_mean": "yaw mean (°)", "pitch_mean": "pitch mean (°)", "roll_mean": "roll mean (°)",
     "yaw_abs_max": "|yaw| max (°)", "pitch_abs_max": "|pitch| max (°)", "roll_abs_max": "|roll| max (°)",
+    "yaw_abs_p95": "|yaw| p95 (°)", "pitch_abs_p95": "|pitch| p95 (°)", "roll_abs_p95": "|roll| p95 (°)",
     "head_translation": "head translation (face sizes)", "head_scale_change": "head scale change",
     "face_size_px": "face size (source px)", "face_size_out_px": "face size (512 crop px)",
     "face_detected_frac": "frames with a face", "complete_frac": "complete frames", "n_faces_max": "faces (max)",

@@ -135,12 +135,18 @@ class Scorer:
             from pipeline.faces.landmarks3d import Landmarks3D
 
             self.landmarks3d = Landmarks3D.from_model_dir(cc.model_dir)
+        self.box_detector = None  # SyncNet / 1k3d68 boxes from the profile's detector, as CropScoreStage
+        if cc.detector_backend != "mediapipe":
+            from pipeline.faces import make_detector
+
+            self.box_detector = make_detector(cc)
         device = resolve_device(cfg.device)
         self.dwpose = DWPoseFace.load(cc.profile, cc.model_dir, device=str(device), batch_size=cfg.batch_size)
         self._detect = None  # detect & track stage, built on the first --crop face video
         self.frame_sinks_factory = frame_sinks_factory
         self.models = {"face": self.face_model.name, "syncnet": self.sync_weights, "keypoints": self.dwpose.model_id,
-                       "pose": self.landmarks3d.name if self.landmarks3d is not None else "facemesh-478+pnp"}
+                       "pose": (self.landmarks3d.name if self.landmarks3d is not None else "facemesh-478>ibug68")
+                       + "+meanshape_68"}
 
     # -- crops ---------------------------------------------------------------------------
     def _frame_clip(self, p) -> CandidateClip:
@@ -189,7 +195,7 @@ class Scorer:
             raise EvalInputError("no video frames", f"{uri}: {p.duration_s:.3f} s of video")
 
         observer = ClipObserver(clip, self.face_model, self.syncnet.image_size, FPS, SIZE,
-                                landmarks3d=self.landmarks3d)
+                                landmarks3d=self.landmarks3d, box_detector=self.box_detector)
         kps = KeypointSink(self.dwpose, self.dwpose.batch_size)
         sinks = self.frame_sinks_factory() if self.frame_sinks_factory else []
 

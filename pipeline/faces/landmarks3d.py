@@ -19,12 +19,12 @@ with ``utils/face_align.py`` (``transform``, ``trans_points3d``) and ``utils/tra
   same pixel units), then ``trans_points3d`` with the inverse warp: x, y by the inverse affine, z times its
   scale (= 1 / scale), giving image pixels.
 
-Head pose: insightface fits a least-squares affine map from its mean shape (``meanshape_68.pkl``, a pickle,
-which we never load) to the 68 points, takes rows 1-2 as the rotation (``P2sRt``) and decomposes it with
-``matrix2angle``. ``pose_from_landmarks3d`` does the same through ``pipeline.scoring.pose.pose_from_3d_landmarks``
-(one implementation in the project): the mean shape is the generic canonical 3-D face at ten stable iBUG
-points, and the rotation is projected onto the nearest orthonormal matrix. Only x, y of the landmarks enter
-(``P2sRt`` never reads the z row of the fit either), so the z convention of the model does not matter.
+Head pose: insightface fits a least-squares affine map from its mean shape (``meanshape_68.pkl``) to the 68
+points, takes rows 1-2 as the rotation (``P2sRt``) and decomposes it with ``matrix2angle``.
+``pose_from_landmarks3d`` does exactly that through ``pipeline.scoring.pose.pose_from_landmarks`` (one
+implementation in the project) with the same mean shape, stored as ``pipeline/scoring/meanshape_68.npy``
+(the pickle is never loaded). tests/test_insightface_judge.py runs insightface's own ``Landmark`` class on the
+same ONNX file, image and box and finds the same 68 x 3 points and pose.
 """
 from __future__ import annotations
 
@@ -211,15 +211,13 @@ class Landmarks3D:
 def pose_from_landmarks3d(landmarks: np.ndarray) -> tuple[float, float, float]:
     """(pitch, yaw, roll) in degrees from 68 iBUG-order points [68, 2|3] in image pixels (e.g. ``Landmarks3D``).
 
-    insightface's order (``matrix2angle`` returns rx = pitch, ry = yaw, rz = roll) and method (weak-perspective
-    affine fit of a 3-D mean shape, ``P2sRt``, ``matrix2angle``), computed by
-    ``pipeline.scoring.pose.pose_from_3d_landmarks`` with the project's generic mean shape. Signs are the
-    project's convention (image as displayed): yaw > 0 = face turned towards image right (the subject's left),
-    pitch > 0 = chin up, roll > 0 = face rotated counter-clockwise on screen; frontal = (0, 0, 0). They are
-    not guaranteed to equal the signs of insightface's own ``face.pose``, whose axes are those of its
-    ``meanshape_68.pkl``.
+    insightface's order (``matrix2angle`` returns rx = pitch, ry = yaw, rz = roll) and arithmetic (its
+    ``meanshape_68``, ``estimate_affine_matrix_3d23d``, ``P2sRt``, ``matrix2angle``). Signs are the project's
+    (``pipeline.scoring.pose``): yaw > 0 = face turned towards image right (the subject's left), pitch > 0 =
+    chin up, roll > 0 = face rotated counter-clockwise on screen. Against insightface's ``face.pose``: pitch and
+    yaw are equal, roll has the opposite sign (insightface's positive roll is clockwise on screen).
     """
-    from pipeline.scoring.pose import pose_from_3d_landmarks
+    from pipeline.scoring.pose import pose_from_landmarks
 
-    p = pose_from_3d_landmarks(landmarks)
+    p = pose_from_landmarks(landmarks)
     return p["pitch"], p["yaw"], p["roll"]

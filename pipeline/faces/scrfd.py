@@ -12,7 +12,14 @@ the version with batched-output support) step by step, so that boxes and keypoin
 * ``forward``: ``cv2.dnn.blobFromImage(img, 1/128, size, (127.5,)*3, swapRB=True)`` on a BGR image,
   anchor centres, ``distance2bbox`` / ``distance2kps`` with predictions scaled by the stride,
   ``score >= threshold``;
-* ``nms``: greedy NMS at IoU 0.4 with the ``+1`` pixel area convention.
+* ``nms``: greedy NMS at IoU 0.4 with the ``+1`` pixel area convention;
+* candidates are ordered by descending score with a stable sort, as insightface 2.x (0.7 reversed an
+  ascending argsort, which orders equal scores the other way round).
+
+tests/test_insightface_judge.py runs insightface 2.x's own ``SCRFD`` class on the same ONNX file and images
+and finds the same boxes, scores and keypoints. One setting differs on purpose: insightface 2.x detects at
+two input sizes (128 and 640) when the model's input is dynamic and no ``det_size`` is given; we detect at
+one (``detect.scrfd_input_size``, 640, insightface 0.7's ``FaceAnalysis`` default).
 
 Boxes are not clipped to the image (insightface does not clip either).
 """
@@ -79,7 +86,7 @@ def nms(dets: np.ndarray, threshold: float = NMS_THRESHOLD) -> list[int]:
     areas use the ``+1`` pixel convention. Returns kept row indices, highest score first."""
     x0, y0, x1, y1, scores = dets[:, 0], dets[:, 1], dets[:, 2], dets[:, 3], dets[:, 4]
     areas = (x1 - x0 + 1) * (y1 - y0 + 1)
-    order = scores.argsort()[::-1]
+    order = np.argsort(-scores, kind="stable")  # insightface 2.x: equal scores keep their order
     keep: list[int] = []
     while order.size > 0:
         i = int(order[0])
@@ -271,7 +278,7 @@ class ScrfdDetector:
         scores = np.concatenate(scores_list).astype(np.float32)
         if scores.size == 0:
             return []
-        order = scores.argsort()[::-1]
+        order = np.argsort(-scores, kind="stable")  # insightface 2.x (0.7 reversed an argsort: ties differ)
         boxes = np.concatenate(boxes_list) / det_scale
         pre_det = np.hstack((boxes, scores[:, None])).astype(np.float32, copy=False)[order]
         keep = nms(pre_det, self.nms_threshold)

@@ -6,7 +6,7 @@ from .stats import LEVEL_LABELS
 
 
 # The scores worth a line in a summary (the page and stats.json have all of them).
-KEY_SCORES = ("duration_s", "sync_conf", "sync_dist", "sync_offset", "speech_ratio", "yaw_abs_max", "pitch_abs_max",
+KEY_SCORES = ("duration_s", "sync_conf", "sync_dist", "sync_offset", "speech_ratio", "yaw_abs_p95", "pitch_abs_p95",
               "head_translation", "face_size_px", "head_motion_var_mean", "expression_var_mean")
 
 

@@ -34,6 +34,7 @@ SCORE_LABELS = {
     "speech_ratio": "speech ratio", "loudness_dbfs": "loudness (dBFS)", "mouth_activity": "mouth activity",
     "yaw_mean": "yaw mean (deg)", "pitch_mean": "pitch mean (deg)", "roll_mean": "roll mean (deg)",
     "yaw_abs_max": "|yaw| max (deg)", "pitch_abs_max": "|pitch| max (deg)", "roll_abs_max": "|roll| max (deg)",
+    "yaw_abs_p95": "|yaw| p95 (deg)", "pitch_abs_p95": "|pitch| p95 (deg)", "roll_abs_p95": "|roll| p95 (deg)",
     "yaw_range": "yaw range (deg)", "pitch_range": "pitch range (deg)", "roll_range": "roll range (deg)",
     "head_translation": "head movement", "head_scale_change": "head scale change",
     "complete_frac": "face completeness", "face_size_px": "face size (px)", "n_faces_max": "faces per frame (max)",

@@ -15,8 +15,10 @@ Definitions (docs/scoring.md has the literature they come from):
   A talking face has both well above a static or only-smiling one.
 - head movement = face-centre translation and scale change over the clip, normalised by the
   median face size: max distance from the median centre, per-axis range, mean speed, and the
-  max/min face size ratio. ``movement_score`` is TalkVid's (100 - 100 x mean landmark
-  displacement between adjacent frames / min(W, H)).
+  max/min face size ratio. ``movement_score_25fps`` applies TalkVid's movement formula (100 - 100 x
+  mean landmark displacement between adjacent frames / min(W, H)) to our landmarks at the clip's
+  25 fps; TalkVid measures it on insightface's 5 keypoints 1 s apart, so its thresholds (mean >= 80,
+  min >= 60) do not transfer.
 - completeness = per frame, the head box (face box scaled by ``head_scale`` about its centre,
   to take in hair and chin) and every landmark lie inside the image; the clip score is the
   fraction of complete frames. ``talkvid_completeness`` is TalkVid's weighted eyes (0.3) /
@@ -102,7 +104,8 @@ def head_movement(boxes=None, landmarks=None, image_size: tuple[int, int] | None
     """Face-centre translation and scale change over the clip, in face sizes.
 
     Uses the boxes when given, otherwise the landmarks' centroid and ``face_size``.
-    With landmarks and ``image_size`` = (W, H) it adds TalkVid's ``movement_score``.
+    With landmarks and ``image_size`` = (W, H) it adds ``movement_score_25fps`` (TalkVid's formula between
+    adjacent frames of our series, not TalkVid's 1 fps measurement).
     """
     if boxes is not None:
         centres, sizes = _box_centres_sizes(boxes)
@@ -130,8 +133,8 @@ def head_movement(boxes=None, landmarks=None, image_size: tuple[int, int] | None
         disp = _nanmean(np.linalg.norm(np.diff(lm, axis=0), axis=2), 1)  # mean over points, per frame pair
         disp = disp[np.isfinite(disp)]
         per = 100 - 100 * disp / min(image_size)
-        out["movement_score"] = float(per.mean()) if per.size else np.nan
-        out["movement_score_min"] = float(per.min()) if per.size else np.nan
+        out["movement_score_25fps"] = float(per.mean()) if per.size else np.nan
+        out["movement_score_25fps_min"] = float(per.min()) if per.size else np.nan
     return out
 
 
