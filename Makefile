@@ -10,17 +10,17 @@ setup: $(STAMP)
 
 # Idempotent: the stamp is rebuilt only when pyproject.toml or this Makefile changes. torch comes first from the
 # local CPU wheel (torch==2.13.0) so that no dependency pulls a CUDA build.
+# Reference packages that judge our own code on identical weights and inputs
+# (tests/test_reference_judges.py, tests/test_insightface_judge.py), installed without their
+# dependencies: insightface's and rtmlib's opencv-python would replace mediapipe's cv2, and
+# syncnet-python's torchvision from PyPI is a CUDA build that does not import with CPU torch
+# (syncnet_python never imports it); scenedetect 0.6 and ffmpeg-python make its package import.
+# `pip check` therefore lists these three as missing opencv-python / torchvision: expected.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
-	# Reference packages that judge our own code on identical weights and inputs
-	# (tests/test_reference_judges.py, tests/test_insightface_judge.py), installed without their
-	# dependencies: insightface's and rtmlib's opencv-python would replace mediapipe's cv2, and
-	# syncnet-python's torchvision from PyPI is a CUDA build that does not import with CPU torch
-	# (syncnet_python never imports it); scenedetect 0.6 and ffmpeg-python make its package import.
-	# `pip check` therefore lists these three as missing opencv-python / torchvision: expected.
 	$(BIN)/pip install -q --no-deps syncnet-python==0.2.3 scenedetect==0.6.6 ffmpeg-python==0.2.0 future==1.0.0 rtmlib==0.0.16
 	$(BIN)/pip install -q --no-deps insightface==2.1
 	touch $(STAMP)
