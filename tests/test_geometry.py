@@ -136,6 +136,7 @@ LAYOUTS = {  # name: (frame builder, the picture's bounds (x1, y1, x2, y2) inclu
     "pillarbox": (lambda f: on_canvas(f, 0, 0, PILLARBOX, PILLARBOX), (64, 0, 573, 511)),
     "windowbox": (lambda f: on_canvas(f, 20, 44, 30, 58), (30, 20, 539, 531)),
     "bars_over_picture": (lambda f: burn_bars(f, CHIN_BAR, CHIN_BAR), (0, 80, 509, 431)),
+    "dim_uneven_letterbox": (lambda f: on_canvas(f, 24, 40, 0, 0, value=8), (0, 24, 509, 535)),  # not quite black
 }
 
 
