@@ -169,6 +169,20 @@ def test_near_constant_grey_bars_are_found(square_frames, tmp_path):
     assert plain.bounds()[0] == (0, 0, SQUARE_W - 1, 511)
 
 
+def test_active_picture_is_per_shot(square_frames):
+    """cropdetect's union, reset at each cut: a letterboxed shot after a full-frame one keeps its bars."""
+    frames, _ = square_frames
+    tracker = ActivePictureTracker()
+    for f in frames[:5]:
+        tracker.add(f)
+    tracker.new_shot()
+    for f in frames[5:10]:
+        tracker.add(burn_bars(f, 40, 40))
+    full, barred = tracker.pictures(SQUARE_W, 512)
+    assert full.as_list() == [0.0, 0.0, SQUARE_W, 512.0]
+    assert barred.as_list() == [0.0, 40.0, SQUARE_W, 472.0]
+
+
 # --- through the pipeline ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
