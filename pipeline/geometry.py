@@ -36,7 +36,9 @@ CLIPPED_WHITE = 235
 
 
 def stream_sar(stream) -> Fraction:
-    """The stream's sample aspect ratio (pixel width / pixel height); 1 when unset (0/1 or None)."""
+    """The stream's sample aspect ratio (pixel width / pixel height); 1 when unset (0/1 or None).
+    PyAV answers with FFmpeg's ``av_guess_sample_aspect_ratio``: the container's (MP4 ``pasp``)
+    when it states one, else the codec's (H.264 VUI), as ffprobe and players do."""
     sar = getattr(stream, "sample_aspect_ratio", None)
     if sar is None or sar <= 0:
         return Fraction(1)
