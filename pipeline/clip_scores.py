@@ -8,8 +8,9 @@ BlazeFace in ``smoke``. In ``full`` the same SCRFD box feeds insightface 1k3d68,
 ``FaceAnalysis`` does. When the clip is complete, ``finish`` turns the series into the scores of
 ``schemas.SCORES_SCHEMA``:
 lip sync, speech, mouth activity, head pose, head movement and completeness (completeness in
-*source* pixels, since a head cut off by the source frame is what it detects). Definitions
-and their sources: docs/scoring.md.
+*source* pixels against the shot's active picture, since a head cut off by the source frame or
+by a letterbox bar burned into it is what it detects). Definitions and their sources:
+docs/scoring.md.
 """
 from __future__ import annotations
 
@@ -180,14 +181,19 @@ class ClipObserver:
             ratio = hm.get("head_scale_ratio")
             out["head_scale_change"] = None if ratio is None else ratio - 1.0
             detail["movement"] = hm
-        # completeness in source pixels: crop coordinates -> source coordinates
+        # completeness in source pixels against the active picture (geometry.py): crop
+        # coordinates -> coordinates relative to the picture's top-left corner
+        pic = c.active_picture or [0.0, 0.0, float(source_size[0]), float(source_size[1])]
         k = c.crop_size / self.size
-        src_boxes = boxes * k + np.array([c.crop_x0, c.crop_y0, c.crop_x0, c.crop_y0], np.float32)
+        ox, oy = c.crop_x0 - pic[0], c.crop_y0 - pic[1]
+        src_boxes = boxes * k + np.array([ox, oy, ox, oy], np.float32)
         src_boxes[~have] = np.nan
-        src_lms = lms[..., :2] * k + np.array([c.crop_x0, c.crop_y0], np.float32)
-        comp = motion_scores.completeness(src_boxes, source_size, landmarks=src_lms)
+        src_lms = lms[..., :2] * k + np.array([ox, oy], np.float32)
+        comp = motion_scores.completeness(src_boxes, (pic[2] - pic[0], pic[3] - pic[1]), landmarks=src_lms)
         out["complete_frac"] = comp["complete_fraction"]
+        comp["active_picture"] = [float(v) for v in pic]
         detail["completeness"] = comp
+        out["pad_frac"] = float(c.pad_frac)
         for key, v in list(out.items()):
             if isinstance(v, float) and math.isnan(v):
                 out[key] = None

@@ -90,6 +90,9 @@ class FilterConfig(_Section):
     # Completeness: share of frames whose head box (face x 1.2) and landmarks are in the frame
     # (TalkVid completeness requires all frames; we allow a few missed landmark fits).
     complete_frac_min: float | None = 0.95
+    # Padding: share of the 512 crop's area outside the active picture (beyond the coded frame or
+    # on a burned-in bar), shown as a flat border in the clip (docs/scoring.md, "Picture geometry").
+    pad_frac_max: float | None = 0.4
     # Face size: median face box side in source pixels (the crop upscales smaller faces).
     face_size_px_min: float | None = 128.0
     # Several faces: always flagged (other_faces); reject only when this is true.

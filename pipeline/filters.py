@@ -29,6 +29,7 @@ RULES: tuple[Rule, ...] = (
     Rule("speech_ratio_min", "speech_ratio", ">=", "no speech"),
     Rule("face_size_px_min", "face_size_px", ">=", "face too small"),
     Rule("complete_frac_min", "complete_frac", ">=", "head cut off by the frame"),
+    Rule("pad_frac_max", "pad_frac", "<=", "crop padded beyond the picture"),
     # pose: the clip's 95th percentile of |angle|, so a few mis-fitted frames do not reject a clip
     Rule("yaw_abs_max", "yaw_abs_p95", "<=", "extreme rotation (yaw)"),
     Rule("pitch_abs_max", "pitch_abs_p95", "<=", "extreme rotation (pitch)"),

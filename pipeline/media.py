@@ -18,6 +18,8 @@ from typing import Iterator
 import av
 import numpy as np
 
+from .geometry import decode_size, square_pixel_size, stream_sar
+
 
 class MediaError(RuntimeError):
     """A media file that cannot be used; ``reason`` is a short stable label for rejects rows."""
@@ -51,7 +53,7 @@ class ProbeResult:
     fps: float  # mean frame rate (frames / span), the honest number for VFR input
     nominal_fps: float  # what the container claims
     vfr: bool
-    width: int  # after rotation
+    width: int  # display size in square pixels (coded size x sample aspect ratio), after rotation
     height: int
     rotation: int  # degrees the frames must be turned (counter-clockwise) for display
     video_codec: str
@@ -63,6 +65,9 @@ class ProbeResult:
     audio_streams: int
     video_duration_s: float | None = None  # the video stream's own duration when the container states it
     size_bytes: int | None = None
+    sample_aspect_ratio: str = "1:1"  # of the coded pixels; frames are resampled to square pixels
+    coded_width: int | None = None  # the stream's own picture size, before SAR and rotation
+    coded_height: int | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -123,7 +128,8 @@ def probe(uri: str, max_packets: int = 2000) -> ProbeResult:
             span = float(pts[-1] - pts[0]) if len(pts) > 1 else 0.0
             fps = (len(pts) - 1) / span if span > 0 else nominal
             rotation = _rotation_of(v, first)
-            w, h = first.width, first.height
+            sar = stream_sar(v)
+            w, h = square_pixel_size(first.width, first.height, sar)
             if rotation in (90, 270):
                 w, h = h, w
             return ProbeResult(
@@ -135,7 +141,8 @@ def probe(uri: str, max_packets: int = 2000) -> ProbeResult:
                 audio_channels=int(a.channels) if a else None,
                 audio_streams=len(audio),
                 video_duration_s=float(v.duration * tb) if v.duration else None,
-                size_bytes=_size_of(uri))
+                size_bytes=_size_of(uri), sample_aspect_ratio=f"{sar.numerator}:{sar.denominator}",
+                coded_width=int(first.width), coded_height=int(first.height))
     except MediaError:
         raise
     except (av.error.InvalidDataError, av.error.FFmpegError, UnicodeDecodeError) as e:
@@ -160,8 +167,12 @@ def _rotate(img: np.ndarray, rotation: int) -> np.ndarray:
 
 
 def iter_frames(uri: str, *, start_s: float = 0.0, end_s: float | None = None, rotation: int = 0,
-                fmt: str = "rgb24", max_side: int | None = None) -> Iterator[tuple[float, np.ndarray]]:
+                fmt: str = "rgb24", max_side: int | None = None,
+                square_pixels: bool = True) -> Iterator[tuple[float, np.ndarray]]:
     """Yield (time_s, HxWx3 uint8 array) for every decoded frame with time in [start_s, end_s).
+
+    Frames come in square pixels (``square_pixels``: resampled by the stream's sample aspect
+    ratio, pipeline.geometry), so they have the size ``probe`` reports as width x height.
 
     Decoding errors mid-stream raise MediaError("decode error") naming the file and time, so a
     truncated file becomes a rejects row instead of a silently shorter clip.
@@ -170,6 +181,7 @@ def iter_frames(uri: str, *, start_s: float = 0.0, end_s: float | None = None, r
         v = c.streams.video[0]
         v.thread_type = "AUTO"
         tb = float(v.time_base)
+        sar = stream_sar(v) if square_pixels else 1
         if start_s > 1.0:
             with contextlib.suppress(Exception):
                 c.seek(int(max(0.0, start_s - 1.0) / tb), stream=v, backward=True)
@@ -183,10 +195,11 @@ def iter_frames(uri: str, *, start_s: float = 0.0, end_s: float | None = None, r
                     continue
                 if end_s is not None and t >= end_s:
                     break
-                if max_side is not None and max(frame.width, frame.height) > max_side:
-                    s = max_side / max(frame.width, frame.height)
-                    frame = frame.reformat(width=max(2, int(round(frame.width * s / 2)) * 2),
-                                           height=max(2, int(round(frame.height * s / 2)) * 2))
+                size = decode_size(frame.width, frame.height, sar, max_side)
+                if size != (frame.width, frame.height):
+                    # anamorphic: bicubic resampling of the width (FFmpeg's scale default)
+                    frame = frame.reformat(width=size[0], height=size[1],
+                                           interpolation="BICUBIC" if sar != 1 else None)
                 img = frame.to_ndarray(format=fmt)
                 last_t = t
                 yield t, _rotate(img, rotation)

@@ -3,7 +3,9 @@
 A clip keeps one fixed crop for its whole length (as Loopy-style training data does), so the
 head moves inside the frame and head-motion statistics stay measurable. The box is centred on
 the median of the median-filtered face centres and its side is ``crop_scale`` x the median
-face side, then moved (not shrunk) to stay inside the frame where possible.
+face side, then moved (not shrunk) to stay inside the shot's active picture (the frame less any
+burned-in letterbox/pillarbox bars, pipeline/geometry.py) where possible; along an axis where it
+cannot fit, it is moved to cover the whole picture, which gives the least padding.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.ndimage import median_filter
 
+from .geometry import ActivePicture, outside_share, place_in_picture
 from .tracking import Track, VideoAnalysis
 
 # Output clips are a multiple of 8 frames: 8 frames at 25 fps = 5120 samples at 16 kHz = exactly
@@ -36,6 +39,8 @@ class CandidateClip:
     padded: bool
     max_faces: int  # most faces seen at one detection time inside the clip
     detections: dict  # arrays of the track restricted to the clip (times, boxes, ...)
+    active_picture: list[float] | None = None  # [x0, y0, x1, y1] of the shot's picture inside its bars
+    pad_frac: float = 0.0  # share of the crop's area outside the active picture (shown as padding)
 
     @property
     def end_s(self) -> float:
@@ -54,8 +59,10 @@ def _odd(n: int) -> int:
     return max(1, n if n % 2 else n - 1)
 
 
-def crop_box(boxes: np.ndarray, *, width: int, height: int, crop_scale: float, smooth: int):
-    """Square crop (x0, y0, side, used_scale, face_side, padded) for face boxes [N,4]."""
+def crop_box(boxes: np.ndarray, *, width: int, height: int, crop_scale: float, smooth: int,
+             picture: ActivePicture | None = None):
+    """Square crop (x0, y0, side, used_scale, face_side, padded) for face boxes [N,4], placed in
+    ``picture`` (default: the whole ``width`` x ``height`` frame)."""
     cx = (boxes[:, 0] + boxes[:, 2]) / 2
     cy = (boxes[:, 1] + boxes[:, 3]) / 2
     side = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
@@ -65,15 +72,12 @@ def crop_box(boxes: np.ndarray, *, width: int, height: int, crop_scale: float, s
     face = float(np.median(side))
     size = crop_scale * face
     center_x, center_y = float(np.median(cx)), float(np.median(cy))
-    padded = False
-    if size > min(width, height):
-        # Keep the face scale (no shrinking, so the face never fills more than intended) and pad.
-        padded = True
-    x0 = center_x - size / 2
-    y0 = center_y - size / 2
-    if not padded:
-        x0 = min(max(x0, 0.0), width - size)
-        y0 = min(max(y0, 0.0), height - size)
+    pic = picture if picture is not None else ActivePicture.full(width, height)
+    # Keep the face scale (no shrinking, so the face never fills more than intended) and pad
+    # where the crop is larger than the picture.
+    padded = size > min(pic.width, pic.height)
+    x0 = place_in_picture(center_x - size / 2, size, pic.x0, pic.x1)
+    y0 = place_in_picture(center_y - size / 2, size, pic.y0, pic.y1)
     return x0, y0, size, size / face if face > 0 else crop_scale, face, padded
 
 
@@ -107,16 +111,19 @@ def segment_tracks(analysis: VideoAnalysis, *, video_end_s: float, detect_fps: f
             if not sel.any():
                 sel = np.argmin(np.abs(arr["times"] - p_start))[None]
             boxes = arr["boxes"][sel]
+            picture = (analysis.active_pictures[track.shot_index] if analysis.active_pictures
+                       else ActivePicture.full(analysis.width, analysis.height))
             x0, y0, size, used_scale, face, padded = crop_box(
                 boxes, width=analysis.width, height=analysis.height, crop_scale=crop_scale,
-                smooth=int(round(smooth_window_s * detect_fps)) | 1)
+                smooth=int(round(smooth_window_s * detect_fps)) | 1, picture=picture)
             in_clip = (analysis.detect_times >= p_start) & (analysis.detect_times < p_end)
             max_faces = int(analysis.faces_per_detection[in_clip].max()) if in_clip.any() else 1
             clips.append(CandidateClip(
                 clip_index=-1, track_id=track.track_id, shot_index=track.shot_index, start_s=float(p_start),
                 n_frames=n_frames, crop_x0=float(x0), crop_y0=float(y0), crop_size=float(size),
                 crop_scale=float(used_scale), face_size_px=float(face), padded=bool(padded), max_faces=max_faces,
-                detections={k: v[sel] for k, v in arr.items()}))
+                detections={k: v[sel] for k, v in arr.items()}, active_picture=picture.as_list(),
+                pad_frac=outside_share(x0, y0, size, picture)))
     clips.sort(key=lambda c: (c.start_s, c.track_id))
     for i, c in enumerate(clips):
         c.clip_index = i

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from .faces.base import Face, FaceDetector
+from .geometry import ActivePicture, ActivePictureTracker
 from .media import iter_frames
 
 
@@ -62,6 +63,8 @@ class VideoAnalysis:
     scale: float  # analysis pixels -> source pixels
     width: int  # source (rotated) size
     height: int
+    # per shot: the picture inside burned-in letterbox/pillarbox bars (source pixels; geometry.py)
+    active_pictures: list[ActivePicture] = field(default_factory=list)
 
     def shot_bounds(self, t_end: float) -> list[tuple[float, float]]:
         starts = [float(self.frame_times[0])] + list(self.cut_times)
@@ -98,14 +101,17 @@ def analyze_video(uri: str, detector: FaceDetector, *, rotation: int, width: int
     tracks: list[Track] = []
     active: list[Track] = []
     shot = 0
+    bars = ActivePictureTracker()  # cropdetect-style bar detection, reset at every cut
     for t, img in iter_frames(uri, rotation=rotation, max_side=max_side):
         hist = _hsv_hist(img)
         if prev_hist is not None and cv2.compareHist(prev_hist, hist, cv2.HISTCMP_BHATTACHARYYA) > shot_threshold:
             cuts.append(t)
             shot += 1
+            bars.new_shot()
             active = []  # tracks never cross a cut
             next_detect = -np.inf  # detect on the first frame of every shot
         prev_hist = hist
+        bars.add(img)
         times.append(t)
         if t + 1e-6 < next_detect:
             continue
@@ -139,4 +145,4 @@ def analyze_video(uri: str, detector: FaceDetector, *, rotation: int, width: int
                 active.append(tr)
     return VideoAnalysis(frame_times=np.asarray(times), cut_times=cuts, tracks=tracks,
                          detect_times=np.asarray(detect_times), faces_per_detection=np.asarray(faces_count),
-                         scale=scale, width=width, height=height)
+                         scale=scale, width=width, height=height, active_pictures=bars.pictures(width, height))

@@ -158,6 +158,7 @@ SCORES_SCHEMA = pa.schema([
     ("head_translation", pa.float64()), ("head_scale_change", pa.float64()),
     # completeness and faces
     ("complete_frac", pa.float64()), ("face_size_px", pa.float64()), ("n_faces_max", pa.int32()),
+    ("pad_frac", pa.float64()),  # share of the crop outside the active picture (pipeline/geometry.py)
     ("other_faces", pa.bool_()),
     # Loopy 3.5 motion statistics (features stage)
     ("head_motion_var_mean", pa.float64()), ("expression_var_mean", pa.float64()),

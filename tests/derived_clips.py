@@ -83,3 +83,54 @@ def paste_second_face(frame: np.ndarray, face_img: np.ndarray) -> np.ndarray:
     """Side by side: the speaker on the left, a second (still) real face on the right."""
     other = cv2.resize(face_img, (frame.shape[1], frame.shape[0]), interpolation=cv2.INTER_AREA)
     return np.concatenate([frame, other], axis=1)
+
+
+def squeeze_width(frames, factor: float):
+    """Frames resampled to ``factor`` x their width (even), as an anamorphic re-encode stores them."""
+    h, w = frames[0].shape[:2]
+    cw = int(round(w * factor / 2)) * 2
+    return [cv2.resize(f, (cw, h), interpolation=cv2.INTER_AREA) for f in frames]
+
+
+def write_anamorphic(path: Path, frames, audio, sar) -> Path:
+    """H.264 (crf 18, as ``write``) + AAC MP4 whose stream declares the sample aspect ratio ``sar``
+    (written into the H.264 VUI and the MP4 ``pasp`` box, where players and FFmpeg read it)."""
+    from fractions import Fraction
+
+    import av
+
+    from pipeline.media import mux_audio
+
+    h, w = frames[0].shape[:2]
+    with av.open(str(path), "w", format="mp4") as out:
+        vs = out.add_stream("libx264", rate=25)
+        vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
+        vs.time_base = Fraction(1, 25)
+        vs.codec_context.sample_aspect_ratio = Fraction(sar)
+        vs.options = {"crf": "18", "preset": "veryfast"}
+        aus = out.add_stream("aac", rate=16000)
+        aus.layout = "mono"
+        aus.time_base = Fraction(1, 16000)
+        for i, img in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+            vf.pts = i
+            for packet in vs.encode(vf):
+                out.mux(packet)
+        for packet in vs.encode(None):
+            out.mux(packet)
+        mux_audio(out, aus, np.asarray(audio, np.float32)[None], 16000)
+    return path
+
+
+def on_canvas(frame: np.ndarray, top: int, bottom: int, left: int, right: int, value: int = 0) -> np.ndarray:
+    """The frame with bars of ``value`` added around it (letterbox / pillarbox / windowbox)."""
+    return cv2.copyMakeBorder(frame, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(value,) * 3)
+
+
+def burn_bars(frame: np.ndarray, top: int = 0, bottom: int = 0, value: int = 0) -> np.ndarray:
+    """Letterbox bars painted over the picture itself (rows lost, frame size unchanged)."""
+    out = frame.copy()
+    out[:top] = value
+    if bottom:
+        out[out.shape[0] - bottom:] = value
+    return out

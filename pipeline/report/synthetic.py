@@ -68,6 +68,7 @@ def _clip_scores(rng, n: int, duration: np.ndarray) -> dict[str, np.ndarray]:
         "yaw_range": rng.gamma(3, 6, n), "pitch_range": rng.gamma(3, 4, n), "roll_range": rng.gamma(2, 3, n),
         "head_translation": rng.gamma(2, 0.02, n), "head_scale_change": rng.gamma(2, 0.03, n),
         "complete_frac": 1 - rng.beta(1, 60, n), "face_size_px": rng.lognormal(5.6, 0.35, n),
+        "pad_frac": np.where(rng.random(n) < 0.7, 0.0, rng.beta(2, 8, n)),  # most crops fit their picture
         "n_faces_max": np.where(rng.random(n) < 0.05, 2, 1),
         "head_motion_var_mean": rng.gamma(2, 2.0, n), "expression_var_mean": rng.gamma(2, 0.5, n),
         "duration_s": duration,
