@@ -85,12 +85,13 @@ def paste_second_face(frame: np.ndarray, face_img: np.ndarray) -> np.ndarray:
     return np.concatenate([frame, other], axis=1)
 
 
-def remux_audio(src: Path, dst: Path, *, keep=lambda t: True, shift_s: float = 0.0) -> Path:
+def remux_audio(src: Path, dst: Path, *, keep=lambda t: True, shift_s: float = 0.0, end_s: float | None = None) -> Path:
     """``src`` with its packets copied (nothing re-encoded), audio packets edited by time: those
     whose source time t fails ``keep(t)`` are left out (audio that starts late, ends early or has
     a gap), and the rest are moved by ``shift_s`` (negative: the audio leads the video); packets
     that would start before 0 are left out. Audio is moved in whole time-base ticks, so a shift
-    of k video frames is exactly k * rate / 25 samples."""
+    of k video frames is exactly k * rate / 25 samples. ``end_s``: packets of both streams from
+    then on are left out (a shorter source; cut at a key frame so no frame loses its reference)."""
     import av
 
     with av.open(str(src)) as inp, av.open(str(dst), "w", format="mp4") as out:
@@ -99,6 +100,8 @@ def remux_audio(src: Path, dst: Path, *, keep=lambda t: True, shift_s: float = 0
         ticks = int(round(shift_s / ain.time_base))
         for packet in inp.demux(vin, ain):
             if packet.dts is None:
+                continue
+            if end_s is not None and packet.pts * packet.stream.time_base >= end_s:
                 continue
             if packet.stream is ain:
                 if not keep(float(packet.pts * ain.time_base)) or packet.pts + ticks < 0:
