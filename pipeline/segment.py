@@ -55,6 +55,7 @@ class ShortSegment:
 # span so that rounding a clip's start to a sample index can never carry its end past the span
 # (a start on the span's first sample rounds onto it, so starts need no margin).
 COVERAGE_MARGIN_S = 0.001
+AUDIO_SHORTFALL_S = 0.08  # less missing audio than this is not named as the cause of a trim
 
 
 @dataclass
@@ -71,9 +72,10 @@ class Coverage:
         parts = [(start, end)] if end > start else []
         by_audio = False
         if self.audio is not None:
-            # A hole that a damaged audio packet left counts as damage, not as missing audio.
+            # A hole that a damaged audio packet left counts as damage, not as missing audio; and
+            # streams that end a few ms apart are not "missing audio" (under two video frames).
             explained = _merge(list(self.audio) + list(self.damaged))
-            by_audio = _total(_intersect(parts, explained)) < (end - start) - 1e-6
+            by_audio = _total(_intersect(parts, explained)) < (end - start) - AUDIO_SHORTFALL_S
             parts = [(max(a, s0), min(b, e0 - COVERAGE_MARGIN_S)) for a, b in parts for s0, e0 in self.audio]
             parts = [(a, b) for a, b in parts if b > a]
         for d0, d1 in self.damaged:
