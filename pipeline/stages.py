@@ -382,17 +382,22 @@ class CropScoreStage:
                 # re-cut from the source audio (never shifted and zero-filled).
                 fix = self._correct_offset(row, p, cc, path, int(offset), audio, tmpdir)
                 if isinstance(fix, dict):  # what is left inside the audio coverage fails a rule
+                    rp = json.loads(fix["payload"])
+                    if "scores" not in rp:  # rejected before a new measurement: the scores it had
+                        rp["scores"] = _scores_row(row, c, key, dict(sc, audio_shift_s=0.0), "rejected", rp["stage"],
+                                                   rp["reason"])
+                        fix["payload"] = dumps(rp)
                     out_rows.append(fix)
                     path.unlink(missing_ok=True)
                     continue
-                new_cc, new_sc, new_detail, clip_audio = fix
+                new_cc, new_sc, new_detail, clip_audio, applied = fix
                 if new_sc is not None:  # trimmed at the coverage edge, cropped and scored again
                     new_sc["other_faces"] = bool(new_sc.get("other_faces") or sc.get("other_faces"))
                     cc, sc, details[ci] = new_cc, new_sc, new_detail
                     c = cc.clip
                 path.write_bytes(remux_with_audio(path.read_bytes(), clip_audio, audio_rate=cfg.audio_rate,
                                                   audio_bitrate=cfg.audio_bitrate))
-                audio_shift_s = int(offset) / cfg.fps
+                audio_shift_s = applied / cfg.fps
             sc["audio_shift_s"] = audio_shift_s
             if failed:
                 first = failed[0]
@@ -428,8 +433,10 @@ class CropScoreStage:
         """The clip in sync: its audio re-cut from the source ``offset`` frames earlier (a positive
         SyncNet offset means the audio leads; LatentSync delays it by that much).
 
-        Returns (cropped clip, scores, detail, corrected audio), or a rejects row; scores and detail
-        are None when the clip needed no trim (``path`` then still holds its video, else the new one). Where the corrected audio would reach outside the decoded audio (a clip
+        Returns (cropped clip, scores, detail, corrected audio, offset applied), or a rejects row;
+        scores and detail are None when the clip needed no trim (``path`` then still holds its
+        video, else the new one). A trimmed clip is measured again and its own offset applied, so
+        its ``sync_offset`` and ``audio_shift_s`` agree. Where the corrected audio would reach outside the decoded audio (a clip
         starting where the audio starts, whose audio must be delayed), the clip loses whole
         FRAME_QUANTUMs at that end and is cropped and scored again: the audio a training clip
         pairs with its lips must be the sound the source had at that moment, and padding the
@@ -445,7 +452,7 @@ class CropScoreStage:
         n = c.n_frames * spf
         first = audio.index_of(c.start_s) - offset * spf  # audio for output frame j: source frame j - offset
         if audio.covers(first, n):
-            return cc, None, None, audio.cut(first, n, uri=row["uri"])
+            return cc, None, None, audio.cut(first, n, uri=row["uri"]), offset
         span = next(((a, b) for a, b in audio.spans if a <= first + offset * spf < b), (first, first + n))
         missing = span[0] - first if offset > 0 else first + n - span[1]  # samples outside the span
         trim = -(-max(missing, 1) // (spf * FRAME_QUANTUM)) * FRAME_QUANTUM  # frames, whole quanta
@@ -488,7 +495,7 @@ class CropScoreStage:
             return rej
         detail["offset_trim"] = {"frames": trim, "end": "start" if offset > 0 else "end", "from_start_s": c.start_s,
                                  "from_n_frames": c.n_frames}
-        return new_cc, sc, detail, audio.cut(first, n_frames * spf, uri=row["uri"])
+        return new_cc, sc, detail, audio.cut(first, n_frames * spf, uri=row["uri"]), int(offset2 or 0)
 
     def _crop_one(self, row: dict, p: dict, clip: CandidateClip, audio, tmpdir: Path):
         """Crop and score one clip again (the offset trim): (CroppedClip, scores, detail) or the MediaError."""
