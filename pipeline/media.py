@@ -356,7 +356,7 @@ def decode_audio_track(uri: str, rate: int = 16000, *, tolerant: bool = True) ->
                 runs.append((run_t0, np.concatenate(chunks).astype(np.float32)))
             run_t0, chunks, total, resampler = None, [], 0, None
 
-        for packet in c.demux(a):
+        for packet in _demux_until_error(c, a, errors, uri, strict=not tolerant):
             t_packet = None if packet.pts is None else packet.pts * tb
             try:
                 frames = packet.decode()
@@ -394,6 +394,17 @@ def decode_audio_track(uri: str, rate: int = 16000, *, tolerant: bool = True) ->
                     total += len(chunks[-1])
         close_run()
     return _place_runs(runs, rate, merge_ranges(damaged), errors)
+
+
+def _demux_until_error(container, stream, errors: list[str], uri: str, *, strict: bool):
+    """Packets of ``stream``; a container that cannot be read further ends the audio there (the
+    coverage then stops at the last packet read) or, when ``strict``, raises MediaError."""
+    try:
+        yield from container.demux(stream)
+    except _DECODE_ERRORS as e:
+        if strict:
+            raise MediaError("audio decode error", f"{uri}: {e}") from e
+        errors.append(f"demuxing stopped: {e}")
 
 
 def _place_runs(runs, rate: int, damaged, errors) -> AudioTrack:
