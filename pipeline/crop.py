@@ -72,18 +72,18 @@ def crop_and_normalize(uri: str, clips: list[CandidateClip], *, rotation: int, a
     if isinstance(audio, AudioTrack):
         covered = []
         for c in clips:
-            if audio.covers(audio.index_of(c.start_s), c.n_frames * audio_rate // fps):
+            first, n = audio.index_of(c.start_s), c.n_frames * audio_rate // fps
+            if audio.covers(first, n):
                 covered.append(c)
             elif on_error is not None:
-                try:
-                    audio.cut(audio.index_of(c.start_s), c.n_frames * audio_rate // fps, uri=uri)
-                except MediaError as e:
-                    on_error(c, e)
+                on_error(c, audio.not_covered(first, n, uri))
         clips = covered
     if not clips:
         return
     # Tolerant decoding on the curation path only (its clips were placed around the damage the
     # detect pass found); tools handing a plain array keep the strict decode that raises.
+    # Every damaged range before a yielded (clean) frame is closed and logged by then, so the check
+    # when a clip completes sees all damage inside it.
     damage = DecodeLog() if isinstance(audio, AudioTrack) else None
 
     def clip_audio_of(c: CandidateClip) -> np.ndarray:

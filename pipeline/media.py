@@ -316,11 +316,14 @@ class AudioTrack:
     def cut(self, first: int, n: int, *, uri: str = "") -> np.ndarray:
         """``n`` decoded samples from index ``first``; MediaError when any of them is not real audio."""
         if not self.covers(first, n):
-            t = self.t0 + first / self.rate
-            spans = ", ".join(f"{a:.3f}-{b:.3f}" for a, b in self.span_times()) or "none"
-            raise MediaError("audio not covered", f"{uri}: {t:.3f}-{t + n / self.rate:.3f} s is not inside the "
-                                                  f"decoded audio (spans {spans} s)")
+            raise self.not_covered(first, n, uri)
         return self.samples[first:first + n].copy()
+
+    def not_covered(self, first: int, n: int, uri: str = "") -> MediaError:
+        t = self.t0 + first / self.rate
+        spans = ", ".join(f"{a:.3f}-{b:.3f}" for a, b in self.span_times()) or "none"
+        return MediaError("audio not covered", f"{uri}: {t:.3f}-{t + n / self.rate:.3f} s is not inside the "
+                                               f"decoded audio (spans {spans} s)")
 
 
 def decode_audio_track(uri: str, rate: int = 16000, *, tolerant: bool = True) -> AudioTrack:

@@ -75,6 +75,28 @@ def test_audio_track_reports_coverage_instead_of_silence(derived):
     assert digital_silence_runs(slice_audio(samples, t0, 16000, 0.0, END_S)) > 1.9
 
 
+def test_crop_refuses_a_clip_outside_the_audio(derived):
+    """The crop stage's own guard: a clip reaching where the source has no audio is not cut
+    (never padded), while a covered clip of the same source gets exactly the decoded samples."""
+    from pipeline.crop import crop_and_normalize
+    from pipeline.segment import CandidateClip
+
+    track = decode_audio_track(str(derived["late"]))
+
+    def clip(i, start):
+        return CandidateClip(clip_index=i, track_id=0, shot_index=0, start_s=start, n_frames=16, crop_x0=0.0,
+                             crop_y0=0.0, crop_size=512.0, crop_scale=1.0, face_size_px=200.0, padded=False,
+                             max_faces=1, detections={})
+
+    errors = []
+    out = list(crop_and_normalize(str(derived["late"]), [clip(0, 1.8), clip(1, 3.0)], rotation=0, audio=track,
+                                  size=64, on_error=lambda c, e: errors.append((c.clip_index, e.reason))))
+    assert errors == [(0, "audio not covered")]
+    assert [c.clip.clip_index for c in out] == [1]
+    i = track.index_of(3.0)
+    np.testing.assert_array_equal(out[0].audio, track.samples[i:i + 16 * 640])
+
+
 def test_damaged_packets_cost_their_span_only(derived):
     log = DecodeLog()
     times = [t for t, _ in iter_frames(str(derived["corrupt"]), damage=log, max_side=128)]
