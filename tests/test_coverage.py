@@ -205,72 +205,86 @@ def test_damaged_range_recorded_and_clean_spans_kept(coverage_run):
 
 
 @pytest.fixture(scope="module")
-def shifted_stage_run(tmp_path_factory):
-    """The crop + score stage on a source whose audio leads its video by SHIFT frames, with that
-    offset planted as SyncNet's measurement: the published syncnet_v2 weights cannot be fetched
-    here (and random weights measure no real offset; tests/test_syncnet.py checks the offset
-    search itself). Everything else (detection, cropping, scoring, the fix) runs for real."""
+def shifted_stage_runs(tmp_path_factory):
+    """The crop + score stage on sources whose audio leads ("leads": SyncNet offset +SHIFT) or
+    lags ("lags": -SHIFT) the video by SHIFT frames, with that offset planted as SyncNet's
+    measurement: the published syncnet_v2 weights cannot be fetched here (and random weights
+    measure no real offset; tests/test_syncnet.py checks the offset search itself). Everything
+    else (detection, cropping, scoring, the fix) runs for real."""
     from pipeline import clip_scores
     from pipeline.config import load_config
     from pipeline.stages import CropScoreStage, DetectTrackStage, new_row
 
     d = tmp_path_factory.mktemp("shifted")
-    path = remux_audio(real_path(SOURCE), d / "shifted.mp4", shift_s=-SHIFT / 25, end_s=END_S)
+    sources = {
+        "leads": (remux_audio(real_path(SOURCE), d / "leads.mp4", shift_s=-SHIFT / 25, end_s=END_S), SHIFT),
+        # audio SHIFT frames late and ending before the video: the last clip needs audio after it
+        "lags": (remux_audio(real_path(SOURCE), d / "lags.mp4", keep=lambda t: t < 5.9, shift_s=SHIFT / 25,
+                             end_s=END_S), -SHIFT),
+    }
+    planted = {}
     real_finish = clip_scores.ClipObserver.finish
 
     def finish_with_planted_offset(self, *args, **kwargs):
         scores, detail = real_finish(self, *args, **kwargs)
-        scores.update(sync_offset=SHIFT, sync_conf=8.0, sync_weights="syncnet_v2")
+        scores.update(sync_offset=planted["offset"], sync_conf=8.0, sync_weights="syncnet_v2")
         return scores, detail
 
     mp = pytest.MonkeyPatch()
     mp.setattr(clip_scores.ClipObserver, "finish", finish_with_planted_offset)
+    runs = {}
     try:
-        # two clips: the first starts where the audio starts (its fix needs audio from before it),
-        # the second lies inside the audio
+        # two clips per source: one at the edge of the audio (its fix needs audio from outside
+        # the clip's span that the source does not have), one inside the audio
         cfg = load_config(None, **{"features.enabled": False, "segment.max_clip_s": 3.1})
-        row = DetectTrackStage(cfg)(new_row("shifted", str(path), "test", "video", {}))
-        assert row["kind"] == "video", row["payload"]
-        rows = list(CropScoreStage(cfg)(row))
+        detect, crop = DetectTrackStage(cfg), CropScoreStage(cfg)
+        for name, (path, offset) in sources.items():
+            planted["offset"] = offset
+            row = detect(new_row(name, str(path), "test", "video", {}))
+            assert row["kind"] == "video", row["payload"]
+            runs[name] = (path, offset, list(crop(row)))
     finally:
         mp.undo()
-    return path, rows
+    return runs
 
 
-def test_offset_fix_recuts_source_audio_sample_exactly(shifted_stage_run):
+@pytest.mark.parametrize("name", ["leads", "lags"])
+def test_offset_fix_recuts_source_audio_sample_exactly(shifted_stage_runs, name):
     from pipeline.segment import FRAME_QUANTUM
     from pipeline.shards import load_npy
 
-    path, rows = shifted_stage_run
+    path, offset, rows = shifted_stage_runs[name]
     clips = [r for r in rows if r["kind"] == "clip"]
     assert len(clips) == 2, [json.loads(r["payload"]).get("reason") for r in rows]
     shifted = decode_audio_track(str(path))
     original = decode_audio_track(str(real_path(SOURCE)))
     spf = 640
     metas = sorted((json.loads(r["payload"]) for r in clips), key=lambda m: m["clip"]["start_s"])
-    audio = {json.loads(r["payload"])["key"]: load_npy(r["audio16k"]) for r in clips}
+    by_key = {json.loads(r["payload"])["key"]: r for r in clips}
     for m in metas:
         c = m["clip"]
-        got = audio[m["key"]]
-        assert c["audio_shift_s"] == pytest.approx(SHIFT / 25) and len(got) == c["n_frames"] * spf
-        # the re-cut: the shifted source's own samples SHIFT frames earlier, sample for sample ...
-        first = shifted.index_of(c["start_s"]) - SHIFT * spf
-        np.testing.assert_array_equal(got, shifted.samples[first:first + len(got)])
+        got = load_npy(by_key[m["key"]]["audio16k"])
+        assert c["audio_shift_s"] == pytest.approx(offset / 25) and len(got) == c["n_frames"] * spf
+        # the re-cut: the shifted source's own samples `offset` frames earlier, sample for sample ...
+        first = shifted.index_of(c["start_s"]) - offset * spf
         assert shifted.covers(first, len(got))
+        np.testing.assert_array_equal(got, shifted.samples[first:first + len(got)])
         # ... which is the unedited recording at the clip's own time: the fix restored sync
         i = original.index_of(c["start_s"])
         np.testing.assert_array_equal(got, original.samples[i:i + len(got)])
         assert digital_silence_runs(got) < MAX_SILENCE_S
-    first_clip, inner_clip = metas
-    # At the edge of the audio the clip lost one FRAME_QUANTUM at its start instead of zeros.
-    trim = first_clip["score_details"]["offset_trim"]
-    assert trim["frames"] == FRAME_QUANTUM and trim["end"] == "start"
-    assert first_clip["clip"]["start_s"] == pytest.approx(trim["from_start_s"] + FRAME_QUANTUM / 25)
-    assert first_clip["clip"]["n_frames"] == trim["from_n_frames"] - FRAME_QUANTUM
-    assert trim["from_start_s"] == pytest.approx(shifted.span_times()[0][0], abs=1e-6)
-    assert "offset_trim" not in inner_clip["score_details"]
-    # the shipped mp4 holds exactly the trimmed clip's frames and its corrected audio
-    _, mp4_audio, _ = read_clip(next(r["mp4"] for r in clips if json.loads(r["payload"])["key"] == first_clip["key"]))
-    frames = read_clip(next(r["mp4"] for r in clips if json.loads(r["payload"])["key"] == first_clip["key"]))[0]
-    assert len(frames) == first_clip["clip"]["n_frames"]
-    assert digital_silence_runs(mp4_audio) < MAX_SILENCE_S
+        # the shipped mp4 holds exactly the clip's frames, and no silence either
+        frames, mp4_audio, _ = read_clip(by_key[m["key"]]["mp4"])
+        assert len(frames) == c["n_frames"]
+        assert digital_silence_runs(mp4_audio) < MAX_SILENCE_S
+    edge, inner = metas if offset > 0 else metas[::-1]
+    # At the edge of the audio the clip lost one FRAME_QUANTUM at that end instead of zeros.
+    trim = edge["score_details"]["offset_trim"]
+    assert trim["frames"] == FRAME_QUANTUM and trim["end"] == ("start" if offset > 0 else "end")
+    assert edge["clip"]["n_frames"] == trim["from_n_frames"] - FRAME_QUANTUM
+    if offset > 0:
+        assert edge["clip"]["start_s"] == pytest.approx(trim["from_start_s"] + FRAME_QUANTUM / 25)
+        assert trim["from_start_s"] == pytest.approx(shifted.span_times()[0][0], abs=1e-6)
+    else:
+        assert edge["clip"]["start_s"] == pytest.approx(trim["from_start_s"])
+    assert "offset_trim" not in inner["score_details"]
