@@ -182,8 +182,8 @@ class DetectTrackStage:
         stated = p.get("video_duration_s") or dur
         last_frame = (float(analysis.frame_times[-1]) + 1.0 / max(p["fps"], 1.0)
                       if len(analysis.frame_times) else p["video_start_s"])
-        decoded = max(last_frame, damage.end_s if damage.damaged and damage.end_s is not None else last_frame) \
-            - p["video_start_s"]
+        reached = max(last_frame, damage.end_s or last_frame) if damage.damaged else last_frame
+        decoded = reached - p["video_start_s"]
         if stated - decoded > max(1.0, 0.05 * stated):
             return reject_row(row, stage=self.name, reason="truncated stream", rule="decoded length vs stated length",
                               value=decoded, threshold=stated,
@@ -433,16 +433,18 @@ class CropScoreStage:
         """The clip in sync: its audio re-cut from the source ``offset`` frames earlier (a positive
         SyncNet offset means the audio leads; LatentSync delays it by that much).
 
+        Where the corrected audio would reach outside the decoded audio (a clip starting where the
+        audio starts, whose audio must be delayed), the clip loses whole FRAME_QUANTUMs at that end
+        and is cropped and scored again: the audio a training clip pairs with its lips must be the
+        sound the source had at that moment, and padding the missing frames with zeros (what
+        ``shift_audio`` does) would teach talking lips over digital silence. The trimmed clip is
+        scored like any other (before the shift), so its scores describe exactly the frames
+        shipped; it must pass the rules again, and its own re-measured offset is the one applied,
+        so its ``sync_offset`` and ``audio_shift_s`` agree.
+
         Returns (cropped clip, scores, detail, corrected audio, offset applied), or a rejects row;
         scores and detail are None when the clip needed no trim (``path`` then still holds its
-        video, else the new one). A trimmed clip is measured again and its own offset applied, so
-        its ``sync_offset`` and ``audio_shift_s`` agree. Where the corrected audio would reach outside the decoded audio (a clip
-        starting where the audio starts, whose audio must be delayed), the clip loses whole
-        FRAME_QUANTUMs at that end and is cropped and scored again: the audio a training clip
-        pairs with its lips must be the sound the source had at that moment, and padding the
-        missing frames with zeros (what ``shift_audio`` does) would teach talking lips over
-        digital silence. The trimmed clip is scored like any other (before the shift), so its
-        scores describe exactly the frames shipped, and it must pass the rules again.
+        video; after a trim it holds the new one).
         """
         from .filters import evaluate
 
