@@ -134,8 +134,9 @@ def crop_and_normalize(uri: str, clips: list[CandidateClip], *, rotation: int, a
                         encoders[ci].abort()
                         done.add(ci)
                         if on_error is not None:
-                            on_error(c, MediaError("damaged stream", f"{uri}: clip {ci} ({c.start_s:.2f}-{c.end_s:.2f} s) "
-                                                                     f"overlaps damaged video {hit[0][0]:.2f}-{hit[0][1]:.2f} s"))
+                            on_error(c, MediaError("damaged stream",
+                                                   f"{uri}: clip {ci} ({c.start_s:.2f}-{c.end_s:.2f} s) overlaps "
+                                                   f"damaged video {hit[0][0]:.2f}-{hit[0][1]:.2f} s"))
                         continue
                     encoders[ci].close()
                     with open(encoders[ci].path, "rb") as f:

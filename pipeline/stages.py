@@ -230,11 +230,12 @@ class DetectTrackStage:
         time) with the same function, rate and rounding as the crop stage, so the spans agree
         sample for sample."""
         audio = decode_audio_track(uri, rate=self.config.output.audio_rate) if p.get("audio_streams") else None
-        damaged = [("video", a, b) for a, b in damage.damaged] + [("audio", a, b) for a, b in (audio.damaged if audio else [])]
+        damaged = sorted([("video", a, b) for a, b in damage.damaged]
+                         + [("audio", a, b) for a, b in (audio.damaged if audio else [])], key=lambda d: d[1])
         coverage = Coverage(audio=audio.span_times() if audio is not None else None,
                             damaged=merge_ranges((a, b) for _, a, b in damaged))
         record = {"audio_spans_s": None if audio is None else [[round(a, 6), round(b, 6)] for a, b in coverage.audio],
-                  "damaged": [{"stream": k, "start_s": round(a, 6), "end_s": round(b, 6)} for k, a, b in sorted(damaged, key=lambda d: d[1])],
+                  "damaged": [{"stream": k, "start_s": round(a, 6), "end_s": round(b, 6)} for k, a, b in damaged],
                   "decode_errors": damage.errors + (audio.errors if audio else [])}
         return coverage, record
 
@@ -249,7 +250,8 @@ def coverage_text(record: dict | None) -> str:
     if not record:
         return "coverage unknown"
     spans = record.get("audio_spans_s")
-    audio = "no audio stream" if spans is None else "audio " + (", ".join(f"{a:.2f}-{b:.2f}" for a, b in spans) or "none") + " s"
+    listed = ", ".join(f"{a:.2f}-{b:.2f}" for a, b in spans or []) or "none"
+    audio = "no audio stream" if spans is None else f"audio {listed} s"
     bad = ", ".join(f"{d['stream']} {d['start_s']:.2f}-{d['end_s']:.2f}" for d in record.get("damaged", []))
     return audio + (f"; damaged {bad} s" if bad else "")
 
@@ -463,8 +465,8 @@ class CropScoreStage:
         min_s = self.config.segment.min_clip_s
         key = sample_key(row["video_id"], c.clip_index)
         if n_frames / cfg.fps + 1e-9 < min_s or n_frames <= 0:
-            return reject_row(row, stage="score", reason="clip too short inside audio coverage", clip_index=c.clip_index,
-                              key=key, rule="segment.min_clip_s", value=max(n_frames, 0) / cfg.fps, threshold=min_s,
+            return reject_row(row, stage="score", reason="clip too short inside audio coverage",
+                              clip_index=c.clip_index, key=key, rule="segment.min_clip_s", value=max(n_frames, 0) / cfg.fps, threshold=min_s,
                               duration_s=c.n_frames / cfg.fps,
                               detail=f"{row['uri']} clip {c.clip_index} ({c.start_s:.2f}-{c.end_s:.2f} s): correcting "
                                      f"its {offset}-frame audio offset needs audio outside the decoded audio; "
