@@ -199,7 +199,8 @@ def _decode_tolerant(container, stream, log: DecodeLog):
     """Decoded frames of ``stream``, packet by packet, going on past packets that fail to decode.
 
     A video frame is damaged when its packet fails to decode, when the decoder flags it corrupt
-    (MPEG-4 part 2 conceals errors and only flags the frame; H.264 reports the packet), or when
+    (MPEG-4 part 2 conceals errors and only flags the frame; H.264 fails the packet, or with
+    frame threads flags the frame), or when
     it comes after such a frame before the next clean key frame: inter frames predict from the
     broken picture, and the decoder's error concealment hides that without flagging them.
     Damaged frames are not yielded; each damaged range runs from the first damaged frame (or

@@ -114,6 +114,22 @@ def test_damaged_packets_cost_their_span_only(derived):
         decode_audio(str(derived["corrupt"]))  # the strict legacy decode still refuses
 
 
+def test_damaged_h264_packets_decode_past_them(tmp_path):
+    """H.264 with a broken packet in a long GOP: the frames after it up to the next key frame are
+    concealed garbage that the decoder does not flag; the damaged range runs to that key frame.
+    (The strict decode yields them: with frame threads FFmpeg flags the frame instead of failing.)"""
+    src = real_path("edtalk_obama.mp4")  # H.264 450x450 25 fps, key frames at 0 and 10 s
+    bad = corrupt_packets(src, tmp_path / "obama_bad.mp4", video_s=(5.0,), audio_s=(12.0,))
+    assert len([t for t, _ in iter_frames(str(bad), max_side=96)]) == 500  # strict: garbage passes
+    log = DecodeLog()
+    times = np.array([t for t, _ in iter_frames(str(bad), damage=log, max_side=96)])
+    assert len(log.damaged) == 1 and log.damaged[0][0] <= 5.0 and log.damaged[0][1] == pytest.approx(10.0), log
+    assert times.min() == 0.0 and times.max() == pytest.approx(19.96)  # the clean spans on both sides
+    assert not ((times >= log.damaged[0][0]) & (times < 10.0)).any()
+    audio = decode_audio_track(str(bad), 16000)
+    assert len(audio.spans) == 2 and audio.damaged[0][0] <= 12.0 < audio.damaged[-1][1]
+
+
 def test_truncated_stream_still_reads_as_truncated(tmp_path):
     from conftest import make_truncated_faststart
 
