@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .media import ClipEncoder, MediaError, iter_frames, slice_audio
+from .media import AudioTrack, ClipEncoder, DecodeLog, MediaError, iter_frames, slice_audio
 from .segment import CandidateClip
 
 
@@ -55,17 +55,42 @@ def crop_square(img: np.ndarray, x0: float, y0: float, size: float, out: int) ->
     return cv2.warpAffine(img, m, (out, out), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
-def crop_and_normalize(uri: str, clips: list[CandidateClip], *, rotation: int, audio: np.ndarray,
-                       audio_t0: float, size: int = 512, fps: int = 25, audio_rate: int = 16000,
+def crop_and_normalize(uri: str, clips: list[CandidateClip], *, rotation: int, audio: AudioTrack | np.ndarray,
+                       audio_t0: float = 0.0, size: int = 512, fps: int = 25, audio_rate: int = 16000,
                        crf: int = 18, preset: str = "veryfast", audio_bitrate: int = 96_000,
                        on_error=None, on_frame=None):
     """Yield CroppedClip for every clip; a clip that fails yields (clip, MediaError) via ``on_error``.
 
-    ``audio``: the whole source audio at ``audio_rate`` mono, sample 0 at source time ``audio_t0``.
+    ``audio``: the source's ``AudioTrack`` at ``audio_rate`` (the curation path): a clip's audio is
+    cut only from decoded samples, and a clip reaching outside them fails ("audio not covered")
+    before any frame is decoded. A plain array (sample 0 at ``audio_t0``) is zero-padded where it
+    does not reach, for tools that score whatever they are given.
+    With an AudioTrack, decoding goes on past damaged packets (``iter_frames`` with a DecodeLog)
+    and a clip overlapping a damaged range found here fails ("damaged stream").
     ``on_frame(clip, frame)`` sees every output frame (the scoring stage measures on them).
     """
+    if isinstance(audio, AudioTrack):
+        covered = []
+        for c in clips:
+            first, n = audio.index_of(c.start_s), c.n_frames * audio_rate // fps
+            if audio.covers(first, n):
+                covered.append(c)
+            elif on_error is not None:
+                on_error(c, audio.not_covered(first, n, uri))
+        clips = covered
     if not clips:
         return
+    # Tolerant decoding on the curation path only (its clips were placed around the damage the
+    # detect pass found); tools handing a plain array keep the strict decode that raises.
+    # Every damaged range before a yielded (clean) frame is closed and logged by then, so the check
+    # when a clip completes sees all damage inside it.
+    damage = DecodeLog() if isinstance(audio, AudioTrack) else None
+
+    def clip_audio_of(c: CandidateClip) -> np.ndarray:
+        if isinstance(audio, AudioTrack):
+            return audio.cut(audio.index_of(c.start_s), c.n_frames * audio_rate // fps, uri=uri)
+        return slice_audio(audio, audio_t0, audio_rate, c.start_s, c.start_s + c.n_frames / fps)
+
     tmpdir = tempfile.mkdtemp(prefix="crop-")
     try:
         order = sorted(clips, key=lambda c: c.start_s)
@@ -87,7 +112,7 @@ def crop_and_normalize(uri: str, clips: list[CandidateClip], *, rotation: int, a
                 tt = targets[ci]
                 while written[ci] < c.n_frames and tt[written[ci]] + 1e-4 < t_next:
                     if ci not in encoders:
-                        clip_audio = slice_audio(audio, audio_t0, audio_rate, c.start_s, c.start_s + c.n_frames / fps)
+                        clip_audio = clip_audio_of(c)
                         encoders[ci] = ClipEncoder(os.path.join(tmpdir, f"{ci}.mp4"), clip_audio, width=size,
                                                    height=size, fps=fps, audio_rate=audio_rate, crf=crf,
                                                    preset=preset, audio_bitrate=audio_bitrate)
@@ -104,6 +129,15 @@ def crop_and_normalize(uri: str, clips: list[CandidateClip], *, rotation: int, a
             for c in clips:
                 ci = c.clip_index
                 if ci not in done and written[ci] == c.n_frames and ci in encoders:
+                    hit = [(a, b) for a, b in (damage.damaged if damage else []) if a < c.end_s and b > c.start_s]
+                    if hit:
+                        encoders[ci].abort()
+                        done.add(ci)
+                        if on_error is not None:
+                            on_error(c, MediaError("damaged stream",
+                                                   f"{uri}: clip {ci} ({c.start_s:.2f}-{c.end_s:.2f} s) overlaps "
+                                                   f"damaged video {hit[0][0]:.2f}-{hit[0][1]:.2f} s"))
+                        continue
                     encoders[ci].close()
                     with open(encoders[ci].path, "rb") as f:
                         data = f.read()
@@ -113,7 +147,8 @@ def crop_and_normalize(uri: str, clips: list[CandidateClip], *, rotation: int, a
                                       audio=encoders[ci].audio)
 
         try:
-            for t, img in iter_frames(uri, start_s=max(0.0, start - 1.0), end_s=end + 1.0, rotation=rotation):
+            for t, img in iter_frames(uri, start_s=max(0.0, start - 1.0), end_s=end + 1.0, rotation=rotation,
+                                      damage=damage):
                 emit_until(t, img)
                 yield from finish_ready()
                 prev = (t, img)

@@ -11,7 +11,7 @@ import io
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Iterator
 
@@ -166,16 +166,106 @@ def _rotate(img: np.ndarray, rotation: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(img, k)) if k else img
 
 
+@dataclass
+class DecodeLog:
+    """What a tolerant decoding pass met: source-time ranges lost to damaged packets, and how far
+    the stream reached (damaged packets included), so a file that really stops early still reads
+    as truncated while a few bad packets in the middle cost only their own span."""
+
+    damaged: list[tuple[float, float]] = field(default_factory=list)
+    end_s: float | None = None  # end of the last packet demuxed, decodable or not
+    errors: list[str] = field(default_factory=list)  # the first few decoder messages
+
+    def note(self, message: str) -> None:
+        if len(self.errors) < 5:
+            self.errors.append(message)
+
+    def reach(self, t: float) -> None:
+        self.end_s = t if self.end_s is None else max(self.end_s, t)
+
+    def add(self, start: float, end: float) -> None:
+        self.damaged.append((float(start), float(max(start, end))))
+        self.damaged = merge_ranges(self.damaged)
+
+
+def merge_ranges(ranges) -> list[tuple[float, float]]:
+    """Sorted, non-overlapping union of (start, end) ranges; touching ranges merge."""
+    out: list[tuple[float, float]] = []
+    for a, b in sorted((float(a), float(b)) for a, b in ranges):
+        if out and a <= out[-1][1] + 1e-9:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+_DECODE_ERRORS = (av.error.InvalidDataError, av.error.FFmpegError)
+
+
+def _decode_tolerant(container, stream, log: DecodeLog):
+    """Decoded frames of ``stream``, packet by packet, going on past packets that fail to decode.
+
+    A video frame is damaged when its packet fails to decode, when the decoder flags it corrupt
+    (MPEG-4 part 2 conceals errors and only flags the frame; H.264 fails the packet, or with
+    frame threads flags the frame), or when
+    it comes after such a frame before the next clean key frame: inter frames predict from the
+    broken picture, and the decoder's error concealment hides that without flagging them.
+    Damaged frames are not yielded; each damaged range runs from the first damaged frame (or
+    failed packet) to the next clean key frame, or to the end of the stream.
+    """
+    tb = float(stream.time_base)
+    damaged_from: float | None = None  # start of the damaged range we are in, None when clean
+    last_clean: float | None = None
+
+    def taint(t: float | None) -> float:
+        t = t if t is not None else (last_clean if last_clean is not None else 0.0)
+        if last_clean is not None:
+            t = max(t, last_clean + 1e-6)  # frames already yielded were clean
+        return t if damaged_from is None else min(damaged_from, t)
+
+    for packet in container.demux(stream):
+        t_packet = None if packet.pts is None else packet.pts * tb
+        if t_packet is not None:
+            log.reach(t_packet + (packet.duration or 0) * tb)
+        try:
+            frames = packet.decode()
+        except _DECODE_ERRORS as e:
+            log.note(f"{t_packet if t_packet is None else round(t_packet, 3)} s: {e}")
+            damaged_from = taint(t_packet)
+            continue
+        for frame in frames:
+            if frame.pts is None:
+                continue
+            t = frame.pts * tb
+            if frame.is_corrupt:
+                log.note(f"{t:.3f} s: frame flagged corrupt by the decoder")
+                damaged_from = taint(t)
+                continue
+            if damaged_from is not None and frame.key_frame:
+                log.add(damaged_from, t)  # a clean key frame: the stream is whole again
+                damaged_from = None
+            if damaged_from is not None:
+                damaged_from = taint(t)
+                continue
+            last_clean = t
+            yield frame
+    if damaged_from is not None:
+        log.add(damaged_from, log.end_s if log.end_s is not None else damaged_from)
+
+
 def iter_frames(uri: str, *, start_s: float = 0.0, end_s: float | None = None, rotation: int = 0,
                 fmt: str = "rgb24", max_side: int | None = None,
-                square_pixels: bool = True) -> Iterator[tuple[float, np.ndarray]]:
+                square_pixels: bool = True,
+                damage: "DecodeLog | None" = None) -> Iterator[tuple[float, np.ndarray]]:
     """Yield (time_s, HxWx3 uint8 array) for every decoded frame with time in [start_s, end_s).
 
     Frames come in square pixels (``square_pixels``: resampled by the stream's sample aspect
     ratio, pipeline.geometry), so they have the size ``probe`` reports as width x height.
 
-    Decoding errors mid-stream raise MediaError("decode error") naming the file and time, so a
-    truncated file becomes a rejects row instead of a silently shorter clip.
+    Without ``damage``, decoding errors mid-stream raise MediaError("decode error") naming the
+    file and time. With a ``DecodeLog``, decoding goes on past damaged packets: frames that are
+    broken or depend on a broken one are not yielded, and their time ranges go to the log (see
+    ``_decode_tolerant``); the log's ``end_s`` still tells a truncated file from a damaged one.
     """
     with open_container(uri) as c:
         v = c.streams.video[0]
@@ -187,7 +277,7 @@ def iter_frames(uri: str, *, start_s: float = 0.0, end_s: float | None = None, r
                 c.seek(int(max(0.0, start_s - 1.0) / tb), stream=v, backward=True)
         last_t = None
         try:
-            for frame in c.decode(v):
+            for frame in (c.decode(v) if damage is None else _decode_tolerant(c, v, damage)):
                 if frame.pts is None:
                     continue
                 t = frame.pts * tb
@@ -208,46 +298,166 @@ def iter_frames(uri: str, *, start_s: float = 0.0, end_s: float | None = None, r
             raise MediaError("decode error", f"{uri}: {e} ({where})") from e
 
 
-def decode_audio(uri: str, rate: int = 16000, *, start_s: float | None = None,
-                 end_s: float | None = None) -> tuple[np.ndarray, float]:
-    """Whole first audio stream as float32 mono at ``rate``, plus the source time of sample 0.
+@dataclass
+class AudioTrack:
+    """The first audio stream as float32 mono at ``rate`` on the source timeline, with where it
+    really has sound.
 
-    Resampling and down-mixing use FFmpeg's swresample through PyAV's AudioResampler.
+    ``samples[i]`` is the sound at source time ``t0 + i / rate``. Audio is placed by its
+    timestamps, so audio after a gap stays aligned with the video; ``spans`` (sample-index
+    ranges [start, end)) say which samples were decoded. Samples outside every span are zeros
+    that exist only to keep that alignment: ``cut`` refuses any range that reaches them, so no
+    clip is ever given digital silence the source did not have.
     """
+
+    samples: np.ndarray
+    t0: float
+    rate: int
+    spans: list[tuple[int, int]]
+    damaged: list[tuple[float, float]] = field(default_factory=list)  # source times lost to bad packets
+    errors: list[str] = field(default_factory=list)
+
+    def index_of(self, t: float) -> int:
+        """Sample index of source time ``t`` (the same rounding for every cut)."""
+        return int(round((t - self.t0) * self.rate))
+
+    def span_times(self) -> list[tuple[float, float]]:
+        return [(self.t0 + a / self.rate, self.t0 + b / self.rate) for a, b in self.spans]
+
+    def covers(self, first: int, n: int) -> bool:
+        return any(a <= first and first + n <= b for a, b in self.spans)
+
+    def cut(self, first: int, n: int, *, uri: str = "") -> np.ndarray:
+        """``n`` decoded samples from index ``first``; MediaError when any of them is not real audio."""
+        if not self.covers(first, n):
+            raise self.not_covered(first, n, uri)
+        return self.samples[first:first + n].copy()
+
+    def not_covered(self, first: int, n: int, uri: str = "") -> MediaError:
+        t = self.t0 + first / self.rate
+        spans = ", ".join(f"{a:.3f}-{b:.3f}" for a, b in self.span_times()) or "none"
+        return MediaError("audio not covered", f"{uri}: {t:.3f}-{t + n / self.rate:.3f} s is not inside the "
+                                               f"decoded audio (spans {spans} s)")
+
+
+def decode_audio_track(uri: str, rate: int = 16000, *, tolerant: bool = True) -> AudioTrack:
+    """The first audio stream with its coverage (``AudioTrack``).
+
+    Resampling and down-mixing use FFmpeg's swresample through PyAV's AudioResampler, one
+    resampler per contiguous run, flushed at every gap so no sample is carried across it.
+    A run ends where more than 20 ms of audio are missing by the timestamps (audio that starts
+    late, stops early, or has a hole) and at a packet that fails to decode; with ``tolerant``,
+    decoding goes on after it and the lost time is recorded in ``damaged`` (the frame after a
+    failed AAC packet is dropped too: its overlap-add half comes from the lost frame). Without
+    ``tolerant`` a decode error raises MediaError("audio decode error").
+    """
+    runs: list[tuple[float, np.ndarray]] = []  # (source time of the run's first sample, samples)
+    damaged: list[tuple[float, float]] = []
+    errors: list[str] = []
     with open_container(uri) as c:
         if not c.streams.audio:
             raise MediaError("no audio stream", f"{uri} has no audio stream")
         a = c.streams.audio[0]
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        tb = float(a.time_base)
+        run_t0: float | None = None
         chunks: list[np.ndarray] = []
-        t0 = None
-        total = 0  # samples placed so far (the resampler holds back only a few)
-        try:
-            for frame in c.decode(a):
-                if frame.pts is not None:
-                    t = float(frame.pts * a.time_base)
-                    if t0 is None:
-                        t0 = t
-                    # Place audio by its timestamps: a gap in the stream (dropped packets, a paused
-                    # capture) is filled with silence and an overlap trimmed, so audio after it
-                    # stays aligned with the video instead of sliding early.
-                    drift = int(round((t - t0) * rate)) - total
-                    if drift > rate // 50:  # more than 20 ms missing
-                        chunks.append(np.zeros(drift, np.float32))
-                        total += drift
-                    elif drift < -(rate // 50) and chunks:
+        total = 0  # samples placed in this run so far (the resampler holds back only a few)
+        resampler = None
+        drop_next = False
+
+        def close_run():
+            nonlocal run_t0, chunks, total, resampler
+            if resampler is not None:
+                chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(None))
+            if run_t0 is not None and chunks:
+                runs.append((run_t0, np.concatenate(chunks).astype(np.float32)))
+            run_t0, chunks, total, resampler = None, [], 0, None
+
+        for packet in _demux_until_error(c, a, errors, uri, strict=not tolerant):
+            t_packet = None if packet.pts is None else packet.pts * tb
+            try:
+                frames = packet.decode()
+            except _DECODE_ERRORS as e:
+                if not tolerant:
+                    raise MediaError("audio decode error", f"{uri}: {e}") from e
+                if len(errors) < 5:
+                    errors.append(f"{t_packet if t_packet is None else round(t_packet, 3)} s: {e}")
+                if t_packet is not None:
+                    damaged.append((t_packet, t_packet + (packet.duration or 0) * tb))
+                close_run()
+                drop_next = True
+                continue
+            for frame in frames:
+                t = None if frame.pts is None else float(frame.pts * tb)
+                if drop_next and t is not None:
+                    damaged.append((t, t + frame.samples / frame.sample_rate))
+                    drop_next = False
+                    continue
+                if t is not None and run_t0 is not None:
+                    drift = int(round((t - run_t0) * rate)) - total
+                    if drift > rate // 50:  # more than 20 ms missing: the run ends, a new one starts
+                        close_run()
+                    elif drift < -(rate // 50) and chunks:  # overlapping timestamps: trim the overlap
                         cut = min(-drift, len(chunks[-1]))
                         chunks[-1] = chunks[-1][: len(chunks[-1]) - cut]
                         total -= cut
+                if run_t0 is None:
+                    if t is None:
+                        continue  # nowhere to place it
+                    run_t0 = t
+                    resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray().reshape(-1))
                     total += len(chunks[-1])
-            for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
-        except (av.error.InvalidDataError, av.error.FFmpegError) as e:
+        close_run()
+    return _place_runs(runs, rate, merge_ranges(damaged), errors)
+
+
+def _demux_until_error(container, stream, errors: list[str], uri: str, *, strict: bool):
+    """Packets of ``stream``; a container that cannot be read further ends the audio there (the
+    coverage then stops at the last packet read) or, when ``strict``, raises MediaError."""
+    try:
+        yield from container.demux(stream)
+    except _DECODE_ERRORS as e:
+        if strict:
             raise MediaError("audio decode error", f"{uri}: {e}") from e
-    samples = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
-    t0 = t0 or 0.0
+        errors.append(f"demuxing stopped: {e}")
+
+
+def _place_runs(runs, rate: int, damaged, errors) -> AudioTrack:
+    if not runs:
+        return AudioTrack(np.zeros(0, np.float32), 0.0, rate, [], damaged, errors)
+    t0 = runs[0][0]
+    placed: list[tuple[int, np.ndarray]] = []
+    for t, x in runs:
+        first = int(round((t - t0) * rate))
+        if placed and first < placed[-1][0] + len(placed[-1][1]):  # rounding overlap with the run before
+            skip = placed[-1][0] + len(placed[-1][1]) - first
+            first, x = first + skip, x[skip:]
+        if len(x):
+            placed.append((first, x))
+    n = placed[-1][0] + len(placed[-1][1]) if placed else 0
+    samples = np.zeros(n, np.float32)
+    spans: list[tuple[int, int]] = []
+    for first, x in placed:
+        samples[first:first + len(x)] = x
+        if spans and spans[-1][1] == first:
+            spans[-1] = (spans[-1][0], first + len(x))
+        else:
+            spans.append((first, first + len(x)))
+    return AudioTrack(samples, float(t0), rate, spans, damaged, errors)
+
+
+def decode_audio(uri: str, rate: int = 16000, *, start_s: float | None = None,
+                 end_s: float | None = None) -> tuple[np.ndarray, float]:
+    """Whole first audio stream as float32 mono at ``rate``, plus the source time of sample 0.
+
+    Placed by timestamps with zeros where the stream has none, and strict (a decode error
+    raises). For tools and tests; the curation path uses ``decode_audio_track``, whose
+    coverage spans keep those zeros out of every clip.
+    """
+    track = decode_audio_track(uri, rate, tolerant=False)
+    samples, t0 = track.samples, track.t0
     if start_s is not None or end_s is not None:
         samples = slice_audio(samples, t0, rate, start_s or t0, end_s)
         t0 = start_s if start_s is not None else t0

@@ -65,6 +65,10 @@ def apply_filters(root: str | Path, filters: FilterConfig) -> dict:
         speaker_loss = s.get("reject_reason") == "not the speaking face"
         failed = [] if not speaker_loss else [{"reason": "not the speaking face", "rule": "speaker.selection",
                                                "column": "sync_conf", "value": None, "op": ""}]
+        if s.get("reject_reason") == "clip too short inside audio coverage":
+            # the offset fix found no source audio for it: no threshold here can change that
+            failed.append({"reason": s["reject_reason"], "rule": "segment.min_clip_s", "column": "duration_s",
+                           "value": None, "op": ""})
         failed += evaluate(s, filters)
         s = dict(s)
         if not failed:

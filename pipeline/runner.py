@@ -198,7 +198,13 @@ def _video_row(st: _InFlight) -> dict:
     return {"uri": st.item.uri, "video_id": st.item.video_id, "source": st.item.source, "status": status,
             "stage": stage, "reason": reason, "n_candidates": st.n_candidates or 0, "n_kept": len(st.kept_keys),
             "n_rejected_clips": len(st.rejects), "duration_s": duration,
-            "timings": json.dumps((st.summary or {}).get("timings", {}))}
+            "timings": json.dumps((st.summary or {}).get("timings", {})),
+            "coverage": _coverage_json(st)}
+
+
+def _coverage_json(st: _InFlight) -> str | None:
+    coverage = ((st.summary or {}).get("analysis") or {}).get("coverage")
+    return None if coverage is None else json.dumps(coverage)
 
 
 

@@ -10,7 +10,7 @@ cannot fit, it is moved to cover the whole picture, which gives the least paddin
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.ndimage import median_filter
@@ -53,6 +53,71 @@ class ShortSegment:
     track_id: int
     start_s: float
     duration_s: float
+    cut_by: str | None = None  # "audio" / "damage": what trimmed the track to this (see Coverage)
+
+
+# Audio coverage is found in samples and cut in samples; candidate clips end this far inside a
+# span so that rounding a clip's start to a sample index can never carry its end past the span
+# (a start on the span's first sample rounds onto it, so starts need no margin).
+COVERAGE_MARGIN_S = 0.001
+AUDIO_SHORTFALL_S = 0.08  # less missing audio than this is not named as the cause of a trim
+
+
+@dataclass
+class Coverage:
+    """Where the source has both picture and sound. A candidate clip lies inside the audio spans
+    and outside every damaged range (bad packets, video or audio), so nothing in a clip is
+    padded with silence or shows a broken picture. ``audio`` None: not constrained."""
+    audio: list[tuple[float, float]] | None = None
+    damaged: list[tuple[float, float]] = field(default_factory=list)
+
+    def pieces(self, start: float, end: float) -> tuple[list[tuple[float, float]], str | None]:
+        """The parts of [start, end) inside the coverage, and what removed the rest
+        ("audio", "damage", "audio+damage"; None when nothing was removed)."""
+        parts = [(start, end)] if end > start else []
+        by_audio = False
+        if self.audio is not None:
+            # A hole that a damaged audio packet left counts as damage, not as missing audio; and
+            # streams that end a few ms apart are not "missing audio" (under two video frames).
+            explained = _merge(list(self.audio) + list(self.damaged))
+            by_audio = _total(_intersect(parts, explained)) < (end - start) - AUDIO_SHORTFALL_S
+            parts = [(max(a, s0), min(b, e0 - COVERAGE_MARGIN_S)) for a, b in parts for s0, e0 in self.audio]
+            parts = [(a, b) for a, b in parts if b > a]
+        for d0, d1 in self.damaged:
+            parts = [q for a, b in parts for q in ((a, min(b, d0)), (max(a, d1), b)) if q[1] > q[0]]
+        by_damage = any(d0 < end and d1 > start for d0, d1 in self.damaged)
+        cut_by = "+".join(n for n, hit in (("audio", by_audio), ("damage", by_damage)) if hit) or None
+        return parts, cut_by
+
+
+def _total(parts) -> float:
+    return sum(b - a for a, b in parts)
+
+
+def _intersect(parts, spans) -> list[tuple[float, float]]:
+    return [(max(a, s0), min(b, e0)) for a, b in parts for s0, e0 in spans if min(b, e0) > max(a, s0)]
+
+
+def _merge(ranges) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1] + 1e-6:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _track_spans(analysis: VideoAnalysis, shots, half: float, fps: int, video_end_s: float, coverage: Coverage):
+    """(track, start, end, cut_by) for every covered part of every track's shot-bounded span; a
+    track with no covered part gives one empty span, so it is still reported as too short."""
+    for track in sorted(analysis.tracks, key=lambda tr: (tr.t_first, tr.track_id)):
+        shot_start, shot_end = shots[track.shot_index]
+        start = max(track.t_first - half, shot_start, float(analysis.frame_times[0]))
+        end = min(track.t_last + half + (1.0 / fps), shot_end, video_end_s)
+        parts, cut_by = coverage.pieces(start, end)
+        for a, b in parts or [(start, start)]:
+            yield track, a, b, cut_by
 
 
 def _odd(n: int) -> int:
@@ -82,20 +147,23 @@ def crop_box(boxes: np.ndarray, *, width: int, height: int, crop_scale: float, s
 
 
 def segment_tracks(analysis: VideoAnalysis, *, video_end_s: float, detect_fps: float, min_clip_s: float,
-                   max_clip_s: float, crop_scale: float, smooth_window_s: float, fps: int = 25):
-    """Candidate clips and the too-short segments, in (start time, track) order."""
+                   max_clip_s: float, crop_scale: float, smooth_window_s: float, fps: int = 25,
+                   coverage: Coverage | None = None):
+    """Candidate clips and the too-short segments, in (start time, track) order.
+
+    Clips lie inside ``coverage`` (audio spans minus damaged ranges): a track whose span has
+    missing audio or damage is trimmed or split there, and a remainder too short for a clip is a
+    ShortSegment whose ``cut_by`` says what trimmed it.
+    """
     shots = analysis.shot_bounds(video_end_s)
     half = 0.5 / detect_fps
     clips: list[CandidateClip] = []
     short: list[ShortSegment] = []
     quantum_s = FRAME_QUANTUM / fps
-    for track in sorted(analysis.tracks, key=lambda tr: (tr.t_first, tr.track_id)):
-        shot_start, shot_end = shots[track.shot_index]
-        start = max(track.t_first - half, shot_start, float(analysis.frame_times[0]))
-        end = min(track.t_last + half + (1.0 / fps), shot_end, video_end_s)
+    for track, start, end, cut_by in _track_spans(analysis, shots, half, fps, video_end_s, coverage or Coverage()):
         length = end - start
         if length + 1e-9 < max(min_clip_s, quantum_s):
-            short.append(ShortSegment(track.track_id, start, max(length, 0.0)))
+            short.append(ShortSegment(track.track_id, start, max(length, 0.0), cut_by))
             continue
         n_pieces = max(1, math.ceil(length / max_clip_s - 1e-9))
         piece = length / n_pieces
@@ -104,7 +172,7 @@ def segment_tracks(analysis: VideoAnalysis, *, video_end_s: float, detect_fps: f
             p_start = start + p * piece
             n_frames = int(math.floor(piece * fps + 1e-6)) // FRAME_QUANTUM * FRAME_QUANTUM
             if n_frames / fps + 1e-9 < min_clip_s or n_frames == 0:
-                short.append(ShortSegment(track.track_id, p_start, piece))
+                short.append(ShortSegment(track.track_id, p_start, piece, cut_by))
                 continue
             p_end = p_start + n_frames / fps
             sel = (arr["times"] >= p_start - half) & (arr["times"] < p_end + half)

@@ -15,6 +15,7 @@ the job.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -30,8 +31,8 @@ import numpy as np
 import schemas
 from . import __version__
 from .config import CurateConfig
-from .media import MediaError, decode_audio, probe
-from .segment import CandidateClip, segment_tracks
+from .media import DecodeLog, MediaError, decode_audio_track, merge_ranges, probe
+from .segment import FRAME_QUANTUM, CandidateClip, Coverage, segment_tracks
 from .shards import load_npy, npy_bytes
 from .tracking import analyze_video
 
@@ -161,22 +162,28 @@ class DetectTrackStage:
         p = payload["probe"]
         cfg = self.config
         try:
+            damage = DecodeLog()  # decoding goes on past damaged packets; clips avoid their span
             analysis = analyze_video(row["uri"], self.detector, rotation=p["rotation"], width=p["width"],
                                      height=p["height"], detect_fps=cfg.detect.detect_fps, max_side=cfg.detect.max_side,
                                      iou_threshold=cfg.track.iou_threshold, max_gap_s=cfg.track.max_gap_s,
-                                     shot_threshold=cfg.track.shot_threshold)
+                                     shot_threshold=cfg.track.shot_threshold, damage=damage)
+            coverage, coverage_record = self._coverage(row["uri"], p, damage)
             video_end = float(analysis.frame_times[-1]) + 1.0 / max(p["fps"], 1.0) if len(analysis.frame_times) else 0.0
             clips, short = segment_tracks(analysis, video_end_s=video_end, detect_fps=cfg.detect.detect_fps,
                                           min_clip_s=cfg.segment.min_clip_s, max_clip_s=cfg.segment.max_clip_s,
-                                          crop_scale=cfg.segment.crop_scale, smooth_window_s=cfg.track.smooth_window_s)
+                                          crop_scale=cfg.segment.crop_scale, smooth_window_s=cfg.track.smooth_window_s,
+                                          coverage=coverage)
         except Exception as e:  # noqa: BLE001
             return _crash_reject(row, self.name, e, payload)
         dur = p["duration_s"]
         # A stream that stops decoding well before its stated length is truncated (a partial
         # download, a cut-off upload): reject it rather than keep a clip of an unknown part.
+        # Damaged packets in the middle still count as reached (the demuxer read past them).
         stated = p.get("video_duration_s") or dur
-        decoded = (float(analysis.frame_times[-1]) - p["video_start_s"] + 1.0 / max(p["fps"], 1.0)
-                   if len(analysis.frame_times) else 0.0)
+        last_frame = (float(analysis.frame_times[-1]) + 1.0 / max(p["fps"], 1.0)
+                      if len(analysis.frame_times) else p["video_start_s"])
+        reached = max(last_frame, damage.end_s or last_frame) if damage.damaged else last_frame
+        decoded = reached - p["video_start_s"]
         if stated - decoded > max(1.0, 0.05 * stated):
             return reject_row(row, stage=self.name, reason="truncated stream", rule="decoded length vs stated length",
                               value=decoded, threshold=stated,
@@ -189,13 +196,22 @@ class DetectTrackStage:
                               duration_s=dur)
         if not clips:
             longest = max((tr.t_last - tr.t_first) for tr in analysis.tracks)
+            cut_by = next((s.cut_by for s in short if s.cut_by), None)
+            if cut_by:  # the tracks were long enough; what is left inside the coverage is not
+                longest = max(s.duration_s for s in short)
+                return reject_row(row, stage="segment", reason=f"no face track long enough {coverage_phrase(cut_by)}",
+                                  rule="segment.min_clip_s", value=longest, threshold=cfg.segment.min_clip_s,
+                                  detail=f"{row['uri']}: {len(analysis.tracks)} face tracks, longest part "
+                                         f"{longest:.2f} s {coverage_phrase(cut_by)}; {coverage_text(coverage_record)}",
+                                  duration_s=dur)
             return reject_row(row, stage="segment", reason="no face track long enough", rule="segment.min_clip_s",
                               value=longest, threshold=cfg.segment.min_clip_s,
                               detail=f"{row['uri']}: {len(analysis.tracks)} face tracks, longest {longest:.2f} s",
                               duration_s=dur)
         payload["models"] = {"face_detector": self.detector.name}
         payload["analysis"] = {"n_frames_decoded": int(len(analysis.frame_times)), "cuts_s": analysis.cut_times,
-                               "n_tracks": len(analysis.tracks), "n_detections": int(len(analysis.detect_times))}
+                               "n_tracks": len(analysis.tracks), "n_detections": int(len(analysis.detect_times)),
+                               "coverage": coverage_record}
         payload["clips"] = [{k: v for k, v in asdict(c).items() if k != "detections"} for c in clips]
         payload["short_segments"] = [asdict(s) for s in short]
         buf = io.BytesIO()
@@ -206,6 +222,38 @@ class DetectTrackStage:
         out["payload"] = dumps(payload)
         out["analysis"] = buf.getvalue()
         return out
+
+
+    def _coverage(self, uri: str, p: dict, damage: DecodeLog) -> tuple[Coverage, dict]:
+        """Where the source has both picture and sound, learnt before cropping so segmentation can
+        keep clips inside it: the audio is decoded here too (AAC decodes at hundreds of times real
+        time) with the same function, rate and rounding as the crop stage, so the spans agree
+        sample for sample."""
+        audio = decode_audio_track(uri, rate=self.config.output.audio_rate) if p.get("audio_streams") else None
+        damaged = sorted([("video", a, b) for a, b in damage.damaged]
+                         + [("audio", a, b) for a, b in (audio.damaged if audio else [])], key=lambda d: d[1])
+        coverage = Coverage(audio=audio.span_times() if audio is not None else None,
+                            damaged=merge_ranges((a, b) for _, a, b in damaged))
+        record = {"audio_spans_s": None if audio is None else [[round(a, 6), round(b, 6)] for a, b in coverage.audio],
+                  "damaged": [{"stream": k, "start_s": round(a, 6), "end_s": round(b, 6)} for k, a, b in damaged],
+                  "decode_errors": damage.errors + (audio.errors if audio else [])}
+        return coverage, record
+
+
+def coverage_phrase(cut_by: str) -> str:
+    """How a rejects reason says what trimmed a track (segment.Coverage.pieces' labels)."""
+    return {"audio": "inside audio coverage", "damage": "between damaged ranges",
+            "audio+damage": "inside audio coverage and between damaged ranges"}[cut_by]
+
+
+def coverage_text(record: dict | None) -> str:
+    if not record:
+        return "coverage unknown"
+    spans = record.get("audio_spans_s")
+    listed = ", ".join(f"{a:.2f}-{b:.2f}" for a, b in spans or []) or "none"
+    audio = "no audio stream" if spans is None else f"audio {listed} s"
+    bad = ", ".join(f"{d['stream']} {d['start_s']:.2f}-{d['end_s']:.2f}" for d in record.get("damaged", []))
+    return audio + (f"; damaged {bad} s" if bad else "")
 
 
 def sample_key(video_id: str, clip_index: int) -> str:
@@ -276,21 +324,26 @@ class CropScoreStage:
         from .crop import crop_and_normalize
         from .filters import evaluate
         from .media import remux_with_audio
-        from .scoring.syncnet import shift_audio
 
         cfg = self.config.output
         filters = self.config.filters
         p = payload["probe"]
         clips = [CandidateClip(detections={}, **c) for c in payload["clips"]]
-        audio, audio_t0 = decode_audio(row["uri"], rate=cfg.audio_rate)
+        # Only decoded samples are ever cut into a clip (AudioTrack.cut): no silence padding.
+        audio = decode_audio_track(row["uri"], rate=cfg.audio_rate)
+        coverage = payload.get("analysis", {}).get("coverage")
         out_rows: list[dict] = []
         n_short = len(payload["short_segments"])
         for i, s in enumerate(payload["short_segments"]):
             ci = len(clips) + i
-            out_rows.append(reject_row(row, stage="segment", reason="clip too short", clip_index=ci,
+            cut_by = s.get("cut_by")
+            out_rows.append(reject_row(row, stage="segment", clip_index=ci,
+                                       reason="clip too short" + (f" {coverage_phrase(cut_by)}" if cut_by else ""),
                                        rule="segment.min_clip_s", value=s["duration_s"],
                                        threshold=self.config.segment.min_clip_s, duration_s=s["duration_s"],
-                                       detail=f"{row['uri']}: track {s['track_id']} at {s['start_s']:.2f} s"))
+                                       detail=f"{row['uri']}: track {s['track_id']} at {s['start_s']:.2f} s"
+                                              + (f", {s['duration_s']:.2f} s left {coverage_phrase(cut_by)} "
+                                                 f"({coverage_text(coverage)})" if cut_by else "")))
 
         def on_error(clip: CandidateClip, err: MediaError):
             observers.pop(clip.clip_index, None)
@@ -303,7 +356,7 @@ class CropScoreStage:
                      for c in clips}
         cropped, scores, details = {}, {}, {}
         t_score = 0.0
-        for cc in crop_and_normalize(row["uri"], clips, rotation=p["rotation"], audio=audio, audio_t0=audio_t0,
+        for cc in crop_and_normalize(row["uri"], clips, rotation=p["rotation"], audio=audio,
                                      size=cfg.size, fps=cfg.fps, audio_rate=cfg.audio_rate, crf=cfg.crf,
                                      preset=cfg.preset, audio_bitrate=cfg.audio_bitrate, on_error=on_error,
                                      on_frame=lambda c, f: observers[c.clip_index].observe(f)):
@@ -335,11 +388,26 @@ class CropScoreStage:
             clip_audio = cc.audio
             offset = sc.get("sync_offset")
             if (not failed and filters.fix_offset and offset and sc.get("sync_weights") == "syncnet_v2"):
-                # LatentSync sync_av.py: delay the audio by the measured offset so the clip is in sync.
-                clip_audio = shift_audio(cc.audio, int(offset), fps=cfg.fps, sample_rate=cfg.audio_rate)
+                # LatentSync sync_av.py: delay the audio by the measured offset so the clip is in sync,
+                # re-cut from the source audio (never shifted and zero-filled).
+                fix = self._correct_offset(row, p, cc, path, int(offset), audio, tmpdir)
+                if isinstance(fix, dict):  # what is left inside the audio coverage fails a rule
+                    rp = json.loads(fix["payload"])
+                    if "scores" not in rp:  # rejected before a new measurement: the scores it had
+                        rp["scores"] = _scores_row(row, c, key, dict(sc, audio_shift_s=0.0), "rejected", rp["stage"],
+                                                   rp["reason"])
+                        fix["payload"] = dumps(rp)
+                    out_rows.append(fix)
+                    path.unlink(missing_ok=True)
+                    continue
+                new_cc, new_sc, new_detail, clip_audio, applied = fix
+                if new_sc is not None:  # trimmed at the coverage edge, cropped and scored again
+                    new_sc["other_faces"] = bool(new_sc.get("other_faces") or sc.get("other_faces"))
+                    cc, sc, details[ci] = new_cc, new_sc, new_detail
+                    c = cc.clip
                 path.write_bytes(remux_with_audio(path.read_bytes(), clip_audio, audio_rate=cfg.audio_rate,
                                                   audio_bitrate=cfg.audio_bitrate))
-                audio_shift_s = offset / cfg.fps
+                audio_shift_s = applied / cfg.fps
             sc["audio_shift_s"] = audio_shift_s
             if failed:
                 first = failed[0]
@@ -357,6 +425,9 @@ class CropScoreStage:
                 path.unlink()
                 continue
             meta = self._meta(row, p, payload, c, key, cc, sc, details[ci], audio_shift_s)
+            if coverage is not None:
+                meta["source"]["audio_spans_s"] = coverage["audio_spans_s"]
+                meta["source"]["damaged"] = coverage["damaged"]
             clip_row = new_row(row["video_id"], row["uri"], row["source"], "clip", meta, clip_index=ci,
                                audio16k=npy_bytes(clip_audio))
             clip_row["mp4_path"] = str(path)
@@ -367,6 +438,94 @@ class CropScoreStage:
                    "nodes": payload.get("nodes", {}), "analysis": payload.get("analysis", {}),
                    "models": payload.get("models", {})}
         return [new_row(row["video_id"], row["uri"], row["source"], "summary", summary)] + out_rows
+
+    def _correct_offset(self, row: dict, p: dict, cc, path: Path, offset: int, audio, tmpdir: Path):
+        """The clip in sync: its audio re-cut from the source ``offset`` frames earlier (a positive
+        SyncNet offset means the audio leads; LatentSync delays it by that much).
+
+        Where the corrected audio would reach outside the decoded audio (a clip starting where the
+        audio starts, whose audio must be delayed), the clip loses whole FRAME_QUANTUMs at that end
+        and is cropped and scored again: the audio a training clip pairs with its lips must be the
+        sound the source had at that moment, and padding the missing frames with zeros (what
+        ``shift_audio`` does) would teach talking lips over digital silence. The trimmed clip is
+        scored like any other (before the shift), so its scores describe exactly the frames
+        shipped; it must pass the rules again, and its own re-measured offset is the one applied,
+        so its ``sync_offset`` and ``audio_shift_s`` agree.
+
+        Returns (cropped clip, scores, detail, corrected audio, offset applied), or a rejects row;
+        scores and detail are None when the clip needed no trim (``path`` then still holds its
+        video; after a trim it holds the new one).
+        """
+        from .filters import evaluate
+
+        cfg = self.config.output
+        spf = cfg.audio_rate // cfg.fps
+        c = cc.clip
+        n = c.n_frames * spf
+        first = audio.index_of(c.start_s) - offset * spf  # audio for output frame j: source frame j - offset
+        if audio.covers(first, n):
+            return cc, None, None, audio.cut(first, n, uri=row["uri"]), offset
+        span = next(((a, b) for a, b in audio.spans if a <= first + offset * spf < b), (first, first + n))
+        missing = span[0] - first if offset > 0 else first + n - span[1]  # samples outside the span
+        trim = -(-max(missing, 1) // (spf * FRAME_QUANTUM)) * FRAME_QUANTUM  # frames, whole quanta
+        n_frames = c.n_frames - trim
+        start_s = c.start_s + (trim / cfg.fps if offset > 0 else 0.0)
+        min_s = self.config.segment.min_clip_s
+        key = sample_key(row["video_id"], c.clip_index)
+        if n_frames / cfg.fps + 1e-9 < min_s or n_frames <= 0:
+            return reject_row(row, stage="score", reason="clip too short inside audio coverage",
+                              clip_index=c.clip_index, key=key, rule="segment.min_clip_s", value=max(n_frames, 0) / cfg.fps, threshold=min_s,
+                              duration_s=c.n_frames / cfg.fps,
+                              detail=f"{row['uri']} clip {c.clip_index} ({c.start_s:.2f}-{c.end_s:.2f} s): correcting "
+                                     f"its {offset}-frame audio offset needs audio outside the decoded audio; "
+                                     f"{max(n_frames, 0) / cfg.fps:.2f} s would be left")
+        trimmed = dataclasses.replace(c, start_s=start_s, n_frames=n_frames)
+        result = self._crop_one(row, p, trimmed, audio, tmpdir)
+        if isinstance(result, MediaError):
+            return reject_row(row, stage=self.name, reason=result.reason, clip_index=c.clip_index, key=key,
+                              detail=str(result), duration_s=n_frames / cfg.fps)
+        new_cc, sc, detail = result
+        path.write_bytes(new_cc.mp4)
+        new_cc.mp4 = b""
+        failed = evaluate(sc, self.config.filters)
+        offset2 = sc.get("sync_offset")
+        first = audio.index_of(start_s) - int(offset2 or 0) * spf
+        if not failed and not audio.covers(first, n_frames * spf):
+            failed = [{"rule": "segment.min_clip_s", "column": "sync_offset", "reason": "clip too short inside audio coverage",
+                       "value": offset2, "op": "re-measured"}]
+        if failed:
+            f = failed[0]
+            rej = reject_row(row, stage="score", reason=f["reason"], clip_index=c.clip_index, key=key, rule=f["rule"],
+                             value=sc.get(f["column"]) if isinstance(sc.get(f["column"]), (int, float)) else None,
+                             duration_s=n_frames / cfg.fps,
+                             detail=f"{row['uri']} clip {c.clip_index} trimmed to {start_s:.2f}-{trimmed.end_s:.2f} s "
+                                    f"for its {offset}-frame offset fails "
+                                    + "; ".join(f"{x['rule']} ({x['column']} {x['op']} {x['value']})" for x in failed))
+            rp = json.loads(rej["payload"])
+            rp["scores"] = _scores_row(row, trimmed, key, dict(sc, audio_shift_s=0.0), "rejected", "score", f["reason"])
+            rej["payload"] = dumps(rp)
+            return rej
+        detail["offset_trim"] = {"frames": trim, "end": "start" if offset > 0 else "end", "from_start_s": c.start_s,
+                                 "from_n_frames": c.n_frames}
+        return new_cc, sc, detail, audio.cut(first, n_frames * spf, uri=row["uri"]), int(offset2 or 0)
+
+    def _crop_one(self, row: dict, p: dict, clip: CandidateClip, audio, tmpdir: Path):
+        """Crop and score one clip again (the offset trim): (CroppedClip, scores, detail) or the MediaError."""
+        from .clip_scores import ClipObserver
+        from .crop import crop_and_normalize
+
+        cfg = self.config.output
+        observer = ClipObserver(clip, self.face_model, self.syncnet.image_size, cfg.fps, cfg.size,
+                                landmarks3d=self.landmarks3d)
+        errors: list[MediaError] = []
+        for cc in crop_and_normalize(row["uri"], [clip], rotation=p["rotation"], audio=audio, size=cfg.size,
+                                     fps=cfg.fps, audio_rate=cfg.audio_rate, crf=cfg.crf, preset=cfg.preset,
+                                     audio_bitrate=cfg.audio_bitrate, on_error=lambda c, e: errors.append(e),
+                                     on_frame=lambda c, f: observer.observe(f)):
+            sc, detail = observer.finish(cc.audio, self.syncnet, self.sync_weights, (p["width"], p["height"]),
+                                         batch_size=self.config.score.syncnet_batch_size)
+            return cc, sc, detail
+        return errors[0] if errors else MediaError("decode error", f"{row['uri']}: clip {clip.clip_index} not cropped")
 
     def _meta(self, row, p, payload, c, key, cc, sc, detail, audio_shift_s) -> dict:
         cfg = self.config.output

@@ -89,8 +89,11 @@ def _hsv_hist(img: np.ndarray) -> np.ndarray:
 
 def analyze_video(uri: str, detector: FaceDetector, *, rotation: int, width: int, height: int,
                   detect_fps: float, max_side: int, iou_threshold: float, max_gap_s: float,
-                  shot_threshold: float) -> VideoAnalysis:
-    """Decode once at analysis resolution; find cuts on every frame, faces at ``detect_fps``."""
+                  shot_threshold: float, damage=None) -> VideoAnalysis:
+    """Decode once at analysis resolution; find cuts on every frame, faces at ``detect_fps``.
+
+    ``damage``: a media.DecodeLog to decode past damaged packets (their frames are skipped and
+    their time ranges logged) instead of raising at the first one."""
     scale = max(1.0, max(width, height) / max_side)
     times: list[float] = []
     cuts: list[float] = []
@@ -102,7 +105,7 @@ def analyze_video(uri: str, detector: FaceDetector, *, rotation: int, width: int
     active: list[Track] = []
     shot = 0
     bars = ActivePictureTracker()  # cropdetect-style bar detection, reset at every cut
-    for t, img in iter_frames(uri, rotation=rotation, max_side=max_side):
+    for t, img in iter_frames(uri, rotation=rotation, max_side=max_side, damage=damage):
         hist = _hsv_hist(img)
         if prev_hist is not None and cv2.compareHist(prev_hist, hist, cv2.HISTCMP_BHATTACHARYYA) > shot_threshold:
             cuts.append(t)

@@ -131,6 +131,9 @@ VIDEOS_SCHEMA = pa.schema([
     ("n_candidates", pa.int32()), ("n_kept", pa.int32()), ("n_rejected_clips", pa.int32()),
     ("duration_s", pa.float64()),
     ("timings", pa.string()),  # JSON: stage -> seconds spent on this input
+    # JSON: {"audio_spans_s": [[start, end], ...] | null, "damaged": [{"stream", "start_s", "end_s"}], ...}
+    # where the source has sound and which ranges bad packets cost (null when not analysed)
+    ("coverage", pa.string()),
 ])
 
 # One row per scored candidate clip, kept or not: every score, so thresholds can change later

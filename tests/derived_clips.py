@@ -134,3 +134,64 @@ def burn_bars(frame: np.ndarray, top: int = 0, bottom: int = 0, value: int = 0) 
     if bottom:
         out[out.shape[0] - bottom:] = value
     return out
+
+
+def remux_audio(src: Path, dst: Path, *, keep=lambda t: True, shift_s: float = 0.0, end_s: float | None = None) -> Path:
+    """``src`` with its packets copied (nothing re-encoded), audio packets edited by time: those
+    whose source time t fails ``keep(t)`` are left out (audio that starts late, ends early or has
+    a gap), and the rest are moved by ``shift_s`` (negative: the audio leads the video); packets
+    that would start before 0 are left out. Audio is moved in whole time-base ticks, so a shift
+    of k video frames is exactly k * rate / 25 samples. ``end_s``: packets of both streams from
+    then on are left out (a shorter source; cut at a key frame so no frame loses its reference)."""
+    import av
+
+    with av.open(str(src)) as inp, av.open(str(dst), "w", format="mp4") as out:
+        vin, ain = inp.streams.video[0], inp.streams.audio[0]
+        vout, aout = out.add_stream_from_template(vin), out.add_stream_from_template(ain)
+        ticks = int(round(shift_s / ain.time_base))
+        for packet in inp.demux(vin, ain):
+            if packet.dts is None:
+                continue
+            if end_s is not None and packet.pts * packet.stream.time_base >= end_s:
+                continue
+            if packet.stream is ain:
+                if not keep(float(packet.pts * ain.time_base)) or packet.pts + ticks < 0:
+                    continue
+                packet.pts += ticks
+                packet.dts += ticks
+                packet.stream = aout
+            else:
+                packet.stream = vout
+            out.mux(packet)
+    return dst
+
+
+def corrupt_packets(src: Path, dst: Path, *, video_s=(), audio_s=(), seed: int = 0) -> Path:
+    """A copy of ``src`` whose video / audio packets playing at the given times have their payload
+    overwritten with random bytes (bit rot in the middle of a file; the container stays intact)."""
+    import av
+
+    data = bytearray(src.read_bytes())
+    rng = np.random.default_rng(seed)
+    with av.open(str(src)) as c:
+        for packet in c.demux():
+            if packet.pts is None or packet.pos is None or packet.pos < 0:
+                continue
+            s = packet.stream
+            t, d = float(packet.pts * s.time_base), float((packet.duration or 0) * s.time_base)
+            if any(t <= x < t + d for x in (video_s if s.type == "video" else audio_s)):
+                lo = packet.pos + min(8, packet.size // 4)  # keep the first bytes: the header still parses
+                data[lo:packet.pos + packet.size] = rng.integers(0, 256, packet.pos + packet.size - lo,
+                                                                 dtype=np.uint8).tobytes()
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def digital_silence_runs(audio: np.ndarray, rate: int = 16000, level: float = 1e-5) -> float:
+    """Longest run (seconds) of samples below ``level`` in magnitude: digital silence."""
+    quiet = np.abs(np.asarray(audio, np.float64)) < level
+    if not quiet.any():
+        return 0.0
+    edges = np.diff(np.concatenate([[0], quiet.astype(np.int8), [0]]))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    return float((ends - starts).max() / rate)

@@ -68,7 +68,9 @@ def build_model_dir(d: Path) -> Path:
 def test_full_profile_end_to_end(tmp_path, ray_local):
     (tmp_path / "models").mkdir()
     models, angles = build_model_dir(tmp_path / "models")
-    src = make_talking_head(tmp_path / "in" / "talk.mp4", duration_s=2.6, seed=5)
+    # 3.6 s: the offset fix re-cuts audio from the source, and a clip whose audio must move by up
+    # to 15 frames past the audio's start loses 16 frames (two quanta) instead of being zero-filled
+    src = make_talking_head(tmp_path / "in" / "talk.mp4", duration_s=3.6, seed=5)
     cfg = tmp_path / "full.yaml"
     # random SyncNet weights cannot reach Sync-C 3: that rule is switched off, the offset rule kept
     cfg.write_text(f"profile: full\nmodel_dir: {models}\ndetect:\n  backend: mediapipe\nfilters:\n"

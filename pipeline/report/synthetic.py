@@ -199,7 +199,7 @@ def make_output(root: str | Path, *, n_clips: int = 1_000_000, clips_per_video: 
         "stage": pa.array(vstage_all.tolist(), pa.string()), "reason": pa.array(vreason_all.tolist(), pa.string()),
         "n_candidates": pa.array(n_cand), "n_kept": pa.array(n_kept_v),
         "n_rejected_clips": pa.array(n_cand - n_kept_v), "duration_s": pa.array(vdur, mask=vd_mask),
-        "timings": pa.array(["{}"] * n_videos)}, schema=schemas.VIDEOS_SCHEMA)
+        "timings": pa.array(["{}"] * n_videos), "coverage": pa.nulls(n_videos, pa.string())}, schema=schemas.VIDEOS_SCHEMA)
     _write(root / "videos.parquet", videos)
 
     real = _write_real_samples(root, manifest.slice(0, real_samples))

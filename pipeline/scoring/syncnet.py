@@ -362,7 +362,8 @@ def shift_audio(audio: np.ndarray, offset: int, fps: int = FPS, sample_rate: int
     Applying the offset ``sync_scores`` found makes the clip's offset 0 (LatentSync:
     ``ffmpeg -itsoffset offset/fps`` on the audio stream). Vacated samples are zeros (digital
     silence); ``align_av`` instead trims both streams to the part where they overlap, which
-    is what a training clip should keep.
+    is what a training clip should keep. The curation stage uses neither: it re-cuts the clip's
+    audio from the source at the corrected time (``pipeline.stages.CropScoreStage._correct_offset``).
     """
     audio = np.asarray(audio)
     k = int(round(offset * sample_rate / fps))
