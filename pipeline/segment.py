@@ -16,7 +16,8 @@ import numpy as np
 from scipy.ndimage import median_filter
 
 from .geometry import ActivePicture, outside_share, place_in_picture
-from .tracking import Track, VideoAnalysis
+from .media import merge_ranges
+from .tracking import VideoAnalysis
 
 # Output clips are a multiple of 8 frames: 8 frames at 25 fps = 5120 samples at 16 kHz = exactly
 # 5 AAC frames of 1024 samples, so the AAC stream in video.mp4 decodes to exactly the video's
@@ -79,7 +80,7 @@ class Coverage:
         if self.audio is not None:
             # A hole that a damaged audio packet left counts as damage, not as missing audio; and
             # streams that end a few ms apart are not "missing audio" (under two video frames).
-            explained = _merge(list(self.audio) + list(self.damaged))
+            explained = merge_ranges(list(self.audio) + list(self.damaged))
             by_audio = _total(_intersect(parts, explained)) < (end - start) - AUDIO_SHORTFALL_S
             parts = [(max(a, s0), min(b, e0 - COVERAGE_MARGIN_S)) for a, b in parts for s0, e0 in self.audio]
             parts = [(a, b) for a, b in parts if b > a]
@@ -96,16 +97,6 @@ def _total(parts) -> float:
 
 def _intersect(parts, spans) -> list[tuple[float, float]]:
     return [(max(a, s0), min(b, e0)) for a, b in parts for s0, e0 in spans if min(b, e0) > max(a, s0)]
-
-
-def _merge(ranges) -> list[tuple[float, float]]:
-    out: list[tuple[float, float]] = []
-    for a, b in sorted(ranges):
-        if out and a <= out[-1][1] + 1e-6:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
-    return out
 
 
 def _track_spans(analysis: VideoAnalysis, shots, half: float, fps: int, video_end_s: float, coverage: Coverage):
