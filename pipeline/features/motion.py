@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from schemas import MOTION_COLUMNS  # noqa: F401 - motion.npy's columns, in motion_table's order
+
 WINDOW = 12  # Loopy 3.5: the 12 frames of a training clip
 NOSE_TIP = 30  # iBUG-68: nose bridge 27-30 ends at the tip, 30
 SCORE_THRESHOLD = 0.3  # DWPose's visibility threshold (see module doc)
@@ -55,9 +57,6 @@ MIN_VALID_FRAC = 0.5  # share of frames (per point) and of points (per window) n
 # its displacement from itself is always 0, and it is kept so the set is exactly the paper's 37.
 UPPER_FACE = np.array([0, 1, 2, 14, 15, 16, *range(17, 27), *range(27, 36), *range(36, 48)])
 assert len(UPPER_FACE) == 37 and len(set(UPPER_FACE.tolist())) == 37
-
-# motion.npy columns (schema 2.0); schemas.MOTION_COLUMNS names them for readers.
-MOTION_COLUMNS = ("head_var_px2", "expression_var_px2", "head_var_norm", "expression_var_norm")
 
 
 def _masked_window_variance(points: np.ndarray, valid: np.ndarray, window: int, min_frames: int) -> np.ndarray:
