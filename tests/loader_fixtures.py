@@ -2,8 +2,9 @@
 
 Members carry their own coordinates so tests can check what a window contains (schema 2.0):
 latent mean[t] = (t, clip, 1, -1) (with ``store_std``: std = 0.5 on channels 4..7), audio[t, l] = t,
-kps[t, :, 0] = t, motion[i] = raw (1000 + clip, 2000 + i), normalised (clip + i / 1000, -i): a
-window's A2L variances show which columns the loader read. Shapes are tiny (latent [T,4,4,4]).
+kps[t, :, 0] = t, motion[i] = raw (1000 + clip, 2000 + i), normalised 1e-4 * (clip + i / 1000, -i)
+(realistic magnitudes: 1e-4 is a 1% of face size RMS motion): a window's A2L variances show which
+columns the loader read. Shapes are tiny (latent [T,4,4,4]).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def sample_members(clip: int, frames: int, key: str, profile: str, store_std: bo
     kps[:, :, 0] = t[:, None]
     windows = max(frames - 11, 0)
     i = np.arange(windows, dtype=np.float64)
-    motion = np.stack([1000 + clip + 0 * i, 2000 + i, clip + i / 1000, -i], 1).astype(np.float32)
+    motion = np.stack([1000 + clip + 0 * i, 2000 + i, 1e-4 * (clip + i / 1000), -1e-4 * i], 1).astype(np.float32)
     if nan_motion:
         motion[1::2] = np.nan
     if schema_1:

@@ -417,13 +417,20 @@ def test_smoke_extractor_end_to_end(smoke):
     assert short["motion"].shape == (0, 4) and short["audio"].shape == (3, 3, 16)
 
 
-def test_extractor_vae_store_std_switch(smoke):
-    frames = _frames(2)
-    with_std = FeatureExtractor("smoke", batch_size=4, vae_store_std=True)
-    out = with_std(frames, np.zeros(2 * 640, np.float32))
-    assert out["latent"].shape == (2, 8, 64, 64) and out["meta"]["latent_layout"] == "mean+std"
-    np.testing.assert_array_equal(out["latent"][:, :4], smoke(frames, np.zeros(2 * 640, np.float32))["latent"])
+def test_extractor_vae_store_std_switch_and_ungated_motion(smoke):
+    T = 13
+    frames = _frames(T)
+    audio = np.zeros(T * 640, np.float32)
+    fx = FeatureExtractor("smoke", batch_size=4, vae_store_std=True, motion_score_threshold=None)
+    out = fx(frames, audio)
+    assert out["latent"].shape == (T, 8, 64, 64) and out["meta"]["latent_layout"] == "mean+std"
+    np.testing.assert_array_equal(out["latent"][:, :4], smoke(frames, audio)["latent"])
     assert (out["latent"][:, 4:] > 0).all()
+    # without gating (the smoke DWPose's random scores would gate most points) every window has values
+    size = out["meta"]["motion_face_size_px"]
+    assert out["meta"]["motion_score_threshold"] is None and size > 0
+    assert out["motion"].shape == (2, 4) and np.isfinite(out["motion"]).all()
+    np.testing.assert_allclose(out["motion"][:, 2:], out["motion"][:, :2] / size ** 2, rtol=1e-5)
 
 
 def test_extractor_refuses_non_finite_features(smoke):

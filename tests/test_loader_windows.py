@@ -47,8 +47,8 @@ def test_shapes_and_contents_of_uniform_windows(dataset):
         assert np.array_equal(batch["audio"][i, :, :, 0, 0].float().numpy(), expected_audio)
         assert batch["kps"][i, :, 0, 0].tolist() == list(range(t0, t0 + 12))
         # the face-size-normalised motion.npy columns (2, 3), not the raw px^2 ones (1000 + clip, 2000 + t0)
-        assert batch["head_motion_var"][i] == pytest.approx(clip + t0 / 1000, abs=1e-3)
-        assert batch["expression_var"][i] == -t0 and batch["a2l_valid"][i]
+        assert batch["head_motion_var"][i] == pytest.approx(1e-4 * (clip + t0 / 1000), rel=1e-5)
+        assert batch["expression_var"][i] == pytest.approx(-1e-4 * t0, rel=1e-5) and batch["a2l_valid"][i]
 
 
 def test_sampled_latents_use_the_posterior_std(dataset_with_std, dataset):
@@ -119,7 +119,7 @@ def test_a2l_inputs_are_the_normalised_variances_on_a_log_scale(dataset):
 
     (batch,) = _batches(dataset, latent_sampling="mean")
     inputs = model_inputs(batch, stage=2)
-    norm = torch.tensor([clip_number(k) + int(t0) / 1000 for k, t0 in zip(batch["keys"], batch["frame_start"])])
+    norm = torch.tensor([1e-4 * (clip_number(k) + int(t0) / 1000) for k, t0 in zip(batch["keys"], batch["frame_start"])])
     torch.testing.assert_close(inputs["head_motion_var"], torch.log1p(norm / MOTION_VAR_UNIT), rtol=1e-4, atol=1e-4)
     assert torch.all(inputs["expression_var"] == 0)  # fixture expression column is -t0 <= 0, clamped
 

@@ -165,7 +165,7 @@ def _nan_dataset(root: Path, nan_clips: set[int], n: int = 4) -> Path:
         key = f"vid{clip:03d}_0000"
         members = loader_fixtures.sample_members(clip, 30, key, "full")
         if clip in nan_clips:
-            latent = np.full((30, 8, loader_fixtures.HW, loader_fixtures.HW), np.nan, dtype=np.float16)
+            latent = np.full((30, 4, loader_fixtures.HW, loader_fixtures.HW), np.nan, dtype=np.float16)
             members["latent.npy"] = npy_bytes(latent)
         writer.write(key, members)
     writer.close_current()
