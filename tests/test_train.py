@@ -266,7 +266,10 @@ def test_gradient_accumulation_equals_the_whole_batch(dataset, tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5)
     wa, wb = (load_file(str(latest_checkpoint(r) / "model" / "diffusion_pytorch_model.safetensors"))
               for r in (whole, accum))
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    # Adam divides by sqrt(v): an element whose gradient is near 0 turns summation-order noise into
+    # a visible step; with the schema 2.0 fixture (mean-only latents, no sampling noise) one element
+    # of 205k differs by 1.4e-5 (1.4% of one lr step). A real accumulation bug moves many by ~lr.
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 2e-5
     state = load_trainer_state(latest_checkpoint(accum))["loader"]
     assert (state["epoch"], state["samples"]) == (1, 0)  # 3 steps x 4 clips = the 12-clip epoch
     with pytest.raises(ValueError, match="multiple of grad_accum"):
