@@ -38,15 +38,16 @@ MB = 1e6
 
 
 def build(root: Path, clips: int, frames: int, hw: int, layers: int, dim: int, shard_mb: int) -> None:
-    """Synthetic shards with the contract's shapes: latent [T,8,hw,hw] f16, audio [T,L,D] f16, ..."""
+    """Synthetic shards with the contract's shapes (schema 2.0): latent [T,4,hw,hw] f16 (posterior mean),
+    audio [T,L,D] f16, kps [T,68,3] f32, motion [T-11,4] f32, ..."""
     rng = np.random.default_rng(0)
     writer = ShardWriter(root, max_bytes=shard_mb << 20)
     for c in range(clips):
         members = {
-            "latent.npy": npy_bytes(rng.standard_normal((frames, 8, hw, hw), dtype=np.float32).astype(np.float16)),
+            "latent.npy": npy_bytes(rng.standard_normal((frames, 4, hw, hw), dtype=np.float32).astype(np.float16)),
             "audio.npy": npy_bytes(rng.standard_normal((frames, layers, dim), dtype=np.float32).astype(np.float16)),
             "kps.npy": npy_bytes(rng.random((frames, 68, 3), dtype=np.float32) * 512),
-            "motion.npy": npy_bytes(rng.random((frames - 11, 2), dtype=np.float32)),
+            "motion.npy": npy_bytes(rng.random((frames - 11, 4), dtype=np.float32)),
             "meta.json": json.dumps({"key": f"bench{c:05d}_0000", "profile": "full"}).encode(),
             "video.mp4": rng.bytes(frames * 6000),  # ~1.2 Mbit/s H.264 at 25 fps
         }

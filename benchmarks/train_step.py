@@ -20,7 +20,7 @@ Suites (``--suite``, default: ``cpu`` with ``--device cpu``, ``gpu`` with ``--de
   and 2 (worker processes), same synthetic dataset (tests/loader_fixtures.make_dataset) in the
   same run; ratios = workers-N over workers-0, per stage, of steps/s and of 1 / median step
   time. fp32 by default (``--precision``), as the CPU tests run.
-- gpu: synthetic shards with the preset's shapes (latent.npy [T,8,S,S] fp16 with S the preset's
+- gpu: synthetic shards with the preset's shapes (latent.npy [T,4,S,S] fp16 with S the preset's
   latent size, 64 for ``paper`` = 512x512; audio.npy [T,13,768] fp16), random init, bf16 autocast:
   stage 2 at batch ``--stage2-batch`` (1) with gradient checkpointing -- step time and peak
   memory (torch.cuda.max_memory_allocated); stage 1 at batch ``--stage1-batch`` (16) without
@@ -74,20 +74,19 @@ class BenchTrainer(Trainer):
 
 # ---------------------------------------------------------------------------- data
 def build_shaped(root: Path, clips: int, frames: int, hw: int, layers: int, dim: int) -> Path:
-    """Synthetic shards with the contract's shapes: latent [T,8,hw,hw] fp16 (mean + std of c=4),
-    audio [T,layers,dim] fp16, kps [T,68,3] f32 (pixels of the 512 crop), motion [T-11,2] f32.
+    """Synthetic shards with the contract's shapes (schema 2.0): latent [T,4,hw,hw] fp16 (posterior mean),
+    audio [T,layers,dim] fp16, kps [T,68,3] f32 (pixels of the 512 crop), motion [T-11,4] f32.
 
     The values do not change the step's cost, so one random clip's members are written under
     every key (building 100s of MB of normals per clip would dominate the benchmark's set-up).
     """
     rng = np.random.default_rng(0)
-    latent = rng.standard_normal((frames, 8, hw, hw), dtype=np.float32)
-    latent[:, 4:] = np.abs(latent[:, 4:]) * 0.1  # the stored std half
+    latent = rng.standard_normal((frames, 4, hw, hw), dtype=np.float32)
     members = {
         "latent.npy": npy_bytes(latent.astype(np.float16)),
         "audio.npy": npy_bytes(rng.standard_normal((frames, layers, dim), dtype=np.float32).astype(np.float16)),
         "kps.npy": npy_bytes(rng.random((frames, 68, 3), dtype=np.float32) * 512),
-        "motion.npy": npy_bytes(rng.random((max(frames - 11, 0), 2), dtype=np.float32) * 10),
+        "motion.npy": npy_bytes(rng.random((max(frames - 11, 0), 4), dtype=np.float32) * 10),
         "video.mp4": bytes(256),
     }
     writer = ShardWriter(root, max_bytes=1 << 30)
@@ -101,7 +100,7 @@ def build_shaped(root: Path, clips: int, frames: int, hw: int, layers: int, dim:
 
 
 def build_fixture(root: Path, clips: int) -> Path:
-    """tests/loader_fixtures.make_dataset: tiny members (latent [T,8,4,4]), 20-160 frames per clip."""
+    """tests/loader_fixtures.make_dataset: tiny members (latent [T,4,4,4]), 20-160 frames per clip."""
     from loader_fixtures import make_dataset
 
     per_shard = 16
@@ -293,7 +292,7 @@ def main(argv=None) -> dict:
             else:
                 hw = preset(args.preset)["data"]["latent_size"]
                 data = str(build_shaped(work / "data", clips, args.frames, hw, args.audio_layers, args.audio_dim))
-                result["dataset"] = (f"synthetic: {clips} clips x {args.frames} frames, latent [T,8,{hw},{hw}] fp16, "
+                result["dataset"] = (f"synthetic: {clips} clips x {args.frames} frames, latent [T,4,{hw},{hw}] fp16, "
                                      f"audio [T,{args.audio_layers},{args.audio_dim}] fp16")
             result["dataset_build_s"] = time.perf_counter() - t
         t = time.perf_counter()

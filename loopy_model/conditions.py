@@ -20,6 +20,17 @@ import torch.nn.functional as F
 from loopy_model.models.a2l import A2L_CONDITIONS
 
 
+# The A2L variances arrive normalised by the clip's face size squared (motion.npy schema 2.0;
+# pipeline/features/motion.py): a head moving with an RMS of 1% of the face size has variance 1e-4.
+# In units of that, log1p spreads the heavy-tailed values over O(1): 1% -> 0.69, 10% -> 4.6.
+MOTION_VAR_UNIT = 1e-4
+
+
+def motion_condition(normalised_var: torch.Tensor) -> torch.Tensor:
+    """Face-size-normalised variance -> the A2L scalar input: log1p(var / (1% of face size)^2)."""
+    return torch.log1p(normalised_var.float().clamp(min=0) / MOTION_VAR_UNIT)
+
+
 @dataclass(frozen=True)
 class ConditionConfig:
     ref_drop: float = 0.15
@@ -56,8 +67,9 @@ def resize_latents(x: torch.Tensor, size: int | None) -> torch.Tensor:
 def model_inputs(batch: dict, stage: int, latent_size: int | None = None) -> dict:
     """Loader batch (loopy_model/data/collate.py) -> LoopyModel keyword inputs (CPU tensors).
 
-    Keypoints (pixels of the 512 crop, DWPose) are mapped to [-1, 1]; the variances (pixel^2,
-    heavy-tailed) go through log1p (definitions audit, item 6).
+    Keypoints (pixels of the 512 crop, DWPose) are mapped to [-1, 1]; the variances (normalised by
+    face size^2 in the curation job, heavy-tailed) go through ``motion_condition`` (definitions
+    audit, item 6).
     """
     pixels = 8 * batch["latents"].shape[-1]  # the VAE's downsampling factor is 8
     out = {
@@ -72,7 +84,7 @@ def model_inputs(batch: dict, stage: int, latent_size: int | None = None) -> dic
             motion_mask=batch["motion_mask"].bool(),
             audio=batch["audio"].float(),
             keypoints=torch.cat([kps[..., :2] / pixels * 2 - 1, kps[..., 2:]], -1),
-            head_motion_var=torch.log1p(batch["head_motion_var"].float().clamp(min=0)),
-            expression_var=torch.log1p(batch["expression_var"].float().clamp(min=0)),
+            head_motion_var=motion_condition(batch["head_motion_var"]),
+            expression_var=motion_condition(batch["expression_var"]),
         )
     return out

@@ -110,12 +110,20 @@ class FeaturesConfig(_Section):
     """Training features of kept clips (GPU actor pool in production, CPU in smoke/CI)."""
     enabled: bool = True
     device: str = Field("auto", description="auto = cuda when the actor has a GPU, else cpu")
-    dtype: str = Field("auto", description="auto = bf16 on CUDA (fp16 without bf16), fp32 on CPU")
+    dtype: str = Field("float32", description="VAE encode precision: float32 (auto = float32; audit item 4: bf16 "
+                                              "autocast is far above fp16 storage rounding, docs/features.md); "
+                                              "float16/bfloat16 autocast on CUDA only. wav2vec2 is always fp32")
     batch_size: int = Field(16, ge=1, description="frames per VAE / DWPose batch")
     num_gpus: float = Field(0.0, ge=0, le=8, description="GPUs per feature actor; fractions share a GPU")
     num_cpus: float = Field(1.0, gt=0)
     actors: int = Field(1, ge=1, description="max feature actors (the pool scales between 1 and this)")
     motion_window: int = Field(12, ge=2, description="Loopy 3.5: frames per head/expression variance window")
+    vae_store_std: bool = Field(False, description="latent.npy also stores the posterior std (channels 4..7, "
+                                                   "[T,8,64,64]); default: the mean only, [T,4,64,64]")
+    motion_score_threshold: float | None = Field(0.3, ge=0, le=1, description="DWPose score below which a keypoint "
+                                                 "does not count in the motion variances (DWPose's own 0.3); None: all")
+    motion_min_valid_frac: float = Field(0.5, gt=0, le=1, description="share of a window's frames (per point) and "
+                                         "of the 37 points needed for a motion value; else NaN")
 
 
 class WriteConfig(_Section):

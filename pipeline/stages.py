@@ -577,7 +577,9 @@ class FeatureStage:
         f = config.features
         self.config = config
         self.extractor = FeatureExtractor(config.profile, config.model_dir, device=f.device, batch_size=f.batch_size,
-                                          dtype=f.dtype, motion_window=f.motion_window)
+                                          dtype=f.dtype, motion_window=f.motion_window, vae_store_std=f.vae_store_std,
+                                          motion_score_threshold=f.motion_score_threshold,
+                                          motion_min_valid_frac=f.motion_min_valid_frac)
 
     def __call__(self, batch: dict) -> dict:
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
@@ -609,10 +611,10 @@ class FeatureStage:
             return rej
         meta["models"].update(feats["model_ids"])
         meta["features"] = feats["meta"]
-        motion = feats["motion"]
-        if len(motion):
-            meta["scores"]["head_motion_var_mean"] = float(motion[:, 0].mean())
-            meta["scores"]["expression_var_mean"] = float(motion[:, 1].mean())
+        motion = feats["motion"]  # raw px^2 in columns 0-1; NaN = window without enough valid keypoints
+        for col, name in ((0, "head_motion_var_mean"), (1, "expression_var_mean")):
+            if np.isfinite(motion[:, col]).any():
+                meta["scores"][name] = float(np.nanmean(motion[:, col]))
         meta["members"] = sorted(set(meta["members"]) | set(members))
         meta.setdefault("timings", {})[self.name] = time.perf_counter() - t0
         out = dict(row)

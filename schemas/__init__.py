@@ -18,8 +18,34 @@ from pathlib import Path
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0"
-SUPPORTED_SCHEMA_VERSIONS = ("1.0",)
+SCHEMA_VERSION = "2.0"
+SUPPORTED_SCHEMA_VERSIONS = ("2.0",)
+
+# What each major version changed for readers, so a refusal can say why (docs/loader.md).
+MAJOR_CHANGES = {
+    "2.0": "latent.npy holds the posterior mean only ([T,4,64,64]; [T,8,64,64] mean+std with "
+           "features.vae_store_std), encoded in fp32; motion.npy has 4 columns (raw px^2 and "
+           "face-size-normalised, DWPose-score gated, NaN where not measurable) instead of 2",
+}
+
+
+def version_refusal(version, where: str) -> str | None:
+    """None when ``version`` is readable here, else a message naming ``where`` (an index or shard),
+    its version, the supported versions and what changed."""
+    if version in SUPPORTED_SCHEMA_VERSIONS:
+        return None
+    try:
+        major = int(str(version).split(".")[0])
+    except ValueError:
+        major = None
+    supported = ", ".join(SUPPORTED_SCHEMA_VERSIONS)
+    newest = max(int(v.split(".")[0]) for v in SUPPORTED_SCHEMA_VERSIONS)
+    if major is not None and major < newest:
+        changes = "; ".join(f"{v}: {c}" for v, c in MAJOR_CHANGES.items() if int(v.split(".")[0]) > major)
+        return (f"{where} has schema version {version!r}, older than this reader understands (supported: "
+                f"{supported}). Changed since: {changes}. Re-run the curation features stage to rewrite it.")
+    return (f"{where} has schema version {version!r}, which this reader does not know (supported: {supported}). "
+            "Upgrade the code or re-curate.")
 
 # Sample keys name tar members ("{key}.{member}"); webdataset splits the key at the first dot,
 # so keys may not contain one. Format: "{video_id}_{clip:04d}".
@@ -47,16 +73,24 @@ MEMBERS: dict[str, Member] = {
         Member("video.mp4", True, None, "",
                "the 512x512 25 fps H.264 crop with its 16 kHz mono AAC audio; time 0 = first frame"),
         Member("meta.json", True, None, "", "sample metadata, see meta.schema.json"),
-        Member("latent.npy", False, "float16", "[T,8,64,64]",
-               "SD VAE posterior mean (channels 0..3) and std (channels 4..7) of every frame, unscaled"),
+        Member("latent.npy", False, "float16", "[T,C,64,64]",
+               "SD VAE posterior mean of every frame, unscaled, encoded in fp32: C = 4 (default), or C = 8 "
+               "with the posterior std in channels 4..7 (features.vae_store_std; meta features.latent_layout)"),
         Member("audio.npy", False, "float16", "[T,L,D]",
-               "wav2vec2 hidden states of every layer (L = layers + 1 incl. the CNN projection), one row per frame"),
+               "wav2vec2 hidden states in fp32 (L = transformer layers + 1: index 0 = feature projection + "
+               "positional conv; meta features.audio_layers / audio_layer0_included), 50 Hz rows averaged in "
+               "pairs to one row per frame (meta features.audio_resampling)"),
         Member("kps.npy", False, "float32", "[T,68,3]",
                "DWPose face keypoints (whole-body indices 23..90) x, y in 512-crop pixels and score"),
-        Member("motion.npy", False, "float32", "[T-W+1,2]",
-               "per window start: head-motion variance, expression variance (Loopy 3.5), W=12"),
+        Member("motion.npy", False, "float32", "[T-W+1,4]",
+               "per window start (Loopy 3.5, W=12): head-motion and expression variance in px^2, then both "
+               "divided by the clip's face size^2 (columns MOTION_COLUMNS); DWPose-score gated, NaN where "
+               "a window has too few valid keypoints"),
     ]
 }
+
+# Columns of motion.npy; the trainer reads the normalised ones.
+MOTION_COLUMNS = ("head_var_px2", "expression_var_px2", "head_var_norm", "expression_var_norm")
 
 PROFILES = ("smoke", "full")
 

@@ -1,8 +1,10 @@
 """Small synthetic datasets for the loader tests, written with the real ShardWriter.
 
-Members carry their own coordinates so tests can check what a window contains:
-latent mean[t] = (t, clip, 1, -1) (std = 0.5 on channels 4..7), audio[t, l] = t,
-kps[t, :, 0] = t, motion[i] = (clip + i / 1000, -i). Shapes are tiny (latent [T,8,4,4]).
+Members carry their own coordinates so tests can check what a window contains (schema 2.0):
+latent mean[t] = (t, clip, 1, -1) (with ``store_std``: std = 0.5 on channels 4..7), audio[t, l] = t,
+kps[t, :, 0] = t, motion[i] = raw (1000 + clip, 2000 + i), normalised 1e-4 * (clip + i / 1000, -i)
+(realistic magnitudes: 1e-4 is a 1% of face size RMS motion): a window's A2L variances show which
+columns the loader read. Shapes are tiny (latent [T,4,4,4]).
 """
 from __future__ import annotations
 
@@ -18,9 +20,12 @@ from pipeline.shards import ShardWriter, build_index, npy_bytes, write_index
 HW, LAYERS, DIM = 4, 3, 4
 
 
-def sample_members(clip: int, frames: int, key: str, profile: str) -> dict[str, bytes]:
+def sample_members(clip: int, frames: int, key: str, profile: str, store_std: bool = False,
+                   schema_1: bool = False, nan_motion: bool = False) -> dict[str, bytes]:
+    """``schema_1``: the pre-2.0 layout (latent mean+std, motion.npy with 2 raw columns).
+    ``nan_motion``: odd window starts are not measurable (NaN, too few valid keypoints)."""
     t = np.arange(frames, dtype=np.float32)
-    latent = np.zeros((frames, 8, HW, HW), dtype=np.float16)
+    latent = np.zeros((frames, 8 if store_std or schema_1 else 4, HW, HW), dtype=np.float16)
     latent[:, 0] = t[:, None, None]  # fp16 holds these integers exactly (< 2048)
     latent[:, 1] = clip
     latent[:, 2], latent[:, 3] = 1, -1
@@ -29,7 +34,12 @@ def sample_members(clip: int, frames: int, key: str, profile: str) -> dict[str, 
     kps = np.zeros((frames, 68, 3), dtype=np.float32)
     kps[:, :, 0] = t[:, None]
     windows = max(frames - 11, 0)
-    motion = np.stack([clip + np.arange(windows) / 1000, -np.arange(windows, dtype=np.float64)], 1).astype(np.float32)
+    i = np.arange(windows, dtype=np.float64)
+    motion = np.stack([1000 + clip + 0 * i, 2000 + i, 1e-4 * (clip + i / 1000), -1e-4 * i], 1).astype(np.float32)
+    if nan_motion:
+        motion[1::2] = np.nan
+    if schema_1:
+        motion = motion[:, :2]
     meta = {"key": key, "profile": profile}
     return {"latent.npy": npy_bytes(latent), "audio.npy": npy_bytes(audio), "kps.npy": npy_bytes(kps),
             "motion.npy": npy_bytes(motion), "meta.json": json.dumps(meta).encode(),
@@ -37,8 +47,10 @@ def sample_members(clip: int, frames: int, key: str, profile: str) -> dict[str, 
 
 
 def make_dataset(root: str | Path, shard_sizes: list[int], frames=(20, 160), profile: str = "full",
-                 seed: int = 0, manifest: bool = True, scores: bool = True) -> Path:
-    """Shards with exactly ``shard_sizes[i]`` samples each; returns the dataset root."""
+                 seed: int = 0, manifest: bool = True, scores: bool = True, store_std: bool = False,
+                 schema_1: bool = False, nan_motion: bool = False) -> Path:
+    """Shards with exactly ``shard_sizes[i]`` samples each; returns the dataset root.
+    ``schema_1``: a dataset as schema 1.0 wrote it (members and index.json version)."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     writer = ShardWriter(root, max_bytes=1 << 40)
@@ -47,7 +59,7 @@ def make_dataset(root: str | Path, shard_sizes: list[int], frames=(20, 160), pro
         for _ in range(size):
             key = f"vid{clip:03d}_{clip % 7:04d}"
             n = int(rng.integers(frames[0], frames[1] + 1))
-            url = writer.write(key, sample_members(clip, n, key, profile))
+            url = writer.write(key, sample_members(clip, n, key, profile, store_std, schema_1, nan_motion))
             rows.append({"key": key, "shard": url, "n_frames": n, "profile": profile, "clip": clip})
             score_rows.append({"key": key, "sync_conf": float(clip % 10), "yaw_abs_max": float(clip % 40)})
             clip += 1
@@ -55,6 +67,8 @@ def make_dataset(root: str | Path, shard_sizes: list[int], frames=(20, 160), pro
     index = build_index(writer.closed_shards, profile=profile, name="synthetic",
                         members=["latent.npy", "audio.npy", "kps.npy", "motion.npy", "meta.json", "video.mp4"],
                         pipeline_version="test")
+    if schema_1:
+        index["schema_version"] = "1.0"
     write_index(root, index)
     if manifest:
         pq.write_table(pa.Table.from_pylist(rows), root / "manifest.parquet")

@@ -26,8 +26,8 @@ def test_refuses_unknown_schema_versions_and_smoke_shards(tmp_path):
     with pytest.raises(ValueError, match="smoke"):
         DatasetIndex.load(str(root))
     assert DatasetIndex.load(str(root), allow_smoke=True).num_samples == 3
-    _edit_index(root, schema_version="2.0")
-    with pytest.raises(ValueError, match="schema version '2.0'"):
+    _edit_index(root, schema_version="3.0")
+    with pytest.raises(ValueError, match=r"index\.json has schema version '3\.0'.*supported: 2\.0"):
         DatasetIndex.load(str(root), allow_smoke=True)
 
     full = make_dataset(tmp_path / "full", [3], frames=(12, 14))
@@ -108,3 +108,21 @@ def test_fingerprint_depends_on_shards_and_selection(dataset):
     index = DatasetIndex.load(str(dataset))
     a = index.fingerprint(np.arange(40))
     assert a == index.fingerprint(np.arange(40)) and a != index.fingerprint(np.arange(39))
+
+
+def test_refuses_schema_1_shards_by_name(tmp_path):
+    """Schema 2.0 changed latent.npy (mean only) and motion.npy (4 columns): a 1.0 dataset is refused
+    with its index named, its version, the supported versions and what changed."""
+    import schemas
+
+    old = make_dataset(tmp_path / "v1", [3], frames=(20, 30), schema_1=True)
+    with pytest.raises(ValueError) as err:
+        DatasetIndex.load(str(old))
+    msg = str(err.value)
+    assert f"{old}/index.json" in msg and "schema version '1.0'" in msg and "older" in msg
+    assert "supported: 2.0" in msg and "motion.npy has 4 columns" in msg and "Re-run the curation features" in msg
+    # relabelled as 2.0 (e.g. an index rewritten by hand): the shard's 1.0 layout is refused by name
+    _edit_index(old, schema_version=schemas.SCHEMA_VERSION)
+    ds = StreamingWindowDataset(loader_config(old, global_batch_size=3), rank=0, world_size=1)
+    with pytest.raises(ValueError, match=r"shard-000000\.tar:vid000_0000\.motion\.npy: shape \[\d+, 2\].*schema 1\.0"):
+        next(iter(ds))

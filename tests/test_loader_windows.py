@@ -13,6 +13,11 @@ def dataset(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("windows"), [6, 6], frames=(14, 200))
 
 
+@pytest.fixture(scope="module")
+def dataset_with_std(tmp_path_factory):  # curated with features.vae_store_std
+    return make_dataset(tmp_path_factory.mktemp("windows_std"), [6, 6], frames=(14, 200), store_std=True)
+
+
 def _batches(root, **windows):
     cfg = loader_config(root, windows=WindowConfig(**windows))
     return list(StreamingLoader(StreamingWindowDataset(cfg, rank=0, world_size=1)))
@@ -41,17 +46,23 @@ def test_shapes_and_contents_of_uniform_windows(dataset):
         expected_audio = np.clip(np.arange(t0, t0 + 12)[:, None] + np.arange(-2, 3), 0, n - 1)
         assert np.array_equal(batch["audio"][i, :, :, 0, 0].float().numpy(), expected_audio)
         assert batch["kps"][i, :, 0, 0].tolist() == list(range(t0, t0 + 12))
-        assert batch["head_motion_var"][i] == pytest.approx(clip + t0 / 1000, abs=1e-3)
-        assert batch["expression_var"][i] == -t0 and batch["a2l_valid"][i]
+        # the face-size-normalised motion.npy columns (2, 3), not the raw px^2 ones (1000 + clip, 2000 + t0)
+        assert batch["head_motion_var"][i] == pytest.approx(1e-4 * (clip + t0 / 1000), rel=1e-5)
+        assert batch["expression_var"][i] == pytest.approx(-1e-4 * t0, rel=1e-5) and batch["a2l_valid"][i]
 
 
-def test_sampled_latents_use_the_posterior_std(dataset):
-    (batch,) = _batches(dataset, windows_per_clip=4, latent_scale=1.0)
+def test_sampled_latents_use_the_posterior_std(dataset_with_std, dataset):
+    (batch,) = _batches(dataset_with_std, windows_per_clip=4, latent_scale=1.0)
     noise = (batch["latents"][:, :, 0] - batch["frame_start"][:, None, None, None] -
              torch.arange(12)[None, :, None, None]) / 0.5  # std channels hold 0.5
     assert abs(noise.mean()) < 0.1 and abs(noise.std() - 1) < 0.1
-    (scaled,) = _batches(dataset, latent_sampling="mean")
+    (scaled,) = _batches(dataset_with_std, latent_sampling="mean")
     assert torch.allclose(scaled["latents"][:, :, 2], torch.tensor(0.18215))  # SD 1.5 scale
+    # mean-only shards (the schema 2.0 default): "sample" has no std to sample with, so z = the mean
+    (mean_only,) = _batches(dataset, windows_per_clip=2, latent_scale=1.0)
+    assert mean_only["latents"].shape[2] == 4
+    want = mean_only["frame_start"][:, None] + torch.arange(12)[None, :]
+    assert torch.equal(mean_only["latents"][:, :, 0, 0, 0], want.float())
 
 
 def test_mean_motion_mode_averages_sub_blocks_over_existing_frames(dataset):
@@ -85,6 +96,34 @@ def test_clips_shorter_than_a_window_are_padded_and_masked(tmp_path):
         assert not batch["motion_mask"][i].any() and not batch["a2l_valid"][i]
 
 
+def test_unmeasurable_motion_windows_fall_back_to_audio(tmp_path):
+    """A NaN in motion.npy (too few keypoints above DWPose's score threshold) is no A2L condition:
+    a2l_valid False (draw_conditions then picks audio) and 0 in place of the value."""
+    from loopy_model.conditions import ConditionConfig, draw_conditions, model_inputs
+
+    root = make_dataset(tmp_path, [12], frames=(40, 60), nan_motion=True)
+    (batch,) = _batches(root, windows_per_clip=2, latent_sampling="mean")
+    odd = batch["frame_start"] % 2 == 1
+    assert odd.any() and (~odd).any()
+    assert torch.equal(batch["a2l_valid"], ~odd)
+    assert torch.all(batch["head_motion_var"][odd] == 0) and torch.all(batch["expression_var"][odd] == 0)
+    gens = [torch.Generator().manual_seed(i) for i in range(len(odd))]
+    conds = draw_conditions(ConditionConfig(), gens, batch["a2l_valid"])
+    assert torch.all(conds["a2l_condition"][odd] == 0)  # index 0 = audio
+    inputs = model_inputs(batch, stage=2)
+    assert torch.isfinite(inputs["head_motion_var"]).all() and torch.isfinite(inputs["expression_var"]).all()
+
+
+def test_a2l_inputs_are_the_normalised_variances_on_a_log_scale(dataset):
+    from loopy_model.conditions import MOTION_VAR_UNIT, model_inputs
+
+    (batch,) = _batches(dataset, latent_sampling="mean")
+    inputs = model_inputs(batch, stage=2)
+    norm = torch.tensor([1e-4 * (clip_number(k) + int(t0) / 1000) for k, t0 in zip(batch["keys"], batch["frame_start"])])
+    torch.testing.assert_close(inputs["head_motion_var"], torch.log1p(norm / MOTION_VAR_UNIT), rtol=1e-4, atol=1e-4)
+    assert torch.all(inputs["expression_var"] == 0)  # fixture expression column is -t0 <= 0, clamped
+
+
 def test_pinned_batches_from_dataloader_workers(dataset):
     cfg = loader_config(dataset, global_batch_size=4)
     loader = StreamingLoader(StreamingWindowDataset(cfg, rank=0, world_size=1), num_workers=2, pin_memory=True)
@@ -95,3 +134,4 @@ def test_pinned_batches_from_dataloader_workers(dataset):
         assert a["keys"] == b["keys"] and torch.equal(a["latents"], b["latents"])
     if torch.cuda.is_available():
         assert batches[0]["latents"].is_pinned()
+

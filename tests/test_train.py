@@ -165,7 +165,7 @@ def _nan_dataset(root: Path, nan_clips: set[int], n: int = 4) -> Path:
         key = f"vid{clip:03d}_0000"
         members = loader_fixtures.sample_members(clip, 30, key, "full")
         if clip in nan_clips:
-            latent = np.full((30, 8, loader_fixtures.HW, loader_fixtures.HW), np.nan, dtype=np.float16)
+            latent = np.full((30, 4, loader_fixtures.HW, loader_fixtures.HW), np.nan, dtype=np.float16)
             members["latent.npy"] = npy_bytes(latent)
         writer.write(key, members)
     writer.close_current()
@@ -266,7 +266,10 @@ def test_gradient_accumulation_equals_the_whole_batch(dataset, tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5)
     wa, wb = (load_file(str(latest_checkpoint(r) / "model" / "diffusion_pytorch_model.safetensors"))
               for r in (whole, accum))
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    # Adam divides by sqrt(v): an element whose gradient is near 0 turns summation-order noise into
+    # a visible step; with the schema 2.0 fixture (mean-only latents, no sampling noise) one element
+    # of 205k differs by 1.4e-5 (1.4% of one lr step). A real accumulation bug moves many by ~lr.
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 2e-5
     state = load_trainer_state(latest_checkpoint(accum))["loader"]
     assert (state["epoch"], state["samples"]) == (1, 0)  # 3 steps x 4 clips = the 12-clip epoch
     with pytest.raises(ValueError, match="multiple of grad_accum"):

@@ -2,8 +2,10 @@
 
 ``index.json`` is the commit marker of a dataset (schemas/, DESIGN.md "Shards"): a superset of
 wids-shard-index-v1 with, per shard, url (relative to the index), nsamples, filesize, sha256
-and the sample keys in tar order. Readers refuse schema versions they do not know, and the
-trainer refuses ``smoke`` datasets (made with tiny random models) unless told otherwise.
+and the sample keys in tar order. Readers refuse schema versions they do not know, naming the
+dataset, its version, the supported ones and what changed (``schemas.version_refusal``; a shard
+whose members have an older layout is refused by name in windows.py), and the trainer refuses
+``smoke`` datasets (made with tiny random models) unless told otherwise.
 
 A sample is addressed by its global id ``gid = shard_offset[shard] + position in shard``.
 """
@@ -69,10 +71,9 @@ class DatasetIndex:
             index = json.loads(f.read())
         if index.get("__kind__") != schemas.INDEX_KIND:
             raise ValueError(f"{root}/index.json is not a {schemas.INDEX_KIND} index")
-        version = index.get("schema_version")
-        if version not in schemas.SUPPORTED_SCHEMA_VERSIONS:
-            raise ValueError(f"{root}/index.json has schema version {version!r}; this loader reads "
-                             f"{schemas.SUPPORTED_SCHEMA_VERSIONS}. Upgrade the trainer or re-curate.")
+        refusal = schemas.version_refusal(index.get("schema_version"), f"dataset {root}/index.json")
+        if refusal:
+            raise ValueError(refusal)
         schemas.validate_index(index)
         if index["profile"] == "smoke" and not allow_smoke:
             raise ValueError(f"{root} holds 'smoke' shards (features from tiny random models); "

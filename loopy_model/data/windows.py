@@ -1,10 +1,13 @@
 """Loopy training windows drawn from one clip (paper sections 3.2, 3.3, 3.5 and 4).
 
 Per window (``F = num_frames = 12`` target frames starting at ``t0``):
-- ``latents`` [F, c, H, W]: VAE latents of frames t0..t0+F-1. latent.npy holds the posterior
-  mean (channels 0..c-1) and std (c..2c-1); with ``latent_sampling="sample"`` the latent is
-  ``z = mean + std * noise`` (the VAE's ``latent_dist.sample()``), else the mean. Latents are
-  multiplied by ``latent_scale`` (SD 1.5's 0.18215, the space the U-Net is trained in).
+- ``latents`` [F, c, H, W]: VAE latents of frames t0..t0+F-1. latent.npy (schema 2.0) holds the
+  posterior mean (channels 0..c-1), and the std (c..2c-1) only when curated with
+  ``features.vae_store_std``. With the std present and ``latent_sampling="sample"`` the latent is
+  ``z = mean + std * noise`` (the VAE's ``latent_dist.sample()``); otherwise (mean-only shards, the
+  default, or ``latent_sampling="mean"``) it is the mean: SD 1.5's posterior std is far below the
+  mean's scale, so the sample and the mean differ little. Latents are multiplied by
+  ``latent_scale`` (SD 1.5's 0.18215, the space the U-Net is trained in).
 - ``motion_latents`` [20, c, H, W] + ``motion_mask`` [20]: the 124 frames before t0 reduced by
   the temporal segment module (s=4, r=2; loopy_model/temporal_segment.py). Frames before the
   start of the clip do not exist: their slots are zero and masked out.
@@ -14,7 +17,11 @@ Per window (``F = num_frames = 12`` target frames starting at ``t0``):
   of frames t-a..t+a, a=2, clamped to the clip (the +-2 frame audio windows of EMO/Loopy 3.3).
 - audio-to-latents conditions (section 3.3/3.5): ``kps`` [F, 68, 3] of the window, and
   ``head_motion_var``, ``expression_var`` from motion.npy at the window start (motion.npy row i
-  covers frames i..i+11, computed by the curation job with the section-4 definitions).
+  covers frames i..i+11, computed by the curation job with the section-3.5 definitions): the
+  face-size-normalised columns (``schemas.MOTION_COLUMNS`` head_var_norm, expression_var_norm),
+  so the condition does not depend on how large the face is in the crop. A NaN there (too few
+  keypoints above DWPose's score threshold) makes the window's A2L condition invalid
+  (``a2l_valid`` False: audio is used) and the value 0.
 - ``target_mask`` [F]: False for frames past the end of a clip shorter than F (padded with its
   last frame); normally all True.
 
@@ -28,7 +35,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import schemas
 from loopy_model import temporal_segment as tsm
+
+# motion.npy columns the A2L conditions read (schema 2.0)
+MOTION_HEAD = schemas.MOTION_COLUMNS.index("head_var_norm")
+MOTION_EXPRESSION = schemas.MOTION_COLUMNS.index("expression_var_norm")
 
 REFERENCE_POLICIES = ("random", "first", "center", "outside_window")
 
@@ -125,6 +137,10 @@ def clip_windows(shard, key: str, rng: np.random.Generator, cfg: WindowConfig) -
         raise ValueError(f"{key}: latent.npy has {latent.shape[1]} channels, expected {c} or {2 * c}")
     if len(audio) != n or len(kps) != n:
         raise ValueError(f"{key}: latent/audio/kps have {n}/{len(audio)}/{len(kps)} frames")
+    if len(motion.shape) != 2 or motion.shape[1] != len(schemas.MOTION_COLUMNS):
+        raise ValueError(f"{motion.name}: shape {list(motion.shape)} is not the schema {schemas.SCHEMA_VERSION} layout "
+                         f"[T-W+1, {len(schemas.MOTION_COLUMNS)}] {schemas.MOTION_COLUMNS} (a 2-column motion.npy "
+                         "is schema 1.0: raw variances only); re-run the curation features stage for this shard")
     groups = tsm.temporal_segment_groups(cfg.motion_stride, cfg.motion_expand_ratio, cfg.motion_segments,
                                          "mean" if cfg.motion_mode == "mean" else "uniform")
     out = []
@@ -147,9 +163,11 @@ def clip_windows(shard, key: str, rng: np.random.Generator, cfg: WindowConfig) -
         audio_rows = audio_window_rows(target, n, cfg.audio_context)
         audio_win = audio.rows(audio_rows.ravel()).reshape(audio_rows.shape + tuple(audio.shape[1:]))
         if len(motion):
-            head_var, expr_var = motion.rows([min(t0, len(motion) - 1)])[0].astype(np.float32)
+            row = motion.rows([min(t0, len(motion) - 1)])[0]
+            head_var, expr_var = np.float32(row[MOTION_HEAD]), np.float32(row[MOTION_EXPRESSION])
         else:  # clip shorter than one 12-frame window: no variances were computed
-            head_var = expr_var = np.float32(0)
+            head_var = expr_var = np.float32(np.nan)
+        motion_ok = bool(np.isfinite(head_var) and np.isfinite(expr_var))  # NaN: too few valid keypoints
         out.append({
             "key": key,
             "frame_start": t0,
@@ -162,8 +180,8 @@ def clip_windows(shard, key: str, rng: np.random.Generator, cfg: WindowConfig) -
             "ref_latent": z[at(ref)],
             "audio": audio_win,
             "kps": kps.rows(target).astype(np.float32),
-            "head_motion_var": np.float32(head_var),
-            "expression_var": np.float32(expr_var),
-            "a2l_valid": bool(len(motion)) and bool(target_mask.all()),
+            "head_motion_var": head_var if motion_ok else np.float32(0),
+            "expression_var": expr_var if motion_ok else np.float32(0),
+            "a2l_valid": motion_ok and bool(target_mask.all()),
         })
     return out, latent.bytes_read + audio.bytes_read + kps.bytes_read + motion.bytes_read

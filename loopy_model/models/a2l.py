@@ -8,7 +8,8 @@ dimensionally transformed via an FC layer and added to the timestep embedding."
 
 Conditions, per target frame: the audio embedding (the 5-frame window of all wav2vec2 layers),
 the face landmarks (68 DWPose points, normalised to [-1, 1] with their scores), and the window's
-head-motion and expression variances (log1p of the curation job's pixel^2 values, the same for
+head-motion and expression variances (the curation job's face-size-normalised values through
+``loopy_model.conditions.motion_condition``, the same for
 every frame of the window). Training draws one condition per sample with equal probability;
 inference uses audio only. All four queries are computed every step and one is selected with a
 one-hot weight, so every parameter takes part in every step (static DDP graph).
@@ -45,7 +46,7 @@ class AudioToLatents(nn.Module):
         """One motion latent per frame: [B*F, dim].
 
         condition [B] long (index into A2L_CONDITIONS), audio [B, F, window, L, D],
-        keypoints [B, F, K, 3] normalised, variances [B] (log1p). Missing facial inputs are zeros.
+        keypoints [B, F, K, 3] normalised, variances [B] (motion_condition). Missing facial inputs are zeros.
         """
         b, f = audio.shape[:2]
         zeros = audio.new_zeros(b)

@@ -35,11 +35,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """auto: bf16 on CUDA when supported (else fp16), fp32 on CPU. Reduced precision only on CUDA."""
+    """The VAE's encode precision. auto/None: fp32 everywhere (definitions audit item 4: bf16 autocast
+    moved the latents far more than fp16 storage rounding). float16/bfloat16: autocast, CUDA only."""
     if dtype is None or dtype == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
     dt = _DTYPES[dtype] if isinstance(dtype, str) else dtype
     if dt not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"unsupported dtype {dtype!r}")
@@ -49,11 +48,16 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 class FeatureExtractor:
-    """SD VAE latents, wav2vec2 hidden states, DWPose face keypoints and Loopy motion variances."""
+    """SD VAE latents, wav2vec2 hidden states, DWPose face keypoints and Loopy motion variances.
+
+    ``dtype`` is the VAE's encode precision (fp32 by default; wav2vec2 always runs in fp32).
+    """
 
     def __init__(self, profile: str, model_dir: str | Path | None = None, device: str = "auto",
-                 batch_size: int = 16, dtype: str | torch.dtype | None = "auto",
-                 motion_window: int = motion_mod.WINDOW, ort_threads: int | None = None):
+                 batch_size: int = 16, dtype: str | torch.dtype | None = "float32",
+                 motion_window: int = motion_mod.WINDOW, ort_threads: int | None = None, *,
+                 vae_store_std: bool = False, motion_score_threshold: float | None = motion_mod.SCORE_THRESHOLD,
+                 motion_min_valid_frac: float = motion_mod.MIN_VALID_FRAC):
         if profile not in schemas.PROFILES:
             raise ValueError(f"unknown profile {profile!r}; expected one of {schemas.PROFILES}")
         if batch_size < 1:
@@ -64,6 +68,9 @@ class FeatureExtractor:
         self.dtype = resolve_dtype(dtype, self.device)
         self.batch_size = int(batch_size)
         self.motion_window = int(motion_window)
+        self.vae_store_std = bool(vae_store_std)
+        self.motion_score_threshold = None if motion_score_threshold is None else float(motion_score_threshold)
+        self.motion_min_valid_frac = float(motion_min_valid_frac)
 
         self.vae, vae_id = vae_mod.load_vae(profile, self.model_dir)
         self.vae.to(self.device)
@@ -76,17 +83,25 @@ class FeatureExtractor:
         self.meta = {
             "profile": profile,
             "vae_scaling_factor": float(self.vae.config.scaling_factor),
-            "latent_layout": "channels 0..3 posterior mean, 4..7 posterior std (unscaled)",
+            "vae_dtype": str(self.dtype).replace("torch.", ""),
+            "vae_store_std": self.vae_store_std,
+            "latent_layout": "mean+std" if self.vae_store_std else "mean",
+            "audio_dtype": "float32",
             "audio_alignment": w2v_mod.ALIGNMENT,
             "audio_layers": cfg.num_hidden_layers + 1,
+            "audio_layer0_included": w2v_mod.LAYER0_INCLUDED,
+            "audio_resampling": w2v_mod.RESAMPLING,
             "audio_dim": cfg.hidden_size,
             "audio_normalized": self.audio_normalize,
             "kps": "DWPose whole-body 23..90 (iBUG-68), x,y in 512-crop pixels, score",
             "motion_window": self.motion_window,
-            "motion": "per window start: var(nose tip) [px^2], mean over 37 upper-face points of "
-                      "var(point - nose tip) [px^2]; var = var_x + var_y (ddof 0)",
+            "motion": "per window start: var(nose tip), mean over 37 upper-face points of var(point - nose tip); "
+                      "var = var_x + var_y (ddof 0) over frames with DWPose score >= threshold; columns 0-1 px^2, "
+                      "2-3 divided by motion_face_size_px^2; NaN where too few valid points",
+            "motion_columns": list(schemas.MOTION_COLUMNS),
+            "motion_score_threshold": self.motion_score_threshold,
+            "motion_min_valid_frac": self.motion_min_valid_frac,
             "device": str(self.device),
-            "dtype": str(self.dtype).replace("torch.", ""),
         }
 
     def __call__(self, frames: np.ndarray, audio16k: np.ndarray) -> dict:
@@ -99,17 +114,19 @@ class FeatureExtractor:
         audio16k = np.asarray(audio16k, dtype=np.float32)
         T = len(frames)
         latent = vae_mod.encode_frames(self.vae, frames, batch_size=self.batch_size, device=self.device,
-                                       dtype=self.dtype)
-        audio = w2v_mod.encode_audio(self.wav2vec, audio16k, T, device=self.device, dtype=self.dtype,
-                                     normalize=self.audio_normalize)
+                                       dtype=self.dtype, store_std=self.vae_store_std)
+        audio = w2v_mod.encode_audio(self.wav2vec, audio16k, T, device=self.device, normalize=self.audio_normalize)
         kps = self.dwpose(frames)
-        motion = motion_mod.motion_variances(kps, self.motion_window)
+        # NaN in motion is by definition (a window without enough valid keypoints), not an overflow
+        motion, face_size = motion_mod.motion_table(kps, self.motion_window, score_threshold=self.motion_score_threshold,
+                                                    min_valid_frac=self.motion_min_valid_frac)
         for name, arr in (("latent", latent), ("audio", audio), ("kps", kps)):
             # fp16 storage (or an fp16 autocast) can overflow; never write inf/NaN into a shard.
             if not np.isfinite(arr).all():
                 raise FloatingPointError(f"non-finite values in {name} features ({self.dtype} on {self.device}); "
                                          "retry this clip with dtype='float32'")
-        meta = dict(self.meta, n_frames=T, audio_samples=int(len(audio16k)))
+        meta = dict(self.meta, n_frames=T, audio_samples=int(len(audio16k)),
+                    motion_face_size_px=face_size if np.isfinite(face_size) else None)
         return {"latent": latent, "audio": audio, "kps": kps, "motion": motion,
                 "model_ids": dict(self.model_ids), "meta": meta}
 

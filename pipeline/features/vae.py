@@ -1,11 +1,17 @@
-"""SD 1.5 VAE latents: posterior mean and std of every 512x512 frame.
+"""SD 1.5 VAE latents: the posterior mean of every 512x512 frame, encoded in fp32.
 
-Contract (schemas: ``latent.npy`` float16 [T,8,64,64]): channels 0..3 are the mean and 4..7 the
-std of the diagonal Gaussian posterior q(z|x) of diffusers' ``AutoencoderKL.encode``, *unscaled*.
-The trainer samples ``z = mean + std * eps`` and multiplies by the scaling factor 0.18215 (recorded
-in meta) itself, as latent-diffusion training does (Rombach et al. 2022; diffusers
-train_text_to_image.py: ``vae.encode(x).latent_dist.sample() * vae.config.scaling_factor``).
-Storing mean+std instead of one sample keeps the VAE's sampling noise fresh every epoch.
+Contract (schemas 2.0: ``latent.npy`` float16 [T,4,64,64]): the mean of the diagonal Gaussian
+posterior q(z|x) of diffusers' ``AutoencoderKL.encode``, *unscaled*; the trainer multiplies by the
+scaling factor 0.18215 (recorded in meta) itself. With ``store_std`` (config
+``features.vae_store_std``) channels 4..7 hold the posterior std as well ([T,8,64,64]) and the
+trainer can sample ``z = mean + std * eps`` as latent-diffusion training does (Rombach et al. 2022;
+diffusers train_text_to_image.py: ``vae.encode(x).latent_dist.sample()``).
+
+Why the mean only by default (definitions audit item 4): SD 1.5's posterior std is tiny next to
+the mean, so the 4 std channels doubled the largest member for almost no information.
+Why fp32: bf16 autocast moved the mean by a relative error far above fp16 storage rounding
+(measured: docs/features.md, benchmarks/vae_precision.py); ``dtype`` float16/bfloat16 autocast
+remains available on CUDA only, as an explicit choice.
 
 Weights: ``full`` reads ``model_dir/sd-vae`` (a diffusers directory: config.json +
 diffusion_pytorch_model.safetensors) or a single state-dict file with either diffusers key names or
@@ -137,8 +143,9 @@ def frames_to_input(frames: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def encode_frames(vae, frames: np.ndarray, *, batch_size: int = 16, device: torch.device | str = "cpu",
-                  dtype: torch.dtype = torch.float32) -> np.ndarray:
-    """uint8 [T,H,W,3] -> float16 [T,8,H/8,W/8] (posterior mean ++ std), ``batch_size`` frames at a time.
+                  dtype: torch.dtype = torch.float32, store_std: bool = False) -> np.ndarray:
+    """uint8 [T,H,W,3] -> float16 [T,4,H/8,W/8] posterior mean (``store_std``: [T,8,...], mean ++ std),
+    ``batch_size`` frames at a time, computed in ``dtype`` (fp32 unless asked otherwise on CUDA).
 
     Frames travel to the device as uint8 (4x less transfer than float) and are converted there.
     """
@@ -146,10 +153,12 @@ def encode_frames(vae, frames: np.ndarray, *, batch_size: int = 16, device: torc
         raise ValueError(f"frames must be uint8 [T,H,W,3], got {frames.dtype} {frames.shape}")
     device = torch.device(device)
     T, H, W, _ = frames.shape
-    out = np.empty((T, 2 * LATENT_CHANNELS, H // DOWNSAMPLE, W // DOWNSAMPLE), dtype=np.float16)
+    channels = 2 * LATENT_CHANNELS if store_std else LATENT_CHANNELS
+    out = np.empty((T, channels, H // DOWNSAMPLE, W // DOWNSAMPLE), dtype=np.float16)
     for i in range(0, T, batch_size):
         x = torch.from_numpy(np.ascontiguousarray(frames[i:i + batch_size])).to(device, non_blocking=True)
         with autocast_context(device, dtype):
             post = vae.encode(frames_to_input(x)).latent_dist
-        out[i:i + len(x)] = torch.cat([post.mean, post.std], dim=1).to(torch.float16).cpu().numpy()
+        z = torch.cat([post.mean, post.std], dim=1) if store_std else post.mean
+        out[i:i + len(x)] = z.float().to(torch.float16).cpu().numpy()
     return out

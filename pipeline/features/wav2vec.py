@@ -1,9 +1,11 @@
-"""wav2vec2 hidden states of every layer, one row per 25 fps video frame.
+"""wav2vec2 hidden states of every layer, one row per 25 fps video frame, computed in fp32.
 
-Contract (schemas: ``audio.npy`` float16 [T,L,D]): L = num_hidden_layers + 1 hidden states
-(``output_hidden_states=True``: index 0 is the encoder input after the CNN feature projection and
-positional convolution, 1..L-1 the transformer layers); D = hidden size (768 for
-facebook/wav2vec2-base-960h, L = 13).
+Contract (schemas 2.0: ``audio.npy`` float16 [T,L,D]): L = num_hidden_layers + 1 hidden states
+(``output_hidden_states=True``): index 0 is the encoder input (CNN features -> feature projection ->
+positional convolution -> layer norm), 1..L-1 the transformer layers; D = hidden size (768 for
+facebook/wav2vec2-base-960h, L = 13). meta.json records L (``audio_layers``), that index 0 is
+included (``audio_layer0_included``) and the 50 -> 25 fps method (``audio_resampling``). The
+model runs in fp32, never under autocast (as Hallo computes it).
 
 Alignment (time 0 = first video frame, 16 kHz, 25 fps -> 640 samples per frame):
   * frame i covers audio samples [640 i, 640 (i+1)).
@@ -13,14 +15,21 @@ Alignment (time 0 = first video frame, 16 kHz, 25 fps -> 640 samples per frame):
   * wav2vec2's CNN has a 400-sample receptive field and a 320-sample stride (50 Hz), so on
     640 T + 80 samples it yields exactly 2 T rows; row k sees samples [320 k - 40, 320 k + 360),
     centred on 320 k + 160. Rows 2i and 2i+1 are centred 160 samples either side of frame i's centre
-    (640 i + 320): they are frame i's two rows, and frame i's feature is their mean.
+    (640 i + 320): they are frame i's two rows, and frame i's feature is their mean, taken on the
+    transformer's *outputs* (the encoder runs on the 50 Hz sequence it was pretrained on).
   * The pairing is V-Express's (tencent-ailab/V-Express, datasets/talking_face_video.py,
     get_audio_frame_embeddings: frame i owns 50 Hz rows [2i, 2i+2)); their mean is exactly what
     linear interpolation 50 -> 25 Hz with half-sample-centred grids gives
-    (``F.interpolate(mode="linear", align_corners=False)`` samples 50 Hz position 2i + 0.5), the
-    interpolation family Hallo uses (fudan-generative-vision/hallo, hallo/models/wav2vec.py
-    ``linear_interpolation``). Unlike Hallo we interpolate *after* the transformer, so the encoder
-    sees the 50 Hz sequence it was pretrained on.
+    (``F.interpolate(mode="linear", align_corners=False)`` samples 50 Hz position 2i + 0.5).
+
+What Hallo does instead (fudan-generative-vision/hallo, hallo/models/wav2vec.py ``Wav2VecModel.forward``
+and ``linear_interpolation``; hallo/datasets/audio_processor.py ``preprocess``): it interpolates the
+*CNN features* (``feature_extractor`` output, before the feature projection) to the frame count with
+``F.interpolate(mode="linear", align_corners=True)``, runs the projection and transformer on that
+25 Hz sequence, keeps ``hidden_states[1:]`` (the 12 transformer layers, no index 0), and computes
+in fp32. So our features are not Hallo's: fine for training an audio projection from scratch, but
+Hallo's pretrained audio projection expects its own features; ``audio[:, 1:]`` at least gives it
+the 12 layers it was built for (the values still differ, as the transformer saw 50 Hz input here).
 """
 from __future__ import annotations
 
@@ -40,6 +49,10 @@ FEATURE_STRIDE = 320  # product of conv_stride (5,2,2,2,2,2,2): 50 Hz
 RECEPTIVE_FIELD = 400  # of conv_kernel (10,3,3,3,3,2,2) with those strides
 EDGE_PAD = (RECEPTIVE_FIELD - FEATURE_STRIDE) // 2  # 40: centres frame i's two rows on the frame
 ALIGNMENT = "wav2vec2@50Hz, rows (2i,2i+1) averaged per 25fps frame (V-Express pairing), 40-sample edge pad"
+# meta.json "audio_resampling": how the 50 Hz rows become 25 fps rows.
+RESAMPLING = ("mean of 50 Hz rows (2i, 2i+1) after the transformer (= linear 50->25 Hz, align_corners=False); "
+              "input 640T samples + 40 zeros each side")
+LAYER0_INCLUDED = True  # audio.npy[:, 0] is hidden_states[0]; Hallo keeps hidden_states[1:]
 
 # Same conv geometry as wav2vec2-base (stride 320 -> 50 Hz, receptive field 400), tiny widths.
 SMOKE_CONFIG = dict(
@@ -166,21 +179,23 @@ def load_wav2vec2(profile: str, model_dir: str | Path | None = None):
 
 @torch.inference_mode()
 def encode_audio(model, audio16k: np.ndarray, n_frames: int, *, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, normalize: bool = True) -> np.ndarray:
-    """float32 [N] at 16 kHz -> float16 [T, L, D] (all hidden states, one row per video frame)."""
-    from .vae import autocast_context
-
+                 normalize: bool = True) -> np.ndarray:
+    """float32 [N] at 16 kHz -> float16 [T, L, D] (all hidden states, one row per video frame), in fp32."""
     device = torch.device(device)
     cfg = model.config
     L, D = cfg.num_hidden_layers + 1, cfg.hidden_size
     if n_frames == 0:
         return np.zeros((0, L, D), dtype=np.float16)
+    weights = {p.dtype for p in model.parameters()}
+    if weights != {torch.float32}:
+        raise ValueError(f"wav2vec2 weights are {sorted(map(str, weights))}; features are computed in float32")
     x = frame_aligned_input(audio16k, n_frames, normalize)
     rows = n_feature_rows(len(x), cfg.conv_kernel, cfg.conv_stride)
     if rows != 2 * n_frames:
         raise ValueError(f"model conv stack gives {rows} rows for {n_frames} frames; the alignment needs "
                          f"stride {FEATURE_STRIDE} and receptive field {RECEPTIVE_FIELD} (wav2vec2 geometry)")
-    with autocast_context(device, dtype):
+    # an enclosing autocast (e.g. a caller's) must not lower the precision: fp32 like Hallo
+    with torch.autocast(device.type, enabled=False):
         out = model(torch.from_numpy(x)[None].to(device), output_hidden_states=True)
     h = torch.stack(out.hidden_states, dim=2)[0].float()  # [2T, L, D]
     return h.view(n_frames, 2, L, D).mean(dim=1).to(torch.float16).cpu().numpy()
