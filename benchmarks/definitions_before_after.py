@@ -15,6 +15,9 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+import json
+import tarfile
+
 import pyarrow.parquet as pq
 
 # (header, scores column, format); the pose rules act on the robust column where a run has it.
@@ -22,16 +25,34 @@ COLUMNS = [
     ("yaw max", "yaw_abs_max", "{:.1f}"), ("yaw p95", "yaw_abs_p95", "{:.1f}"),
     ("pitch max", "pitch_abs_max", "{:.1f}"), ("pitch p95", "pitch_abs_p95", "{:.1f}"),
     ("roll max", "roll_abs_max", "{:.1f}"), ("roll p95", "roll_abs_p95", "{:.1f}"),
-    ("complete", "complete_frac", "{:.2f}"), ("padding", "padding_frac", "{:.2f}"),
+    ("complete", "complete_frac", "{:.2f}"), ("padding", "pad_frac", "{:.2f}"),
     ("sync box", "sync_box_source", "{}"),
 ]
+# A run from before the SyncNet box was recorded used the face model of the crop stage: BlazeFace.
+SYNC_BOX_BEFORE_RECORDED = "blazeface (not recorded)"
+
+
+def _sync_boxes(out: Path) -> dict[str, str]:
+    """Sample key -> the detector whose boxes cut its SyncNet crops (kept clips' meta.json)."""
+    boxes = {}
+    for shard in sorted((out / "shards").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.name.endswith(".meta.json"):
+                    meta = json.load(tar.extractfile(member))
+                    boxes[meta["key"]] = meta.get("score_details", {}).get("sync_box_source",
+                                                                            SYNC_BOX_BEFORE_RECORDED)
+    return boxes
 
 
 def _rows_by_input(out: Path) -> dict[str, list[dict]]:
     """Input file name -> its scored clips (kept or rejected) and video-level rejects."""
     by: dict[str, list[dict]] = defaultdict(list)
     scores = pq.read_table(out / "scores.parquet").to_pylist()
+    boxes = _sync_boxes(out)
     for r in scores:
+        if r["key"] in boxes:
+            r["sync_box_source"] = boxes[r["key"]]
         by[Path(r["uri"]).name].append(r)
     scored = {r["key"] for r in scores}
     for r in pq.read_table(out / "rejects.parquet").to_pylist():
