@@ -38,8 +38,12 @@ class DetectConfig(_Section):
 class TrackConfig(_Section):
     iou_threshold: float = Field(0.3, gt=0, lt=1, description="min IoU to link a detection to a track")
     max_gap_s: float = Field(0.6, ge=0, description="a track survives missed detections for this long")
-    shot_threshold: float = Field(0.45, gt=0, le=2,
-                                  description="HSV-histogram Bhattacharyya distance between consecutive frames that marks a cut")
+    # PySceneDetect detectors on the analysis frames (pipeline/shots.py; comparison in docs/pipeline.md "Shots"):
+    # AdaptiveDetector finds hard cuts (also between two shots of one person), HistogramDetector fades and dissolves.
+    shot_detectors: dict[Literal["content", "adaptive", "histogram", "hash", "threshold", "hsv"], float] = Field(
+        default_factory=lambda: {"adaptive": 3.0, "histogram": 0.05}, min_length=1,
+        description="shot detector -> its threshold; a frame starts a new shot if any detector cuts there")
+    min_shot_frames: int = Field(15, ge=1, description="a detector reports no cut within this many frames of its last (PySceneDetect min_scene_len)")
     smooth_window_s: float = Field(0.52, ge=0, description="median filter on box centres/sizes (syncnet_python uses 13 frames at 25 fps)")
 
 

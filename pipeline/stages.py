@@ -166,7 +166,8 @@ class DetectTrackStage:
             analysis = analyze_video(row["uri"], self.detector, rotation=p["rotation"], width=p["width"],
                                      height=p["height"], detect_fps=cfg.detect.detect_fps, max_side=cfg.detect.max_side,
                                      iou_threshold=cfg.track.iou_threshold, max_gap_s=cfg.track.max_gap_s,
-                                     shot_threshold=cfg.track.shot_threshold, damage=damage)
+                                     shot_detectors=cfg.track.shot_detectors,
+                                     min_shot_frames=cfg.track.min_shot_frames, damage=damage)
             coverage, coverage_record = self._coverage(row["uri"], p, damage)
             video_end = float(analysis.frame_times[-1]) + 1.0 / max(p["fps"], 1.0) if len(analysis.frame_times) else 0.0
             clips, short = segment_tracks(analysis, video_end_s=video_end, detect_fps=cfg.detect.detect_fps,

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 
 from .faces.base import Face, FaceDetector
 from .geometry import ActivePicture, ActivePictureTracker
 from .media import iter_frames
+from .shots import ShotDetector, mark_shots
 
 
 @dataclass
@@ -80,24 +80,17 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
-def _hsv_hist(img: np.ndarray) -> np.ndarray:
-    small = cv2.resize(img, (64, 64), interpolation=cv2.INTER_AREA)
-    hsv = cv2.cvtColor(small, cv2.COLOR_RGB2HSV)
-    hist = cv2.calcHist([hsv], [0, 1], None, [16, 8], [0, 180, 0, 256])
-    return cv2.normalize(hist, hist).flatten()
-
-
 def analyze_video(uri: str, detector: FaceDetector, *, rotation: int, width: int, height: int,
                   detect_fps: float, max_side: int, iou_threshold: float, max_gap_s: float,
-                  shot_threshold: float, damage=None) -> VideoAnalysis:
+                  shot_detectors: dict[str, float], min_shot_frames: int = 15, damage=None) -> VideoAnalysis:
     """Decode once at analysis resolution; find cuts on every frame, faces at ``detect_fps``.
 
     ``damage``: a media.DecodeLog to decode past damaged packets (their frames are skipped and
-    their time ranges logged) instead of raising at the first one."""
+    their time ranges logged) instead of raising at the first one. ``shot_detectors``: name ->
+    threshold (pipeline.shots), run on the same decoded frames."""
     scale = max(1.0, max(width, height) / max_side)
     times: list[float] = []
     cuts: list[float] = []
-    prev_hist = None
     next_detect = -np.inf
     detect_times: list[float] = []
     faces_count: list[int] = []
@@ -105,15 +98,14 @@ def analyze_video(uri: str, detector: FaceDetector, *, rotation: int, width: int
     active: list[Track] = []
     shot = 0
     bars = ActivePictureTracker()  # cropdetect-style bar detection, reset at every cut
-    for t, img in iter_frames(uri, rotation=rotation, max_side=max_side, damage=damage):
-        hist = _hsv_hist(img)
-        if prev_hist is not None and cv2.compareHist(prev_hist, hist, cv2.HISTCMP_BHATTACHARYYA) > shot_threshold:
+    frames = iter_frames(uri, rotation=rotation, max_side=max_side, damage=damage)
+    for t, img, new_shot in mark_shots(frames, ShotDetector(shot_detectors, min_shot_frames)):
+        if new_shot:
             cuts.append(t)
             shot += 1
             bars.new_shot()
             active = []  # tracks never cross a cut
             next_detect = -np.inf  # detect on the first frame of every shot
-        prev_hist = hist
         bars.add(img)
         times.append(t)
         if t + 1e-6 < next_detect:

@@ -2,6 +2,7 @@
 a second face), for checking that the scoring rules catch exactly that change."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -195,3 +196,153 @@ def digital_silence_runs(audio: np.ndarray, rate: int = 16000, level: float = 1e
     edges = np.diff(np.concatenate([[0], quiet.astype(np.int8), [0]]))
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
     return float((ends - starts).max() / rate)
+
+
+# --- shot transitions (tests/test_shots.py, benchmarks/shots.py) --------------------------------
+# Labelled clips for judging shot-boundary detectors: two real clips joined by a hard cut, a fade
+# through black or a cross-dissolve, and hard cuts between two shots of the same person. Frames are
+# square (side SHOT_SIDE, below the pipeline's max_side, so analysis sees them unscaled) at 25 fps.
+
+SHOT_SIDE = 512
+SHOT_FPS = 25
+
+
+@dataclass
+class LabelledClip:
+    name: str
+    kind: str  # "hard", "fade", "dissolve", "same_person" or "none" (a real clip, no cut)
+    path: Path
+    # frame indices: a hard cut's first new frame (first == last); a gradual transition's first
+    # mixed frame .. first frame fully of the new shot; None for a clip without a cut
+    truth: tuple[int, int] | None
+
+
+def square_segment(path: Path, start_s: float, seconds: float, side: int = SHOT_SIDE) -> list[np.ndarray]:
+    """The source's frames in [start_s, start_s + seconds), centre-cropped square, resized to side."""
+    out = []
+    for _, f in iter_frames(str(path), start_s=start_s, end_s=start_s + seconds):
+        h, w = f.shape[:2]
+        s = min(h, w)
+        y0, x0 = (h - s) // 2, (w - s) // 2
+        out.append(cv2.resize(f[y0:y0 + s, x0:x0 + s], (side, side), interpolation=cv2.INTER_AREA))
+    return out
+
+
+def join_hard(a, b):
+    return list(a) + list(b), (len(a), len(a))
+
+
+def join_fade(a, b, n_out: int, n_in: int):
+    """A fades to black over its last n_out frames, B fades in over its first n_in."""
+    out = [f.astype(np.float32) * (1 - (i + 1) / (n_out + 1)) for i, f in enumerate(a[-n_out:])]
+    inn = [f.astype(np.float32) * ((i + 1) / (n_in + 1)) for i, f in enumerate(b[:n_in])]
+    frames = list(a[:-n_out]) + [np.clip(f, 0, 255).astype(np.uint8) for f in out + inn] + list(b[n_in:])
+    return frames, (len(a) - n_out, len(a) + n_in)
+
+
+def join_dissolve(a, b, n: int):
+    """Cross-dissolve over n frames: A's last n frames blended into B's first n."""
+    mix = [cv2.addWeighted(fa, 1 - (i + 1) / (n + 1), fb, (i + 1) / (n + 1), 0.0)
+           for i, (fa, fb) in enumerate(zip(a[-n:], b[:n]))]
+    return list(a[:-n]) + mix + list(b[n:]), (len(a) - n, len(a))
+
+
+def _write_silent(path: Path, frames) -> Path:
+    path.write_bytes(encode_clip(frames, np.zeros(int(len(frames) / SHOT_FPS * 16000), np.float32), fps=SHOT_FPS))
+    return path
+
+
+# (A, B) pairs of different people; each is joined by every transition in TRANSITIONS.
+PEOPLE_PAIRS = [("wda_aoc_000.mp4", "edtalk_obama.mp4"),
+                ("retalking_face2.mp4", "liveportrait_s18_music_static.mp4"),
+                ("edtalk_mouth_source_noaudio.mp4", "retalking_face1_vfr30.mp4"),
+                ("liveportrait_d18_silent.mp4", "latentsync_demo1_portrait_hevc.mp4")]
+TRANSITIONS = [("hard", lambda a, b: join_hard(a, b)),
+               ("fade", lambda a, b: join_fade(a, b, 6, 7)),  # 0.52 s through black
+               ("fade", lambda a, b: join_fade(a, b, 12, 13)),  # 1.0 s
+               ("dissolve", lambda a, b: join_dissolve(a, b, 13)),  # 0.52 s
+               ("dissolve", lambda a, b: join_dissolve(a, b, 25))]  # 1.0 s
+# The same person before and after a hard cut: a later moment of the same clip, or mirrored.
+SAME_PERSON = [("edtalk_obama.mp4", 0.0, 6.0, False), ("wda_aoc_000.mp4", 0.0, 5.0, False),
+               ("edtalk_mouth_source_noaudio.mp4", 0.0, 5.0, False),
+               ("wda_aoc_000.mp4", 0.0, 2.0, True), ("edtalk_obama.mp4", 0.0, 2.0, True)]
+
+
+def transition_clips(real_dir: Path, out_dir: Path, seconds: float = 2.0) -> list[LabelledClip]:
+    """Every labelled transition clip, written to out_dir as 25 fps H.264 (silent audio)."""
+    segs: dict[tuple[str, float], list[np.ndarray]] = {}
+
+    def seg(name, start):
+        if (name, start) not in segs:
+            segs[(name, start)] = square_segment(real_dir / name, start, seconds)
+        return segs[(name, start)]
+
+    clips = []
+    for a, b in PEOPLE_PAIRS:
+        for i, (kind, join) in enumerate(TRANSITIONS):
+            frames, truth = join(seg(a, 0.0), seg(b, 0.0))
+            name = f"{kind}{i}_{Path(a).stem[:12]}_{Path(b).stem[:12]}"
+            clips.append(LabelledClip(name, kind, _write_silent(out_dir / f"{name}.mp4", frames), truth))
+    for src, t_a, t_b, mirror in SAME_PERSON:
+        b = [np.ascontiguousarray(f[:, ::-1]) for f in seg(src, t_b)] if mirror else seg(src, t_b)
+        frames, truth = join_hard(seg(src, t_a), b)
+        name = f"same_{Path(src).stem[:12]}_{'mirror' if mirror else f'{t_b:g}s'}"
+        clips.append(LabelledClip(name, "same_person", _write_silent(out_dir / f"{name}.mp4", frames), truth))
+    return clips
+
+
+def zoom(frames, to: float):
+    """A digital zoom-in about the centre, from 1x to ``to`` over the frames (a camera move)."""
+    out = []
+    for i, f in enumerate(frames):
+        z = 1 + (to - 1) * i / max(len(frames) - 1, 1)
+        m = cv2.getRotationMatrix2D((f.shape[1] / 2, f.shape[0] / 2), 0.0, z)
+        out.append(cv2.warpAffine(f, m, (f.shape[1], f.shape[0]), borderMode=cv2.BORDER_REFLECT))
+    return out
+
+
+def pan(frames, fraction: float):
+    """A horizontal pan: the view slides by ``fraction`` of the width over the frames."""
+    w = frames[0].shape[1]
+    m = lambda i: np.float32([[1, 0, -fraction * w * i / max(len(frames) - 1, 1)], [0, 1, 0]])  # noqa: E731
+    return [cv2.warpAffine(f, m(i), (w, f.shape[0]), borderMode=cv2.BORDER_REFLECT) for i, f in enumerate(frames)]
+
+
+def exposure_ramp(frames, gain: float, start: int, n: int):
+    """The picture brightens by ``gain`` over n frames from ``start`` (auto-exposure, a light)."""
+    g = lambda i: 1 + (gain - 1) * min(max((i - start) / n, 0.0), 1.0)  # noqa: E731
+    return [np.clip(f.astype(np.float32) * g(i), 0, 255).astype(np.uint8) for i, f in enumerate(frames)]
+
+
+def no_cut_clips(real_dir: Path, out_dir: Path, seconds: float = 4.0) -> list[LabelledClip]:
+    """One shot each, with what a careless detector takes for a cut: a fast zoom (1x -> 1.5x in
+    1.3 s), a fast pan (a quarter of the width in 1.3 s), a brightness step (x1.3 over 3 frames)."""
+    clips = []
+    for src in ("edtalk_obama.mp4", "wda_aoc_000.mp4"):
+        base = square_segment(real_dir / src, 0.0, seconds)
+        k, stem = len(base) // 3, Path(src).stem[:12]
+        # the move runs over the middle second; the last frames hold its end position
+        variants = {"zoom": base[:k] + zoom(base[k:2 * k], 1.5) + [zoom([f, f], 1.5)[1] for f in base[2 * k:]],
+                    "pan": base[:k] + pan(base[k:2 * k], 0.25) + [pan([f, f], 0.25)[1] for f in base[2 * k:]],
+                    "exposure": exposure_ramp(base, 1.3, k, 3)}
+        for what, frames in variants.items():
+            name = f"nocut_{what}_{stem}"
+            clips.append(LabelledClip(name, "no_cut", _write_silent(out_dir / f"{name}.mp4", frames), None))
+    return clips
+
+
+def real_clips(real_dir: Path) -> list[LabelledClip]:
+    """The real video clips as they are, each one shot (no detector in benchmarks/shots.py cuts any)."""
+    return [LabelledClip(p.stem, "none", p, None) for p in sorted(real_dir.glob("*.mp4"))]
+
+
+def judge_cuts(cuts: list[int], clip: LabelledClip, tolerance: int = 1) -> tuple[bool, int, int | None]:
+    """(transition found, false cuts, timing error in frames of the first good cut) for the cut
+    frames a detector reported on a labelled clip. A hard cut must be within ``tolerance`` frames;
+    a gradual one anywhere in its span; every other cut is false."""
+    if clip.truth is None:
+        return False, len(cuts), None
+    first, last = clip.truth
+    lo, hi = (first - tolerance, last + tolerance) if first == last else (first, last)
+    good = [c for c in cuts if lo <= c <= hi]
+    return bool(good), len(cuts) - len(good), (abs(good[0] - first) if good and first == last else None)
