@@ -80,17 +80,32 @@ def test_no_cut_in_a_real_clip(clip):
 
 
 def test_mark_shots_places_late_cuts_at_their_frame(labelled):
-    """ContentDetector's flash filter reports some cuts up to min_scene_len frames late; mark_shots
-    holds frames back so each cut still lands on its own frame, as in a second offline pass."""
-    clip = next(c for c, _, _ in labelled if c.kind == "fade")
+    """AdaptiveDetector reports a cut window_width (2) frames after it happened; mark_shots holds
+    frames back so the cut still lands on its own frame, before the tracker sees that frame."""
+    clip = next(c for c, _, _ in labelled if c.name == "hard0_wda_aoc_000_edtalk_obama")
     frames = [img for _, img in iter_frames(str(clip.path), max_side=MAX_SIDE)]
-    offline = ShotDetector({"content": 27.0})
+    offline = ShotDetector({"adaptive": 3.0})
     reported = [(i, c) for i, f in enumerate(frames) for c in offline.process(i, f)]
-    assert ShotDetector({"content": 27.0}).lag == TRACK.min_shot_frames
-    streamed = [i for i, (_, _, new) in enumerate(mark_shots(((0.04 * i, f) for i, f in enumerate(frames)),
-                                                            ShotDetector({"content": 27.0}))) if new]
-    assert streamed == sorted({c for _, c in reported}) and streamed
-    assert all(c in range(*clip.truth) for c in streamed)
+    assert reported == [(clip.truth[0] + 2, clip.truth[0])]
+    shots = ShotDetector({"adaptive": 3.0})
+    assert shots.lag == 2
+    marked = list(mark_shots(((0.04 * i, f) for i, f in enumerate(frames)), shots))
+    assert [i for i, (_, _, new) in enumerate(marked) if new] == [clip.truth[0]]
+    assert [t for t, _, _ in marked] == [0.04 * i for i in range(len(frames))]
+
+
+def test_a_cut_reported_beyond_the_held_frames_lands_on_the_oldest_held_one():
+    """ThresholdDetector reports a fade through black at its middle, once the picture returns:
+    after 4 s of black that frame has left; the cut goes on the oldest frame still held (black)."""
+    grey, black = np.full((64, 64, 3), 120, np.uint8), np.zeros((64, 64, 3), np.uint8)
+    frames = [grey] * 20 + [black] * 100 + [grey] * 20
+    shots = ShotDetector({"threshold": 12.0})
+    marked = list(mark_shots(((0.04 * i, f) for i, f in enumerate(frames)), shots))
+    assert [i for i, (_, _, new) in enumerate(marked) if new] == [120 - ShotDetector.MAX_LAG]
+    # held long enough, the same fade is cut at its middle (PySceneDetect's fade_bias 0)
+    short = [grey] * 20 + [black] * 40 + [grey] * 20
+    marked = list(mark_shots(((0.04 * i, f) for i, f in enumerate(short)), ShotDetector({"threshold": 12.0})))
+    assert [i for i, (_, _, new) in enumerate(marked) if new] == [40]
 
 
 def test_tracks_split_at_a_dissolve_and_a_hard_cut(labelled):
