@@ -17,7 +17,8 @@ import torch
 
 from loader_fixtures import loader_config, make_dataset, take, write_identities
 from loopy_model.data import IdentityBalance, StreamingLoader, StreamingWindowDataset, WindowConfig
-from loopy_model.data.identity import check_balance, dense_groups, identity_unit, parse_split, split_mask
+from loopy_model.data.identity import (check_balance, dense_groups, identity_probabilities, identity_unit,
+                                       parse_split, split_mask)
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = np.arange(1, 41)  # 40 identities with 1..40 clips: 820 clips, the largest 40x the smallest
@@ -119,6 +120,9 @@ def test_temperature_sets_identity_probability_to_clips_to_the_power_one_over_t(
             assert np.array_equal(per_identity, counts)
     # T = 1 is the natural distribution: every clip exactly once, as without balancing
     assert np.array_equal(IdentityBalance(gids, group, 1.0).draw(3, 0), np.sort(gids))
+    # a small T concentrates on the largest identity without overflowing n ** (1/T)
+    p = identity_probabilities(np.array([1, 1000, 10 ** 6]), 0.01)
+    assert np.all(np.isfinite(p)) and p.sum() == pytest.approx(1) and p[2] > 0.999
 
 
 def _group_of(drawn, gids, group):
@@ -182,6 +186,11 @@ def test_split_in_the_loader(skewed):
                                 rank=0, world_size=1)
     drawn = {identity_of[k] for k in _plan_keys(ds)}
     assert drawn and not drawn & val_ids
+
+
+def test_an_empty_side_is_a_clear_error(small):
+    with pytest.raises(ValueError, match="0 selected clips make no global batch"):
+        StreamingWindowDataset(loader_config(small, split="val:1e-9", balance="identity"), rank=0, world_size=1)
 
 
 @pytest.mark.parametrize("split", ["val", "val:0", "val:1", "test:0.1", "train:x", "0.02"])

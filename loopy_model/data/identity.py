@@ -76,8 +76,16 @@ def check_balance(balance: str | None, temperature: float | None) -> None:
 
 
 # ---------------------------------------------------------------------------- the table
-def identity_groups(index: DatasetIndex, gids: np.ndarray, why: str) -> tuple[np.ndarray, np.ndarray]:
-    """(identity id, known) per selected gid, from ``IDENTITIES_FILE``.
+def sample_keys(index: DatasetIndex, gids: np.ndarray, why: str) -> list[str]:
+    if any(s.keys is None for s in index.shards):
+        raise ValueError(f"{index.uri}/index.json has shards without 'keys'; {why} needs them to join "
+                         f"{index.uri}/{IDENTITIES_FILE}")
+    every = [k for s in index.shards for k in s.keys]  # one list: key_of per sample is slow at millions
+    return [every[g] for g in gids.tolist()]
+
+
+def identity_groups(index: DatasetIndex, gids: np.ndarray, why: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(identity id, known, key) per selected gid, from ``IDENTITIES_FILE``.
 
     ``known`` is False for clips the table does not list (or lists with a null id); their id
     is meaningless and they count as singletons (module docstring).
@@ -100,15 +108,13 @@ def identity_groups(index: DatasetIndex, gids: np.ndarray, why: str) -> tuple[np
     ids = table["identity_id"].to_numpy(zero_copy_only=False)
     valid = table["identity_id"].is_valid().to_numpy(zero_copy_only=False)
     of_key = {k: int(i) for k, i, ok in zip(keys, ids, valid) if ok}
-    sample_keys = [index.key_of(int(g)) for g in gids]
-    if any(k is None for k in sample_keys):
-        raise ValueError(f"{index.uri}/index.json has shards without 'keys'; {why} needs them to join {path}")
-    known = np.array([k in of_key for k in sample_keys], dtype=bool)
-    identity = np.array([of_key.get(k, -1) for k in sample_keys], dtype=np.int64)
+    keys = sample_keys(index, gids, why)
+    known = np.array([k in of_key for k in keys], dtype=bool)
+    identity = np.array([of_key.get(k, -1) for k in keys], dtype=np.int64)
     if not known.all():
         log.warning("%s: %d of %d selected clips are not in %s; each counts as its own identity "
                     "(re-run jobs/identities.py to cluster them)", index.uri, int((~known).sum()), len(gids), path)
-    return identity, known
+    return identity, known, keys
 
 
 def _unit_hash(data: bytes) -> float:
@@ -144,7 +150,8 @@ def identity_probabilities(sizes: np.ndarray, temperature: float | None) -> np.n
     """p_i ∝ n_i ** (1/T); None = uniform (the T -> infinity limit)."""
     if temperature is None:
         return np.full(len(sizes), 1.0 / len(sizes))
-    w = np.exp(np.log(sizes.astype(np.float64)) / temperature)  # n ** (1/T) without overflow worries
+    log_n = np.log(sizes.astype(np.float64))
+    w = np.exp((log_n - log_n.max()) / temperature)  # n ** (1/T), scaled so that a small T cannot overflow
     return w / w.sum()
 
 

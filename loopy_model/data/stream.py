@@ -111,14 +111,13 @@ class StreamingWindowDataset(IterableDataset):
         ident.check_balance(cfg.balance, cfg.balance_temperature)
         if split is None and cfg.balance is None:
             return gids, None
-        why = " and ".join(([f"split={cfg.split!r}"] if split else []) + ([f"balance={cfg.balance!r}"]
-                                                                           if cfg.balance else []))
-        identity, known = ident.identity_groups(self.index, gids, why)
+        why = " and ".join(f"{name}={value!r}" for name, value in (("split", cfg.split), ("balance", cfg.balance))
+                           if value)
+        identity, known, keys = ident.identity_groups(self.index, gids, why)
         if split is not None:
-            keys = [self.index.key_of(int(g)) for g in gids]
             side = ident.split_mask(identity, known, keys, *split)
             gids, identity, known = gids[side], identity[side], known[side]
-        if cfg.balance is None:
+        if cfg.balance is None or not len(gids):  # nothing to balance: _check_start says so
             return gids, None
         return gids, ident.IdentityBalance(gids, ident.dense_groups(identity, known), cfg.balance_temperature)
 
