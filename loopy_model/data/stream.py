@@ -158,7 +158,8 @@ class StreamingWindowDataset(IterableDataset):
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
         if state["fingerprint"] != self.fingerprint:
-            raise ValueError("the dataset or the selection changed since this state was saved "
+            raise ValueError("the dataset, the selection (where, split) or the balance changed since this state "
+                             "was saved "
                              f"(fingerprint {state['fingerprint']} != {self.fingerprint})")
         self.order = OrderConfig(state["seed"], state["num_partitions"], state["shuffle_block_shards"],
                                  self.order.global_batch_size, state["last_batch"])
