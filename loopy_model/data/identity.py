@@ -5,7 +5,7 @@ one row per clip, ``key`` -> ``identity_id``, plus ``cluster_size`` and ``identi
 the loader does not need). Only the columns in ``IDENTITY_COLUMNS`` are read and checked.
 
 Split (``split="train:0.02"`` / ``"val:0.02"``): identity ``i`` is on the val side iff
-``u(i) < fraction``, ``u(i)`` = the first 8 bytes of BLAKE2b(domain || int64 LE i) as a number in
+``u(i) < fraction``, ``u(i)`` = BLAKE2b-64(domain || int64 LE i), its top 53 bits as a number in
 [0, 1). It depends on the identity id only (not on the seed, the selection or the machine), so
 every clip of an identity is on one side, the val set is the same in every run, and a larger
 fraction only adds identities to val (the val side of 0.01 is inside that of 0.02).
@@ -101,13 +101,13 @@ def identity_groups(index: DatasetIndex, gids: np.ndarray, why: str) -> tuple[np
                          f"re-run `python jobs/identities.py {index.uri}`")
     if not pa.types.is_integer(table.schema.field("identity_id").type):
         raise ValueError(f"{path}: identity_id is {table.schema.field('identity_id').type}, expected int64")
-    keys = table["key"].to_pylist()
-    if len(set(keys)) != len(keys):
-        dup = [k for k, n in Counter(keys).items() if n > 1]
+    listed = table["key"].to_pylist()
+    if len(set(listed)) != len(listed):
+        dup = [k for k, n in Counter(listed).items() if n > 1]
         raise ValueError(f"{path}: {len(dup)} keys listed more than once (a clip in two identities?), e.g. {dup[:3]}")
     ids = table["identity_id"].to_numpy(zero_copy_only=False)
     valid = table["identity_id"].is_valid().to_numpy(zero_copy_only=False)
-    of_key = {k: int(i) for k, i, ok in zip(keys, ids, valid) if ok}
+    of_key = {k: int(i) for k, i, ok in zip(listed, ids, valid) if ok}
     keys = sample_keys(index, gids, why)
     known = np.array([k in of_key for k in keys], dtype=bool)
     identity = np.array([of_key.get(k, -1) for k in keys], dtype=np.int64)
@@ -118,8 +118,9 @@ def identity_groups(index: DatasetIndex, gids: np.ndarray, why: str) -> tuple[np
 
 
 def _unit_hash(data: bytes) -> float:
-    """A stable hash in [0, 1): BLAKE2b, 8 bytes, little endian / 2**64 (never Python's hash())."""
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") / 2.0 ** 64
+    """A stable hash in [0, 1): the top 53 bits of BLAKE2b-64 (little endian) / 2**53, exact in a
+    float (never Python's hash(), which is salted per process)."""
+    return (int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 11) / 2.0 ** 53
 
 
 def identity_unit(identity_id: int) -> float:
