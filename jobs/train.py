@@ -33,6 +33,11 @@ def parse_args(argv=None):
     ap.add_argument("--preset", default="tiny", help="model preset: tiny | paper")
     ap.add_argument("--init", help="stage-1 run/checkpoint (stage 2) or SD 1.5 weights")
     ap.add_argument("--where", help='select clips by stored scores, e.g. "sync_conf >= 5"')
+    ap.add_argument("--split", help='identity-disjoint side to train on, e.g. "train:0.02" (2%% of identities '
+                    'held out; needs identities.parquet)')
+    ap.add_argument("--balance", choices=("identity",), help="draw identities equally often (needs identities.parquet)")
+    ap.add_argument("--balance-temperature", type=float,
+                    help="with --balance identity: p(identity) ∝ clips^(1/T); 1 = natural, default uniform")
     ap.add_argument("--max-steps", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=0, help="global batch (clips per step); 0 = 1 per process")
     ap.add_argument("--grad-accum", type=int, default=1, help="loader batches per optimiser step")
@@ -67,6 +72,7 @@ def config_from_args(args):
 
     return TrainConfig(
         data=args.data, out=args.out, stage=args.stage, preset=args.preset, init=args.init, where=args.where,
+        split=args.split, balance=args.balance, balance_temperature=args.balance_temperature,
         allow_smoke=args.allow_smoke, resume=args.resume, max_steps=args.max_steps,
         global_batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed, lr=args.lr,
         warmup_steps=args.warmup_steps,

@@ -77,6 +77,21 @@ def make_dataset(root: str | Path, shard_sizes: list[int], frames=(20, 160), pro
     return root
 
 
+def write_identities(root: str | Path, identity_of: dict[str, int | None], model: str = "test-arcface") -> Path:
+    """identities.parquet as jobs/identities.py writes it: key, identity_id, cluster_size, identity_model
+    (``None``: a null identity_id). cluster_size counts the listed clips of the identity."""
+    sizes: dict = {}
+    for i in identity_of.values():
+        sizes[i] = sizes.get(i, 0) + 1
+    table = pa.table({"key": pa.array(list(identity_of), pa.string()),
+                      "identity_id": pa.array(list(identity_of.values()), pa.int64()),
+                      "cluster_size": pa.array([sizes[i] for i in identity_of.values()], pa.int32()),
+                      "identity_model": pa.array([model] * len(identity_of), pa.string())})
+    path = Path(root) / "identities.parquet"
+    pq.write_table(table, path)
+    return path
+
+
 def clip_number(key: str) -> int:
     return int(key[3:6])
 

@@ -106,9 +106,10 @@ class DatasetIndex:
     def shard_uri(self, shard: int) -> str:
         return posixpath.join(self.uri, self.shards[shard].url)
 
-    def fingerprint(self, gids: np.ndarray) -> str:
-        """Identifies (shards, selected samples): a resumed run must see the same one."""
+    def fingerprint(self, gids: np.ndarray, extra: bytes = b"") -> str:
+        """Identifies (shards, selected samples[, how they are drawn]): a resumed run must see the same one."""
         h = hashlib.sha256()
         h.update(json.dumps([[s.url, s.sha256, s.nsamples] for s in self.shards]).encode())
         h.update(np.ascontiguousarray(gids, dtype="<i8").tobytes())
+        h.update(extra)  # empty unless sampling is balanced: older fingerprints stay valid
         return h.hexdigest()[:32]

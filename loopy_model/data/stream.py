@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from . import identity as ident
 from .collate import collate_windows
 from .index import DatasetIndex
 from .partition import EpochPlan, OrderConfig
@@ -48,6 +49,9 @@ class LoaderConfig:
     shuffle_block_shards: int = 4  # shuffle buffer, in shards' worth of samples
     last_batch: str = "drop"  # drop | wrap: the incomplete last global batch
     where: str | None = None  # selection over manifest(+scores) columns
+    split: str | None = None  # "train:0.02" | "val:0.02": identity-disjoint side (identity.py)
+    balance: str | None = None  # None (each clip once per epoch) | "identity" (identity.py)
+    balance_temperature: float | None = None  # p(identity) ∝ clips ** (1/T); None = uniform
     allow_smoke: bool = False
     storage_options: dict | None = None  # fsspec options (endpoint, credentials, ...)
     cache_dir: str | None = None  # local shard cache for remote datasets
@@ -77,9 +81,9 @@ class StreamingWindowDataset(IterableDataset):
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
         self.index = DatasetIndex.load(cfg.uri, storage_options=cfg.storage_options, allow_smoke=cfg.allow_smoke)
-        self.gids = select_samples(self.index, cfg.where, cfg.allow_smoke)
-        self.gid_shards = self.index.shard_of(self.gids)
-        self.fingerprint = self.index.fingerprint(self.gids)
+        self.gids, self.balance = self._identity_selection(select_samples(self.index, cfg.where, cfg.allow_smoke))
+        self.fingerprint = self.index.fingerprint(self.gids, b"" if self.balance is None
+                                                  else self.balance.fingerprint_bytes())
         self.order = OrderConfig(cfg.seed, cfg.num_partitions, cfg.shuffle_block_shards,
                                  cfg.global_batch_size, cfg.last_batch)
         self.epoch, self.samples = 0, 0  # position: the next global sample of this epoch
@@ -100,6 +104,23 @@ class StreamingWindowDataset(IterableDataset):
         if self.samples % b:
             raise ValueError(f"resume point {self.samples} samples is not a multiple of the global batch {b}")
 
+    def _identity_selection(self, gids: np.ndarray) -> tuple[np.ndarray, "ident.IdentityBalance | None"]:
+        """Apply ``split`` to the selected ids and set up ``balance`` (identity.py)."""
+        cfg = self.cfg
+        split = ident.parse_split(cfg.split)
+        ident.check_balance(cfg.balance, cfg.balance_temperature)
+        if split is None and cfg.balance is None:
+            return gids, None
+        why = " and ".join(f"{name}={value!r}" for name, value in (("split", cfg.split), ("balance", cfg.balance))
+                           if value)
+        identity, known, keys = ident.identity_groups(self.index, gids, why)
+        if split is not None:
+            side = ident.split_mask(identity, known, keys, *split)
+            gids, identity, known = gids[side], identity[side], known[side]
+        if cfg.balance is None or not len(gids):  # nothing to balance: _check_start says so
+            return gids, None
+        return gids, ident.IdentityBalance(gids, ident.dense_groups(identity, known), cfg.balance_temperature)
+
     def __getstate__(self):  # for spawned DataLoader workers: no threads, no cached plan
         state = dict(self.__dict__)
         state.update(_store=None, _store_pid=None, _plan=None)
@@ -108,7 +129,9 @@ class StreamingWindowDataset(IterableDataset):
     # -- order
     def plan(self, epoch: int) -> EpochPlan:
         if self._plan is None or self._plan.epoch != epoch or self._plan.cfg != self.order:
-            self._plan = EpochPlan(self.gids, self.gid_shards, len(self.index.shards), self.order, epoch)
+            # balanced: the epoch's drawn clips (repeats included), then the same ordering
+            gids = self.gids if self.balance is None else self.balance.draw(self.order.seed, epoch)
+            self._plan = EpochPlan(gids, self.index.shard_of(gids), len(self.index.shards), self.order, epoch)
         return self._plan
 
     def __len__(self) -> int:
@@ -135,7 +158,8 @@ class StreamingWindowDataset(IterableDataset):
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
         if state["fingerprint"] != self.fingerprint:
-            raise ValueError("the dataset or the selection changed since this state was saved "
+            raise ValueError("the dataset, the selection (where, split) or the balance changed since this state "
+                             "was saved "
                              f"(fingerprint {state['fingerprint']} != {self.fingerprint})")
         self.order = OrderConfig(state["seed"], state["num_partitions"], state["shuffle_block_shards"],
                                  self.order.global_batch_size, state["last_batch"])

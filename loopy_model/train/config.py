@@ -21,6 +21,9 @@ class TrainConfig:
     preset: str = "tiny"
     init: str | None = None  # stage-1 RUN_DIR / checkpoint (stage 2), or an SD 1.5 directory/file
     where: str | None = None
+    split: str | None = None  # "train:0.02": train on the identities outside a 2% val split (docs/loader.md)
+    balance: str | None = None  # "identity": draw identities equally (or by balance_temperature)
+    balance_temperature: float | None = None  # p(identity) ∝ clips ** (1/T); None = uniform
     allow_smoke: bool = False
     resume: bool = False
     max_steps: int = 1000

@@ -79,6 +79,7 @@ def build_loader(cfg: TrainConfig, world: World) -> StreamingLoader:
     batch = (cfg.global_batch_size or world.size * cfg.grad_accum) // cfg.grad_accum
     dataset = StreamingWindowDataset(LoaderConfig(
         cfg.data, global_batch_size=batch, seed=cfg.seed, where=cfg.where, allow_smoke=cfg.allow_smoke,
+        split=cfg.split, balance=cfg.balance, balance_temperature=cfg.balance_temperature,
         storage_options=cfg.storage_options, cache_dir=cfg.cache_dir, windows=window_config(cfg)),
         rank=world.rank, world_size=world.size)
     return StreamingLoader(dataset, num_workers=cfg.num_workers, pin_memory=world.device.type == "cuda")
