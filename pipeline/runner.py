@@ -164,6 +164,15 @@ def _manifest_row(meta: dict, shard_url: str, sample_bytes: int) -> dict:
             "profile": meta["profile"]}
 
 
+def _shard_meta(meta: dict) -> dict:
+    """meta.json as written into the shard: its scores without the wide scores.parquet-only columns
+    (schemas.SCORES_ONLY_COLUMNS, e.g. the 512-value identity embedding)."""
+    if not any(k in meta.get("scores", {}) for k in schemas.SCORES_ONLY_COLUMNS):
+        return meta
+    scores = {k: v for k, v in meta["scores"].items() if k not in schemas.SCORES_ONLY_COLUMNS}
+    return dict(meta, scores=scores)
+
+
 def _kept_scores_row(meta: dict, source: str, features: bool) -> dict:
     sc = {k: v for k, v in meta.get("scores", {}).items() if k in schemas.SCORES_SCHEMA.names}
     return dict(sc, key=meta["key"], video_id=meta["video_id"], clip_index=meta["clip_index"],
@@ -327,8 +336,9 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
                     written_keys.add(key)
                     if key not in committed_keys:
                         members = {member: bytes(row[col]) for col, member in SAMPLE_MEMBERS.items() if len(row[col])}
-                        members["meta.json"] = json.dumps(payload, indent=1).encode()
-                        schemas.validate_meta(payload)
+                        shard_meta = _shard_meta(payload)
+                        members["meta.json"] = json.dumps(shard_meta, indent=1).encode()
+                        schemas.validate_meta(shard_meta)
                         url = writer.write(key, members)
                         st.pending_keys.add(key)
                         open_manifest[key] = _manifest_row(payload, url, sum(len(v) for v in members.values()))
