@@ -53,6 +53,8 @@ def required_models(config: CurateConfig) -> list[str]:
     names = ["syncnet", "landmarks3d"]
     if config.detector_backend == "scrfd":
         names.append("scrfd")
+    if config.score.identity:
+        names.append("arcface")
     if config.features.enabled:
         names += ["sd-vae", "wav2vec2", "dwpose"]
     return names

@@ -119,3 +119,37 @@ def test_identities_job_on_the_curated_output(identity_run):
     reup = [v for k, v in by_video.items() if "reupload" in k]
     assert aoc and reup and aoc[0] == reup[0], by_video
     assert all(x["cluster_size"] == sum(y["identity_id"] == x["identity_id"] for y in rows) for x in rows)
+
+
+def test_full_profile_aligns_on_scrfd_kps5(tmp_path):
+    """In `full` the 5 keypoints come from the profile's detector (SCRFD, here a stand-in with SCRFD's signature
+    planting known keypoints), not FaceMesh; frames are evenly spaced and the stored vector is their mean."""
+    import av
+
+    from pipeline.clip_scores import ClipObserver
+    from pipeline.faces.arcface import ArcFace, clip_embedding
+    from pipeline.faces.mediapipe_backend import MediaPipeFaceDetector
+    from pipeline.faces.scrfd import ScrfdDetector
+    from pipeline.segment import CandidateClip
+    from test_scrfd import KPS, FakeScrfd
+    from test_scrfd import export as export_scrfd
+
+    scrfd = ScrfdDetector(export_scrfd(FakeScrfd(), tmp_path / "det_10g.onnx"))
+    with av.open(str(real_path("wda_aoc_000.mp4"))) as c:  # 512 x 512: the crop stage's frames
+        frames = [f.to_ndarray(format="rgb24") for _, f in zip(range(21), c.decode(video=0))]
+    clip = CandidateClip(clip_index=0, track_id=0, shot_index=0, start_s=0.0, n_frames=21, crop_x0=0.0, crop_y0=0.0,
+                         crop_size=512.0, crop_scale=2.0, face_size_px=200.0, padded=False, max_faces=1, detections={})
+    model = ArcFace.smoke()
+    obs = ClipObserver(clip, MediaPipeFaceDetector(landmarks=True, ranges="short"), 224, box_detector=scrfd,
+                       identity=model, identity_frames=5)
+    for f in frames:
+        obs.observe(f)
+    scores, detail = obs._identity_scores()
+    assert detail["frames"] == [0, 5, 10, 15, 20]
+    kps = KPS / (640 / 512)  # the stand-in's planted keypoints in 512-frame pixels (letterbox scale 1.25)
+    expected = clip_embedding(model.embed([model.align(frames[i], kps) for i in detail["frames"]]))
+    got = np.asarray(scores["identity_embedding"], np.float32)
+    np.testing.assert_allclose(got, expected.astype(np.float16).astype(np.float32), atol=0)
+    facemesh = clip_embedding(model.embed([model.align(frames[i], obs.landmarks[i][[468, 473, 1, 61, 291], :2])
+                                           for i in detail["frames"]]))
+    assert float(facemesh @ got) < 0.9999  # FaceMesh's points would give another vector
