@@ -153,3 +153,20 @@ def test_full_profile_aligns_on_scrfd_kps5(tmp_path):
     facemesh = clip_embedding(model.embed([model.align(frames[i], obs.landmarks[i][[468, 473, 1, 61, 291], :2])
                                            for i in detail["frames"]]))
     assert float(facemesh @ got) < 0.9999  # FaceMesh's points would give another vector
+
+
+def test_report_shows_identity_counts(identity_run, tmp_path):
+    from pipeline.identity import build_identities
+    from pipeline.report import build_report, validate_stats
+
+    facts = build_identities(identity_run)
+    stats = build_report(identity_run, out=tmp_path / "report", kept_thumbs=1, reject_reasons=1, per_reason=1)
+    validate_stats(json.loads((tmp_path / "report" / "stats.json").read_text()))
+    ident = stats["identities"]
+    assert ident["present"] and ident["n_clips"] == facts["n_clips"] and ident["n_identities"] == facts["n_identities"]
+    assert sum(b["clips"] for b in ident["histogram"]) == ident["n_clips"]
+    assert sum(b["identities"] for b in ident["histogram"]) == ident["n_identities"]
+    assert ident["threshold"] == 0.45 and ident["kept_not_in_file"] == 0 == ident["in_file_not_kept"]
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert "<h2>Identities</h2>" in html and "Clips per identity" in html
+    assert "## Identities" in (tmp_path / "report" / "report.md").read_text()
