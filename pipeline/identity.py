@@ -28,9 +28,9 @@ import numpy as np
 DEFAULT_THRESHOLD = 0.45
 EXACT_MAX_CLIPS = 50_000  # IndexFlatIP range search is O(N^2 D): ~1.3e12 multiply-adds at 50k clips
 HNSW_NEIGHBOURS = 64  # k of the ANN path
-HNSW_M = 32  # HNSW graph degree
-HNSW_EF_CONSTRUCTION = 200
-HNSW_EF_SEARCH = 256
+HNSW_M = 16  # HNSW graph degree
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH = 128
 RANGE_BATCH = 4096  # query rows per range_search call (bounds the result buffers)
 METHODS = ("auto", "exact", "hnsw")
 
