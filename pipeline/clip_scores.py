@@ -6,7 +6,8 @@ box of the profile's detector (joonson/syncnet_python ``crop_video`` geometry,
 ``pipeline.scoring.syncnet``): SCRFD in ``full`` (WIDER FACE boxes, as syncnet_python's S3FD),
 BlazeFace in ``smoke``. In ``full`` the same SCRFD box feeds insightface 1k3d68, as insightface's
 ``FaceAnalysis`` does. On a few evenly spaced frames the face is aligned on its 5 keypoints (SCRFD's in
-``full``, FaceMesh's in ``smoke``) and embedded by ArcFace (``identity``; docs/identity.md). When the clip is complete, ``finish`` turns the series into the scores of
+``full``, FaceMesh's in ``smoke``) and embedded by ArcFace (``identity``; docs/identity.md).
+When the clip is complete, ``finish`` turns the series into the scores of
 ``schemas.SCORES_SCHEMA``:
 lip sync, speech, mouth activity, head pose, head movement and completeness (completeness in
 *source* pixels against the shot's active picture, since a head cut off by the source frame or

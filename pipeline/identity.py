@@ -23,7 +23,16 @@ the model and is measured on labelled pairs. docs/identity.md says what is and i
 """
 from __future__ import annotations
 
+import io
+import json
+from pathlib import Path
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+import schemas
 
 DEFAULT_THRESHOLD = 0.45
 EXACT_MAX_CLIPS = 50_000  # IndexFlatIP range search is O(N^2 D): ~1.3e12 multiply-adds at 50k clips
@@ -145,8 +154,6 @@ class IdentityError(ValueError):
 
 
 def _kept_keys(root) -> list[str]:
-    import pyarrow.parquet as pq
-
     path = root / "manifest.parquet"
     if not path.is_file():
         raise IdentityError(f"{path} is missing: {root} is not a finished curation output")
@@ -156,9 +163,7 @@ def _kept_keys(root) -> list[str]:
 def read_kept_embeddings(root) -> tuple[list[str], np.ndarray, np.ndarray, str | None]:
     """(kept keys sorted, [N, 512] float32 embeddings (zeros where missing), has-embedding mask [N], model id)
     from manifest.parquet (the kept set, as refilter and dedup leave it) and scores.parquet (the embeddings)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
+    root = Path(root)
     keys = sorted(set(_kept_keys(root)))
     path = root / "scores.parquet"
     if not path.is_file():
@@ -168,7 +173,7 @@ def read_kept_embeddings(root) -> tuple[list[str], np.ndarray, np.ndarray, str |
         raise IdentityError(f"{path} has no identity_embedding column: curated before identity embeddings "
                             "(score.identity); re-run the curation to compute them")
     t = pq.read_table(path, columns=["key", "status", "identity_embedding", "identity_model"])
-    t = t.filter(pc.is_in(t["key"], value_set=pa_array(keys)))
+    t = t.filter(pc.is_in(t["key"], value_set=pa.array(keys, pa.string())))
     t = t.filter(pc.fill_null(pc.equal(t["status"], "kept"), False))
     have = t.filter(pc.is_valid(t["identity_embedding"]))
     models = sorted(set(m for m in have["identity_model"].to_pylist() if m is not None))
@@ -194,25 +199,11 @@ def read_kept_embeddings(root) -> tuple[list[str], np.ndarray, np.ndarray, str |
     return keys, out, mask, (models[0] if models else None)
 
 
-def pa_array(values):
-    import pyarrow as pa
-
-    return pa.array(values, pa.string())
-
-
 def build_identities(root, threshold: float = DEFAULT_THRESHOLD, method: str = "auto", k: int = HNSW_NEIGHBOURS,
                      exact_max: int = EXACT_MAX_CLIPS) -> dict:
     """Cluster the kept clips of the output at ``root`` and write ``root/identities.parquet`` atomically
     (schemas.IDENTITIES_SCHEMA). A kept clip without an embedding (no face with keypoints on the sampled
     frames) is an identity of its own. Returns the facts also stored in the file metadata."""
-    import io
-    import json
-    from pathlib import Path
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    import schemas
     from pipeline.shards import atomic_write_bytes
 
     root = Path(root)
@@ -249,13 +240,8 @@ def _renumber_by_first(ids: np.ndarray) -> np.ndarray:
     return remap[ids]
 
 
-def read_identities(root) -> tuple["pa.Table", dict]:  # noqa: F821 - pyarrow imported lazily
+def read_identities(root) -> tuple[pa.Table, dict]:
     """(identities table, its metadata with threshold as float and facts as a dict)."""
-    import json
-    from pathlib import Path
-
-    import pyarrow.parquet as pq
-
     path = Path(root) / IDENTITIES_FILE
     table = pq.read_table(path)
     raw = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}

@@ -4,7 +4,6 @@ claimed), averaged and stored in scores.parquet; meta.json names the model but d
 jobs/identities.py clusters the output. The stored vector is re-derived from the shipped video.mp4."""
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
