@@ -5,7 +5,9 @@ nearest the crop centre, number of faces), and the SyncNet input crop is cut aro
 box of the profile's detector (joonson/syncnet_python ``crop_video`` geometry,
 ``pipeline.scoring.syncnet``): SCRFD in ``full`` (WIDER FACE boxes, as syncnet_python's S3FD),
 BlazeFace in ``smoke``. In ``full`` the same SCRFD box feeds insightface 1k3d68, as insightface's
-``FaceAnalysis`` does. When the clip is complete, ``finish`` turns the series into the scores of
+``FaceAnalysis`` does. On a few evenly spaced frames the face is aligned on its 5 keypoints (SCRFD's in
+``full``, FaceMesh's in ``smoke``) and embedded by ArcFace (``identity``; docs/identity.md).
+When the clip is complete, ``finish`` turns the series into the scores of
 ``schemas.SCORES_SCHEMA``:
 lip sync, speech, mouth activity, head pose, head movement and completeness (completeness in
 *source* pixels against the shot's active picture, since a head cut off by the source frame or
@@ -58,7 +60,7 @@ class ClipObserver:
     """Collects the per-frame observations of one clip (a few MB per clip once finished)."""
 
     def __init__(self, clip: CandidateClip, detector, sync_size: int, fps: int = 25, size: int = 512,
-                 landmarks3d=None, box_detector=None):
+                 landmarks3d=None, box_detector=None, identity=None, identity_frames: int = 5):
         self.clip, self.detector, self.sync_size, self.fps, self.size = clip, detector, sync_size, fps, size
         # full profile: insightface 1k3d68 68x3 landmarks give the head pose (its 3-D fit);
         # FaceMesh's dense landmarks still give mouth opening, movement and completeness.
@@ -66,6 +68,13 @@ class ClipObserver:
         # the profile's detector (SCRFD in full) boxes the face for SyncNet and 1k3d68; None = the
         # landmark model's own box (BlazeFace in smoke)
         self.box_detector = box_detector
+        # ArcFace (pipeline/faces/arcface.py): aligned 112x112 crops of up to `identity_frames` evenly spaced
+        # frames; a frame without keypoints hands its turn to the next frame that has them
+        self.identity = identity
+        n = max(int(clip.n_frames), 1)
+        self._id_targets = sorted(set(np.linspace(0, n - 1, min(int(identity_frames), n)).round().astype(int).tolist()))
+        self._id_crops: list[np.ndarray] = []
+        self._id_frames: list[int] = []
         self.lm68: list[np.ndarray | None] = []
         self.boxes: list[np.ndarray] = []
         self.det_boxes: list[np.ndarray] = []
@@ -96,8 +105,34 @@ class ClipObserver:
         self.det_boxes.append(det_box)
         if self.landmarks3d is not None:
             self.lm68.append(self.landmarks3d(frame, det_box) if det_face is not None else None)
+        if self.identity is not None:
+            # keypoints of the profile's detector: SCRFD kps5 in full, FaceMesh 468/473/1/61/291 in smoke
+            self._identity_frame(len(self.n_faces) - 1, frame, det_face)
         self._pending.append((len(self.det_boxes) - 1, frame))
         self._cut_sync_crops(final=False)
+
+    def _identity_frame(self, i: int, frame: np.ndarray, face) -> None:
+        if not self._id_targets or i < self._id_targets[0] or face is None or face.kps5 is None:
+            return
+        try:
+            self._id_crops.append(self.identity.align(frame, face.kps5))
+        except ValueError:  # degenerate keypoints: the next frame takes this turn
+            return
+        self._id_frames.append(i)
+        while self._id_targets and self._id_targets[0] <= i:
+            self._id_targets.pop(0)
+
+    def _identity_scores(self) -> tuple[dict, dict]:
+        """(scores fields, detail): the clip's ArcFace embedding (mean of the frames' L2-normalised embeddings,
+        L2-normalised; fp16 values) or None when no sampled frame had a face with keypoints."""
+        from .faces.arcface import clip_embedding
+
+        out = {"identity_model": self.identity.name, "identity_embedding": None}
+        detail = {"frames": list(self._id_frames)}
+        if self._id_crops:
+            emb = clip_embedding(self.identity.embed(self._id_crops)).astype(np.float16)
+            out["identity_embedding"] = [float(v) for v in emb]
+        return out, detail
 
     def _smoothed_box(self, i: int) -> np.ndarray:
         half = SYNC_BOX_MEDIAN // 2
@@ -131,7 +166,7 @@ class ClipObserver:
         try:
             return self._finish(audio16k, syncnet, sync_weights, source_size, batch_size)
         finally:
-            self.sync_crops, self.landmarks, self.lm68 = [], [], []
+            self.sync_crops, self.landmarks, self.lm68, self._id_crops = [], [], [], []
 
     def _finish(self, audio16k, syncnet, sync_weights, source_size, batch_size) -> tuple[dict, dict]:
         c = self.clip
@@ -194,6 +229,9 @@ class ClipObserver:
         comp["active_picture"] = [float(v) for v in pic]
         detail["completeness"] = comp
         out["pad_frac"] = float(c.pad_frac)
+        if self.identity is not None:
+            id_scores, detail["identity"] = self._identity_scores()
+            out.update(id_scores)
         for key, v in list(out.items()):
             if isinstance(v, float) and math.isnan(v):
                 out[key] = None

@@ -108,6 +108,11 @@ class ScoreConfig(_Section):
     syncnet_batch_size: int = Field(20, ge=1)
     num_gpus: float = Field(0.0, ge=0, le=8, description="GPUs per crop+score actor (SyncNet)")
     actors: int = Field(1, ge=1)
+    # ArcFace identity embedding per scored clip (scores identity_embedding; docs/identity.md)
+    identity: bool = Field(True, description="embed each clip's face with ArcFace (insightface w600k_r50 in full, "
+                                             "a random stand-in in smoke) for jobs/identities.py")
+    identity_frames: int = Field(5, ge=1, le=100, description="evenly spaced output frames embedded and averaged")
+    arcface_model: str = "w600k_r50.onnx"
 
 
 class FeaturesConfig(_Section):

@@ -53,6 +53,8 @@ def required_models(config: CurateConfig) -> list[str]:
     names = ["syncnet", "landmarks3d"]
     if config.detector_backend == "scrfd":
         names.append("scrfd")
+    if config.score.identity:
+        names.append("arcface")
     if config.features.enabled:
         names += ["sd-vae", "wav2vec2", "dwpose"]
     return names
@@ -162,6 +164,15 @@ def _manifest_row(meta: dict, shard_url: str, sample_bytes: int) -> dict:
             "n_frames": c["n_frames"], "track_id": c["track_id"], "crop_x0": cr["x0"], "crop_y0": cr["y0"],
             "crop_size": cr["size"], "face_size_px": cr["face_size_px"], "sample_bytes": sample_bytes,
             "profile": meta["profile"]}
+
+
+def _shard_meta(meta: dict) -> dict:
+    """meta.json as written into the shard: its scores without the wide scores.parquet-only columns
+    (schemas.SCORES_ONLY_COLUMNS, e.g. the 512-value identity embedding)."""
+    if not any(k in meta.get("scores", {}) for k in schemas.SCORES_ONLY_COLUMNS):
+        return meta
+    scores = {k: v for k, v in meta["scores"].items() if k not in schemas.SCORES_ONLY_COLUMNS}
+    return dict(meta, scores=scores)
 
 
 def _kept_scores_row(meta: dict, source: str, features: bool) -> dict:
@@ -327,8 +338,9 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
                     written_keys.add(key)
                     if key not in committed_keys:
                         members = {member: bytes(row[col]) for col, member in SAMPLE_MEMBERS.items() if len(row[col])}
-                        members["meta.json"] = json.dumps(payload, indent=1).encode()
-                        schemas.validate_meta(payload)
+                        shard_meta = _shard_meta(payload)
+                        members["meta.json"] = json.dumps(shard_meta, indent=1).encode()
+                        schemas.validate_meta(shard_meta)
                         url = writer.write(key, members)
                         st.pending_keys.add(key)
                         open_manifest[key] = _manifest_row(payload, url, sum(len(v) for v in members.values()))

@@ -287,6 +287,14 @@ class CropScoreStage:
             from .faces.landmarks3d import Landmarks3D
 
             self.landmarks3d = Landmarks3D.from_model_dir(config.model_dir)
+        # ArcFace identity embeddings (pipeline/faces/arcface.py): the published w600k_r50 in full, a small
+        # deterministic random stand-in with its I/O in smoke (plumbing only, like the smoke SyncNet)
+        self.identity = None
+        if config.score.identity:
+            from .faces.arcface import ArcFace
+
+            self.identity = (ArcFace.smoke() if config.profile == "smoke"
+                             else ArcFace.from_model_dir(config.model_dir, config.score.arcface_model))
         # The face box for SyncNet's crop and 1k3d68 comes from the profile's detector (SCRFD in full,
         # the WIDER FACE box convention of syncnet_python's S3FD); with mediapipe it is BlazeFace's own.
         self.box_detector = None
@@ -353,7 +361,9 @@ class CropScoreStage:
                                        duration_s=clip.n_frames / cfg.fps))
 
         observers = {c.clip_index: ClipObserver(c, self.face_model, self.syncnet.image_size, cfg.fps, cfg.size,
-                                                landmarks3d=self.landmarks3d, box_detector=self.box_detector)
+                                                landmarks3d=self.landmarks3d, box_detector=self.box_detector,
+                                                identity=self.identity,
+                                                identity_frames=self.config.score.identity_frames)
                      for c in clips}
         cropped, scores, details = {}, {}, {}
         t_score = 0.0
@@ -517,7 +527,8 @@ class CropScoreStage:
 
         cfg = self.config.output
         observer = ClipObserver(clip, self.face_model, self.syncnet.image_size, cfg.fps, cfg.size,
-                                landmarks3d=self.landmarks3d)
+                                landmarks3d=self.landmarks3d, identity=self.identity,
+                                identity_frames=self.config.score.identity_frames)
         errors: list[MediaError] = []
         for cc in crop_and_normalize(row["uri"], [clip], rotation=p["rotation"], audio=audio, size=cfg.size,
                                      fps=cfg.fps, audio_rate=cfg.audio_rate, crf=cfg.crf, preset=cfg.preset,
@@ -549,7 +560,8 @@ class CropScoreStage:
                      "pad_frac": c.pad_frac},
             "models": dict(payload.get("models", {}), landmarks=self.face_model.name, syncnet=self.sync_weights,
                            **({"pose_landmarks": self.landmarks3d.name} if self.landmarks3d is not None else {}),
-                           **({"score_boxes": self.box_detector.name} if self.box_detector is not None else {})),
+                           **({"score_boxes": self.box_detector.name} if self.box_detector is not None else {}),
+                           **({"identity": self.identity.name} if self.identity is not None else {})),
             "members": ["video.mp4", "meta.json"],
             "scores": dict(sc, max_faces=c.max_faces),
             "score_details": detail,

@@ -199,10 +199,25 @@ SCORES_SCHEMA = pa.schema([
     ("other_faces", pa.bool_()),
     # Loopy 3.5 motion statistics (features stage)
     ("head_motion_var_mean", pa.float64()), ("expression_var_mean", pa.float64()),
+    # face identity (docs/identity.md): ArcFace embedding of the clip, 512 fp16 values, L2-normalised mean of
+    # the L2-normalised embeddings of a few evenly spaced frames; null when not computed
+    ("identity_embedding", pa.list_(pa.float16())), ("identity_model", pa.string()),
+])
+# Scores columns kept out of meta.json's "scores" (too wide to repeat in every sample): scores.parquet only.
+SCORES_ONLY_COLUMNS = ("identity_embedding",)
+
+# identities.parquet at the output root (jobs/identities.py): one row per kept clip, its identity cluster.
+# File metadata (bytes keys): identity_model, threshold, method, n_clips, n_identities, ...
+IDENTITIES_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("identity_id", pa.int64()),  # 0..n_identities-1, numbered by each identity's smallest key
+    ("cluster_size", pa.int32()),  # kept clips of that identity in this file
+    ("identity_model", pa.string()),  # the embedding model (scores identity_model)
 ])
 
 TABLE_SCHEMAS = {"manifest.parquet": MANIFEST_SCHEMA, "rejects.parquet": REJECTS_SCHEMA,
-                 "videos.parquet": VIDEOS_SCHEMA, "scores.parquet": SCORES_SCHEMA}
+                 "videos.parquet": VIDEOS_SCHEMA, "scores.parquet": SCORES_SCHEMA,
+                 "identities.parquet": IDENTITIES_SCHEMA}
 
 
 def conform_table(rows: list[dict], schema: pa.Schema) -> pa.Table:

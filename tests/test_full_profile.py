@@ -44,6 +44,9 @@ def build_model_dir(d: Path) -> Path:
     Wav2Vec2ForCTC(cfg).save_pretrained(d / "wav2vec2-base-960h", safe_serialization=True)
     Wav2Vec2FeatureExtractor(do_normalize=True).save_pretrained(d / "wav2vec2-base-960h")
     (d / "dw-ll_ucoco_384.onnx").write_bytes(dwpose.build_smoke_onnx())
+    from pipeline.faces.arcface import smoke_model_bytes
+
+    (d / "w600k_r50.onnx").write_bytes(smoke_model_bytes())  # w600k_r50's signature (input.1 Nx3x112x112 -> [N, 512])
     # insightface 1k3d68 signature (input "data" 1x3x192x192, output [1, 3309]) returning a 68-point
     # face at a known pose, so the clip's pose scores must come from this model.
     from test_landmarks3d import ANGLES, HALF, planted_crop_points
@@ -90,6 +93,7 @@ def test_full_profile_end_to_end(tmp_path, ray_local):
     assert meta["models"]["keypoints"] == "yzd-v/DWPose:dw-ll_ucoco_384.onnx"
     assert meta["models"]["pose_landmarks"] == "insightface:1k3d68.onnx"
     assert meta["score_details"]["pose_source"] == "insightface:1k3d68.onnx+meanshape_68"
+    assert meta["models"]["identity"] == meta["scores"]["identity_model"] == "insightface:w600k_r50.onnx"
     for axis in ("yaw", "pitch", "roll"):  # the planted pose, whatever the face in the frames does
         assert meta["scores"][f"{axis}_mean"] == pytest.approx(angles[axis], abs=2.0)
     sc = meta["scores"]
@@ -112,7 +116,8 @@ def test_missing_weights_stop_the_job_before_work(tmp_path):
                         str(tmp_path / "out"), "--profile", "full", "--model-dir", str(tmp_path / "models")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    for name in ("det_10g.onnx", "1k3d68.onnx", "sd-vae/config.json", "wav2vec2-base-960h", "dw-ll_ucoco_384.onnx"):
+    for name in ("det_10g.onnx", "1k3d68.onnx", "w600k_r50.onnx", "sd-vae/config.json", "wav2vec2-base-960h",
+                 "dw-ll_ucoco_384.onnx"):
         assert name in r.stderr, r.stderr
     assert "fetch_models.py" in r.stderr
     assert not (tmp_path / "out").exists()

@@ -200,7 +200,9 @@ def manifest_table(index: DatasetIndex) -> pa.Table | None:
         return None
     scores = read_table(index.uri, "scores.parquet", index.storage_options)
     if scores is not None and "key" in scores.column_names:
-        extra = [c for c in scores.column_names if c == "key" or c not in manifest.column_names]
+        # list columns (identity_embedding: 512 values) are not filter material, and pyarrow cannot join them
+        extra = [c for c in scores.column_names if c == "key" or (c not in manifest.column_names
+                                                                  and not pa.types.is_nested(scores.schema.field(c).type))]
         scores = scores.select(extra)
         # scores has one row per candidate clip; keep the first row of a key if repeated
         _, first = np.unique(scores["key"].to_numpy(zero_copy_only=False), return_index=True)

@@ -112,6 +112,19 @@ FULL_MODELS: dict[str, ModelSpec] = {
             notes="68 3-D landmarks (x, y, z) + head pose; input 1x3x192x192, output [1, 3309]",
         ),
         ModelSpec(
+            name="arcface",
+            model_id="insightface/buffalo_l:w600k_r50.onnx",
+            # sha256/size as published by several independent download manifests of the same file
+            # (buffalo_l.zip member w600k_r50.onnx, ArcFace ResNet-50 trained on WebFace600K).
+            files=(ModelFile("w600k_r50.onnx",
+                             f"{_HF}/public-data/insightface/resolve/main/models/buffalo_l/w600k_r50.onnx",
+                             sha256="4c06341c33c2ca1f86781dab0e829f88ad5b64be9fba56e56bc9ebdefc619e43",
+                             size=174_383_860),),
+            license="insightface pretrained models: non-commercial research use",
+            notes="ArcFace identity embedding; input Nx3x112x112 aligned with the arcface_dst 5-point template, "
+                  "output [N, 512] (docs/identity.md)",
+        ),
+        ModelSpec(
             name="syncnet",
             model_id="joonson/syncnet_python:syncnet_v2.model",
             # URL from joonson/syncnet_python download_model.sh.

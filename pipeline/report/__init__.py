@@ -39,6 +39,7 @@ def validate_stats(stats: dict) -> None:
 def compute_stats(data: RunData) -> dict:
     """All numbers that come from the tables (no video read)."""
     from . import stats as st
+    from .identities import identity_counts
 
     rules, rule_notes = st.parse_rules(data.run)
     fun = st.funnel(data)
@@ -55,6 +56,7 @@ def compute_stats(data: RunData) -> dict:
         "sources": st.per_source(data),
         "run": st.run_facts(data, fun),
         "models": {},
+        "identities": identity_counts(data),
     }
 
 

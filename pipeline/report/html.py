@@ -245,9 +245,15 @@ def _compare(s: dict) -> str:
     return "\n".join(out)
 
 
+def _identities(s: dict) -> str:
+    from .identities import html_section
+
+    return html_section(s)
+
+
 def render(s: dict, thumbs: dict) -> str:
     title = escape(f"Dataset report: {s['dataset']['name'] or s['dataset']['path']}")
-    body = "\n".join([_header(s), _funnel(s), _compare(s), _scores(s), _sources(s), _contact(s, thumbs), _run(s)])
+    body = "\n".join([_header(s), _funnel(s), _compare(s), _scores(s), _identities(s), _sources(s), _contact(s, thumbs), _run(s)])
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{title}</title>'
             f"<style>{CSS}</style></head><body><main>\n{body}\n</main></body></html>\n")

@@ -24,7 +24,7 @@ REJECTS_COLUMNS = ("uri", "video_id", "clip_index", "key", "stage", "reason", "d
 VIDEOS_COLUMNS = ("uri", "video_id", "source", "status", "stage", "reason", "n_candidates", "n_kept",
                   "n_rejected_clips", "duration_s")
 # scores.parquet: everything except the wide per-file strings nothing in the report shows.
-SCORES_SKIP = ("uri",)
+SCORES_SKIP = ("uri", "identity_embedding")  # the embedding: 512 values per clip, used by jobs/identities.py
 
 
 class ReportError(ValueError):
@@ -43,6 +43,8 @@ class RunData:
     rejects: pa.Table
     scores: pa.Table | None
     notes: list[str] = field(default_factory=list)  # what was missing or odd, shown in the report
+    identities: pa.Table | None = None  # identities.parquet (jobs/identities.py), when present
+    identities_meta: dict = field(default_factory=dict)
 
     def join(self, rel: str) -> str:
         return posixpath.join(self.path, rel)
@@ -103,6 +105,10 @@ def load_run(root: str) -> RunData:
     if version and version not in schemas.SUPPORTED_SCHEMA_VERSIONS:
         notes.append(f"schema version {version} is not one this report knows "
                      f"({', '.join(schemas.SUPPORTED_SCHEMA_VERSIONS)}); numbers may be wrong.")
+    from .identities import IDENTITIES_FILE, read as read_identities
+
+    identities, identities_meta = read_identities(fs, posixpath.join(path, IDENTITIES_FILE))
     return RunData(root=str(root), fs=fs, path=path, run=run or {}, index=index,
                    videos=tables["videos.parquet"], manifest=tables["manifest.parquet"],
-                   rejects=tables["rejects.parquet"], scores=scores, notes=notes)
+                   rejects=tables["rejects.parquet"], scores=scores, notes=notes,
+                   identities=identities, identities_meta=identities_meta)

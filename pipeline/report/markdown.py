@@ -54,6 +54,9 @@ def render(s: dict, top_reasons: int = 10) -> str:
         out += _table(["score", "n", "p5", "median", "p95"],
                       [[c["label"], fmt.n(c["kept"]["n"]), fmt.num(c["kept"]["p05"]), fmt.num(c["kept"]["p50"]),
                         fmt.num(c["kept"]["p95"])] for c in cols.values()])
+    from .identities import markdown_lines
+
+    out += markdown_lines(s)
     if r["stages"]:
         out += ["## Run", "",
                 f"Wall time {fmt.seconds(r['wall_s'])} on {fmt.n(r['nodes_used'])} Ray node(s), "

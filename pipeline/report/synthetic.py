@@ -133,8 +133,8 @@ def make_output(root: str | Path, *, n_clips: int = 1_000_000, clips_per_video: 
             mask = ~kept if f.name in ("head_motion_var_mean", "expression_var_mean") else ~scored
             cols[f.name] = pa.array(x.astype(f.type.to_pandas_dtype()), mask=mask)
     cols["other_faces"] = pa.array(scores["n_faces_max"] > 1, mask=~scored)
-    _write(root / "scores.parquet", pa.table({f.name: cols[f.name] for f in schemas.SCORES_SCHEMA},
-                                             schema=schemas.SCORES_SCHEMA))
+    _write(root / "scores.parquet", pa.table({f.name: cols.get(f.name, pa.nulls(n_clips, f.type))  # not simulated: null
+                                              for f in schemas.SCORES_SCHEMA}, schema=schemas.SCORES_SCHEMA))
 
     # manifest.parquet: kept clips. The first ``real_samples`` go to shard 0, which is written for
     # real; the rest 1000 per shard, named in the manifest and index but never written.
@@ -286,7 +286,8 @@ def add_scores(root: str | Path, seed: int = 0, rules: list[dict] | None = None)
             "other_faces": pa.array(s["n_faces_max"] > 1)}
     for f in schemas.SCORES_SCHEMA:
         if f.name not in cols:
-            cols[f.name] = pa.array(s[f.name].astype(f.type.to_pandas_dtype()))
+            cols[f.name] = (pa.array(s[f.name].astype(f.type.to_pandas_dtype())) if f.name in s
+                            else pa.nulls(n, f.type))  # not simulated (e.g. identity_embedding): null
     table = pa.table({f.name: cols[f.name] for f in schemas.SCORES_SCHEMA}, schema=schemas.SCORES_SCHEMA)
     _write(root / "scores.parquet", table)
     run_path = root / "run.json"
