@@ -20,6 +20,7 @@ import numpy as np
 
 from .scoring import motion as motion_scores
 from .scoring import pose as pose_scores
+from .scoring import quality as quality_scores
 from .scoring import speech as speech_scores
 from .scoring import syncnet as sync
 from .segment import CandidateClip
@@ -73,6 +74,8 @@ class ClipObserver:
         self.n_faces: list[int] = []
         self.sync_crops: list[np.ndarray] = []
         self._pending: list[tuple[int, np.ndarray]] = []  # frames waiting for their smoothed box
+        # technical quality (pipeline/scoring/quality.py): face patch of the crop, source grid
+        self.quality = quality_scores.QualityAccumulator()
 
     def _central_face(self, faces):
         c = self.size / 2
@@ -88,6 +91,8 @@ class ClipObserver:
             box, lms = (self.boxes[-1] if self.boxes else np.full(4, np.nan, np.float32)), None
         self.boxes.append(box)
         self.landmarks.append(lms)
+        if face is not None:
+            self.quality.add_face(frame, box)
         det_face, det_box = face, box
         if self.box_detector is not None:
             det_face = self._central_face(self.box_detector.detect(frame))
@@ -98,6 +103,15 @@ class ClipObserver:
             self.lm68.append(self.landmarks3d(frame, det_box) if det_face is not None else None)
         self._pending.append((len(self.det_boxes) - 1, frame))
         self._cut_sync_crops(final=False)
+
+    def observe_source(self, img: np.ndarray, rotation: int = 0, sample_aspect_ratio: str = "1:1") -> None:
+        """The full-resolution source frame an output frame was cut from: blockiness on the
+        source's 8x8 coding grid inside the clip's crop box (the 512 crop's resampling moves it)."""
+        h, w = img.shape[:2]
+        c = self.clip
+        region = quality_scores.source_region(w, h, c.crop_x0, c.crop_y0, c.crop_size)
+        self.quality.add_source(img, region, quality_scores.display_grid(rotation, w, h),
+                                quality_scores.grid_directions(rotation, sample_aspect_ratio))
 
     def _smoothed_box(self, i: int) -> np.ndarray:
         half = SYNC_BOX_MEDIAN // 2
@@ -125,11 +139,16 @@ class ClipObserver:
         return out
 
     def finish(self, audio16k: np.ndarray, syncnet, sync_weights: str, source_size: tuple[int, int],
-               batch_size: int = 20) -> tuple[dict, dict]:
-        """(scores row fields, extra detail for meta.json). Frees the per-frame buffers."""
+               batch_size: int = 20, probe: dict | None = None) -> tuple[dict, dict]:
+        """(scores row fields, extra detail for meta.json). Frees the per-frame buffers.
+        ``probe``: the source's probe facts (bits per pixel)."""
         self._cut_sync_crops(final=True)
         try:
-            return self._finish(audio16k, syncnet, sync_weights, source_size, batch_size)
+            out, detail = self._finish(audio16k, syncnet, sync_weights, source_size, batch_size)
+            q, q_detail = self.quality.scores(probe)
+            out.update({k: v for k, v in q.items() if v is not None})
+            detail["quality"] = _jsonable(q_detail)
+            return out, detail
         finally:
             self.sync_crops, self.landmarks, self.lm68 = [], [], []
 

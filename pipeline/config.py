@@ -95,6 +95,14 @@ class FilterConfig(_Section):
     pad_frac_max: float | None = 0.4
     # Face size: median face box side in source pixels (the crop upscales smaller faces).
     face_size_px_min: float | None = 128.0
+    # Technical quality (pipeline/scoring/quality.py; defaults from the real clips, docs/scoring.md
+    # "Quality"): face sharpness (Laplacian variance at a 128 px face), source bits per pixel per
+    # frame, 8x8 blockiness B/A on the source grid, shares of clipped face pixels.
+    sharpness_min: float | None = None
+    bpp_min: float | None = None
+    blockiness_max: float | None = None
+    shadow_clip_frac_max: float | None = None
+    highlight_clip_frac_max: float | None = None
     # Several faces: always flagged (other_faces); reject only when this is true.
     single_face_required: bool = False
 

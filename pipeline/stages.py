@@ -359,13 +359,16 @@ class CropScoreStage:
         for cc in crop_and_normalize(row["uri"], clips, rotation=p["rotation"], audio=audio,
                                      size=cfg.size, fps=cfg.fps, audio_rate=cfg.audio_rate, crf=cfg.crf,
                                      preset=cfg.preset, audio_bitrate=cfg.audio_bitrate, on_error=on_error,
-                                     on_frame=lambda c, f: observers[c.clip_index].observe(f)):
+                                     on_frame=lambda c, f: observers[c.clip_index].observe(f),
+                                     on_source_frame=lambda c, img: observers[c.clip_index].observe_source(
+                                         img, p["rotation"], p.get("sample_aspect_ratio", "1:1"))):
             ci = cc.clip.clip_index
             t1 = time.perf_counter()
             # Score as soon as a clip is complete, so its per-frame buffers are freed right away.
             scores[ci], details[ci] = observers.pop(ci).finish(cc.audio, self.syncnet, self.sync_weights,
                                                                (p["width"], p["height"]),
-                                                               batch_size=self.config.score.syncnet_batch_size)
+                                                               batch_size=self.config.score.syncnet_batch_size,
+                                                               probe=p)
             t_score += time.perf_counter() - t1
             path = tmpdir / f"{ci}.mp4"
             path.write_bytes(cc.mp4)
@@ -521,9 +524,11 @@ class CropScoreStage:
         for cc in crop_and_normalize(row["uri"], [clip], rotation=p["rotation"], audio=audio, size=cfg.size,
                                      fps=cfg.fps, audio_rate=cfg.audio_rate, crf=cfg.crf, preset=cfg.preset,
                                      audio_bitrate=cfg.audio_bitrate, on_error=lambda c, e: errors.append(e),
-                                     on_frame=lambda c, f: observer.observe(f)):
+                                     on_frame=lambda c, f: observer.observe(f),
+                                     on_source_frame=lambda c, img: observer.observe_source(
+                                         img, p["rotation"], p.get("sample_aspect_ratio", "1:1"))):
             sc, detail = observer.finish(cc.audio, self.syncnet, self.sync_weights, (p["width"], p["height"]),
-                                         batch_size=self.config.score.syncnet_batch_size)
+                                         batch_size=self.config.score.syncnet_batch_size, probe=p)
             return cc, sc, detail
         return errors[0] if errors else MediaError("decode error", f"{row['uri']}: clip {clip.clip_index} not cropped")
 

@@ -199,6 +199,11 @@ SCORES_SCHEMA = pa.schema([
     ("other_faces", pa.bool_()),
     # Loopy 3.5 motion statistics (features stage)
     ("head_motion_var_mean", pa.float64()), ("expression_var_mean", pa.float64()),
+    # technical quality (pipeline/scoring/quality.py): Laplacian variance of the face at 128 px,
+    # 8x8 blockiness (B/A) and Wang-Sheikh-Bovik JPEG quality on the source grid, source video
+    # bits per pixel per frame, shares of clipped face pixels (luma <= 5, >= 250)
+    ("sharpness", pa.float64()), ("blockiness", pa.float64()), ("wsb_quality", pa.float64()),
+    ("bpp", pa.float64()), ("shadow_clip_frac", pa.float64()), ("highlight_clip_frac", pa.float64()),
 ])
 
 TABLE_SCHEMAS = {"manifest.parquet": MANIFEST_SCHEMA, "rejects.parquet": REJECTS_SCHEMA,
