@@ -98,11 +98,11 @@ class FilterConfig(_Section):
     # Technical quality (pipeline/scoring/quality.py; defaults from the real clips, docs/scoring.md
     # "Quality"): face sharpness (Laplacian variance at a 128 px face), source bits per pixel per
     # frame, 8x8 blockiness B/A on the source grid, shares of clipped face pixels.
-    sharpness_min: float | None = None
-    bpp_min: float | None = None
-    blockiness_max: float | None = None
-    shadow_clip_frac_max: float | None = None
-    highlight_clip_frac_max: float | None = None
+    sharpness_min: float | None = 20.0
+    bpp_min: float | None = 0.008
+    blockiness_max: float | None = 1.5
+    shadow_clip_frac_max: float | None = 0.25
+    highlight_clip_frac_max: float | None = 0.25
     # Several faces: always flagged (other_faces); reject only when this is true.
     single_face_required: bool = False
 

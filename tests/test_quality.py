@@ -211,3 +211,47 @@ def test_low_bitrate_h264_is_blockier_and_fewer_bits(tmp_path):
     assert out["low"]["blockiness"] > out["high"]["blockiness"] + 0.05, out
     assert out["low"]["bpp"] < 0.2 * out["high"]["bpp"], out
     assert out["low"]["wsb_quality"] < out["high"]["wsb_quality"], out
+
+
+BLUR_SIGMA = 6.0  # source px on the 512 px frame (face ~300 px): see docs/scoring.md "Quality"
+
+
+@pytest.fixture(scope="module")
+def degraded_run(tmp_path_factory, ray_local):
+    """The real clip as it is, the same clip blurred and re-encoded (H.264) at a tenth of its
+    video bit rate, and 4 s of it brightened until the face is blown out (crf 18)."""
+    from pipeline.config import load_config
+    from pipeline.inputs import expand_inputs
+    from pipeline.runner import run_curation
+
+    src = real_path("wda_aoc_000.mp4")
+    d = tmp_path_factory.mktemp("quality_in")
+    (d / "original.mp4").symlink_to(src)
+    frames = [f for _, f in iter_frames(str(src))]
+    samples, t0 = decode_audio(str(src))
+    audio = slice_audio(samples, t0, 16000, 0.0, len(frames) / 25)
+    rate = probe(str(src)).video_bit_rate
+    _encode(d / "degraded.mp4", [cv2.GaussianBlur(f, (0, 0), BLUR_SIGMA) for f in frames], audio, bit_rate=rate // 10)
+    bright = [cv2.convertScaleAbs(f, alpha=2.2, beta=40) for f in frames[:100]]
+    _encode(d / "overexposed.mp4", bright, audio[:len(bright) * 640], crf=18)
+    out = tmp_path_factory.mktemp("quality_out")
+    run_curation(expand_inputs([str(d)]), out, load_config(None, **{"features.enabled": False}), progress_every_s=60)
+    return out
+
+
+@pytest.mark.realdata
+def test_degraded_clip_scores_worse_and_is_rejected(degraded_run):
+    rows = {Path(r["uri"]).stem: r for r in pq.read_table(degraded_run / "scores.parquet").to_pylist()}
+    orig, bad = rows["original"], rows["degraded"]
+    assert orig["status"] == "kept", orig
+    assert bad["status"] == "rejected" and bad["reject_reason"] == "blurred face", bad
+    assert bad["sharpness"] < 0.05 * orig["sharpness"]
+    assert bad["bpp"] == pytest.approx(orig["bpp"] / 10, rel=0.15)
+    # the original is MPEG-4 part 2 (no deblocking filter): its 8x8 edges read blockier than the
+    # deblocked, blurred H.264 re-encode; blockiness is not what this degradation changes
+    rejects = [r for r in pq.read_table(degraded_run / "rejects.parquet").to_pylist()
+               if Path(r["uri"]).stem == "degraded"]
+    assert rejects[0]["rule"] == "filters.sharpness_min", rejects
+    over = rows["overexposed"]
+    assert over["status"] == "rejected" and over["reject_reason"] == "face overexposed", over
+    assert over["highlight_clip_frac"] > 0.25 > orig["highlight_clip_frac"]
