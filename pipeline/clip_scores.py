@@ -59,7 +59,7 @@ class ClipObserver:
     """Collects the per-frame observations of one clip (a few MB per clip once finished)."""
 
     def __init__(self, clip: CandidateClip, detector, sync_size: int, fps: int = 25, size: int = 512,
-                 landmarks3d=None, box_detector=None):
+                 landmarks3d=None, box_detector=None, iqa_model=None):
         self.clip, self.detector, self.sync_size, self.fps, self.size = clip, detector, sync_size, fps, size
         # full profile: insightface 1k3d68 68x3 landmarks give the head pose (its 3-D fit);
         # FaceMesh's dense landmarks still give mouth opening, movement and completeness.
@@ -75,7 +75,7 @@ class ClipObserver:
         self.sync_crops: list[np.ndarray] = []
         self._pending: list[tuple[int, np.ndarray]] = []  # frames waiting for their smoothed box
         # technical quality (pipeline/scoring/quality.py): face patch of the crop, source grid
-        self.quality = quality_scores.QualityAccumulator()
+        self.quality = quality_scores.QualityAccumulator(iqa_model=iqa_model)
 
     def _central_face(self, faces):
         c = self.size / 2
@@ -83,6 +83,7 @@ class ClipObserver:
 
     def observe(self, frame: np.ndarray) -> None:
         faces = self.detector.detect(frame)
+        self.quality.add_frame(frame)
         self.n_faces.append(len(faces))
         face = self._central_face(faces)
         if face is not None:

@@ -103,6 +103,8 @@ class FilterConfig(_Section):
     blockiness_max: float | None = 1.5
     shadow_clip_frac_max: float | None = 0.25
     highlight_clip_frac_max: float | None = 0.25
+    # learned quality (score.learned_iqa, off by default): no default threshold, set one from its scores
+    learned_iqa_min: float | None = None
     # Several faces: always flagged (other_faces); reject only when this is true.
     single_face_required: bool = False
 
@@ -112,6 +114,10 @@ class ScoreConfig(_Section):
     syncnet_batch_size: int = Field(20, ge=1)
     num_gpus: float = Field(0.0, ge=0, le=8, description="GPUs per crop+score actor (SyncNet)")
     actors: int = Field(1, ge=1)
+    learned_iqa: bool = Field(False, description="score the 512 crops with pyiqa's CNNIQA from a local weights "
+                                                 "file (pipeline/scoring/learned_iqa.py); never downloaded")
+    learned_iqa_model: str = Field("CNNIQA_koniq10k-e6f14c91.pth", description="file in model_dir (pyiqa's layout, "
+                                   "torch or safetensors)")
 
 
 class FeaturesConfig(_Section):

@@ -34,6 +34,7 @@ RULES: tuple[Rule, ...] = (
     Rule("sharpness_min", "sharpness", ">=", "blurred face"),
     Rule("shadow_clip_frac_max", "shadow_clip_frac", "<=", "face underexposed"),
     Rule("highlight_clip_frac_max", "highlight_clip_frac", "<=", "face overexposed"),
+    Rule("learned_iqa_min", "learned_iqa", ">=", "low learned quality score"),
     Rule("complete_frac_min", "complete_frac", ">=", "head cut off by the frame"),
     Rule("pad_frac_max", "pad_frac", "<=", "crop padded beyond the picture"),
     # pose: the clip's 95th percentile of |angle|, so a few mis-fitted frames do not reject a clip

@@ -288,6 +288,11 @@ class CropScoreStage:
             self.landmarks3d = Landmarks3D.from_model_dir(config.model_dir)
         # The face box for SyncNet's crop and 1k3d68 comes from the profile's detector (SCRFD in full,
         # the WIDER FACE box convention of syncnet_python's S3FD); with mediapipe it is BlazeFace's own.
+        self.iqa_model = None  # optional learned quality model from a local file (never downloaded)
+        if config.score.learned_iqa:
+            from .scoring.learned_iqa import load_learned_iqa
+
+            self.iqa_model = load_learned_iqa(config.model_dir, config.score.learned_iqa_model)
         self.box_detector = None
         if config.detector_backend != "mediapipe":
             from .faces import make_detector
@@ -352,7 +357,8 @@ class CropScoreStage:
                                        duration_s=clip.n_frames / cfg.fps))
 
         observers = {c.clip_index: ClipObserver(c, self.face_model, self.syncnet.image_size, cfg.fps, cfg.size,
-                                                landmarks3d=self.landmarks3d, box_detector=self.box_detector)
+                                                landmarks3d=self.landmarks3d, box_detector=self.box_detector,
+                                                iqa_model=self.iqa_model)
                      for c in clips}
         cropped, scores, details = {}, {}, {}
         t_score = 0.0
@@ -519,7 +525,7 @@ class CropScoreStage:
 
         cfg = self.config.output
         observer = ClipObserver(clip, self.face_model, self.syncnet.image_size, cfg.fps, cfg.size,
-                                landmarks3d=self.landmarks3d)
+                                landmarks3d=self.landmarks3d, iqa_model=self.iqa_model)
         errors: list[MediaError] = []
         for cc in crop_and_normalize(row["uri"], [clip], rotation=p["rotation"], audio=audio, size=cfg.size,
                                      fps=cfg.fps, audio_rate=cfg.audio_rate, crf=cfg.crf, preset=cfg.preset,
@@ -553,7 +559,8 @@ class CropScoreStage:
                      "pad_frac": c.pad_frac},
             "models": dict(payload.get("models", {}), landmarks=self.face_model.name, syncnet=self.sync_weights,
                            **({"pose_landmarks": self.landmarks3d.name} if self.landmarks3d is not None else {}),
-                           **({"score_boxes": self.box_detector.name} if self.box_detector is not None else {})),
+                           **({"score_boxes": self.box_detector.name} if self.box_detector is not None else {}),
+                           **({"learned_iqa": self.iqa_model.model_id} if self.iqa_model is not None else {})),
             "members": ["video.mp4", "meta.json"],
             "scores": dict(sc, max_faces=c.max_faces),
             "score_details": detail,

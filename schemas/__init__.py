@@ -204,6 +204,7 @@ SCORES_SCHEMA = pa.schema([
     # bits per pixel per frame, shares of clipped face pixels (luma <= 5, >= 250)
     ("sharpness", pa.float64()), ("blockiness", pa.float64()), ("wsb_quality", pa.float64()),
     ("bpp", pa.float64()), ("shadow_clip_frac", pa.float64()), ("highlight_clip_frac", pa.float64()),
+    ("learned_iqa", pa.float64()),  # optional learned model (score.learned_iqa; null when off)
 ])
 
 TABLE_SCHEMAS = {"manifest.parquet": MANIFEST_SCHEMA, "rejects.parquet": REJECTS_SCHEMA,

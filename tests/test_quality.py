@@ -255,3 +255,73 @@ def test_degraded_clip_scores_worse_and_is_rejected(degraded_run):
     over = rows["overexposed"]
     assert over["status"] == "rejected" and over["reject_reason"] == "face overexposed", over
     assert over["highlight_clip_frac"] > 0.25 > orig["highlight_clip_frac"]
+
+
+def _official_cnniqa_state_dict(seed: int = 0) -> dict:
+    """A state dict with the keys and shapes of pyiqa's CNNIQA_koniq10k-*.pth (pyiqa
+    archs/cnniqa_arch.py: conv1 3->50 7x7, fc1 100->800, fc2 800->800, fc3 800->1), random values."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"conv1.weight": (50, 3, 7, 7), "conv1.bias": (50,), "fc1.weight": (800, 100), "fc1.bias": (800,),
+              "fc2.weight": (800, 800), "fc2.bias": (800,), "fc3.weight": (1, 800), "fc3.bias": (1,)}
+    return {k: torch.randn(s, generator=g) * 0.05 for k, s in shapes.items()}
+
+
+def test_cnniqa_loads_the_official_layout_and_nothing_else(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.scoring import learned_iqa as iqa
+
+    sd = _official_cnniqa_state_dict()
+    assert {k: tuple(v.shape) for k, v in iqa.CNNIQA().state_dict().items()} == iqa.OFFICIAL_SHAPES
+    torch.save({"params": sd}, tmp_path / "CNNIQA_koniq10k-e6f14c91.pth")  # pyiqa's file: {'params': ...}
+    torch.save({"module." + k: v for k, v in sd.items()}, tmp_path / "dataparallel.pth")
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    frames = np.stack([data.astronaut(), cv2.GaussianBlur(data.astronaut(), (0, 0), 3)])
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
+    # the network by hand: conv, global max and min pooling, two ReLU layers, one output
+    h = torch.nn.functional.conv2d(x, sd["conv1.weight"], sd["conv1.bias"])
+    h = torch.cat([h.amax(dim=(2, 3)), h.amin(dim=(2, 3))], 1)
+    h = torch.relu(h @ sd["fc1.weight"].T + sd["fc1.bias"])
+    h = torch.relu(h @ sd["fc2.weight"].T + sd["fc2.bias"])
+    want = (h @ sd["fc3.weight"].T + sd["fc3.bias"]).squeeze(1).numpy()
+    for name in ("CNNIQA_koniq10k-e6f14c91.pth", "dataparallel.pth", "w.safetensors"):
+        got = iqa.score_frames(iqa.load_cnniqa(tmp_path / name), frames)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    missing = dict(sd)
+    del missing["fc3.bias"]
+    torch.save({"params": missing}, tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="(?s)missing.pth.*fc3.bias"):
+        iqa.load_cnniqa(tmp_path / "missing.pth")
+    torch.save({"params": sd, "net": iqa.CNNIQA()}, tmp_path / "pickled.pth")  # a pickled module: refused
+    with pytest.raises(ValueError, match="pickled.pth"):
+        iqa.load_cnniqa(tmp_path / "pickled.pth")
+    with pytest.raises(FileNotFoundError, match="absent.pth"):
+        iqa.load_cnniqa(tmp_path / "absent.pth")
+
+
+def test_learned_iqa_is_off_by_default_and_loads_only_a_local_file(tmp_path):
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.stages import CropScoreStage
+
+    cfg = load_config(None)
+    assert cfg.score.learned_iqa is False and cfg.filters.learned_iqa_min is None
+    assert CropScoreStage(cfg).iqa_model is None
+    on = load_config(None, **{"score.learned_iqa": True, "model_dir": str(tmp_path)})
+    with pytest.raises(FileNotFoundError, match="CNNIQA_koniq10k-e6f14c91.pth"):
+        CropScoreStage(on)
+    torch.save({"params": _official_cnniqa_state_dict()}, tmp_path / "CNNIQA_koniq10k-e6f14c91.pth")
+    stage = CropScoreStage(on)
+    acc = q.QualityAccumulator(iqa_model=stage.iqa_model)
+    frames = [cv2.resize(data.astronaut(), (512, 512))] * 30
+    for f in frames:
+        acc.add_frame(f)
+    scores, _ = acc.scores()
+    from pipeline.scoring.learned_iqa import score_frames
+
+    # frames 0 and 25 (one per second of the 25 fps clip)
+    assert scores["learned_iqa"] == pytest.approx(float(score_frames(stage.iqa_model, np.stack(frames[:2])).mean()))

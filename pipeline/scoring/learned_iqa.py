@@ -33,6 +33,8 @@ OFFICIAL_SHAPES = {"conv1.weight": (50, 3, 7, 7), "conv1.bias": (50,), "fc1.weig
 class CNNIQA(nn.Module):
     """pyiqa's CNNIQA, layer for layer (attribute names = state-dict keys)."""
 
+    model_id = MODEL_ID
+
     def __init__(self, ker_size: int = 7, n_kers: int = 50, n1_nodes: int = 800, n2_nodes: int = 800):
         super().__init__()
         self.conv1 = nn.Conv2d(3, n_kers, ker_size)
@@ -95,3 +97,14 @@ def score_frames(model: CNNIQA, frames: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255.0)
     device = next(model.parameters()).device
     return model(x.to(device)).squeeze(1).cpu().numpy().astype(np.float64)
+
+
+def load_learned_iqa(model_dir: str | None, model_file: str) -> CNNIQA:
+    """The crop stage's optional model: ``model_dir/model_file``, on the GPU when the actor has one."""
+    if not model_dir:
+        raise FileNotFoundError(f"score.learned_iqa needs model_dir holding {model_file} (copy it there; "
+                                "the pipeline never downloads)")
+    model = load_cnniqa(Path(model_dir) / model_file)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    return model

@@ -165,13 +165,23 @@ class QualityAccumulator:
     Face measures (sharpness, exposure) run on every ``face_stride``-th 512 crop frame (a 128 px
     patch: ~0.2 ms); blockiness on every ``source_stride``-th source frame, inside the crop box."""
 
-    def __init__(self, face_stride: int = 1, source_stride: int = 5):
+    def __init__(self, face_stride: int = 1, source_stride: int = 5, iqa_model=None, iqa_stride: int = 25):
         self.face_stride, self.source_stride = face_stride, source_stride
+        # optional learned IQA (pipeline/scoring/learned_iqa.py) on every iqa_stride-th crop frame
+        self.iqa_model, self.iqa_stride = iqa_model, iqa_stride
+        self.iqa_frames: list[np.ndarray] = []
+        self.n_frames = 0
         self.n_face = self.n_source = 0
         self.sharpness: list[float] = []
         self.shadows: list[float] = []
         self.highlights: list[float] = []
         self.wsb: list[dict] = []
+
+    def add_frame(self, frame: np.ndarray) -> None:
+        """Every 512 crop frame (whole-frame measures: the learned model, when one is loaded)."""
+        i, self.n_frames = self.n_frames, self.n_frames + 1
+        if self.iqa_model is not None and i % self.iqa_stride == 0:
+            self.iqa_frames.append(frame)
 
     def add_face(self, frame: np.ndarray, box) -> None:
         i, self.n_face = self.n_face, self.n_face + 1
@@ -202,6 +212,11 @@ class QualityAccumulator:
         out["blockiness"] = _median([r for r in ratios if r is not None])
         out["wsb_quality"] = _median([f["S"] for f in self.wsb if f["S"] is not None])
         out["bpp"] = source_bpp(probe) if probe else None
+        if self.iqa_model is not None and self.iqa_frames:
+            from .learned_iqa import score_frames
+
+            out["learned_iqa"] = float(np.mean(score_frames(self.iqa_model, np.stack(self.iqa_frames))))
+            self.iqa_frames = []
         detail = {"face_scale_px": FACE_SCALE, "face_frames": len(self.sharpness), "source_frames": len(self.wsb),
                   "face_stride": self.face_stride, "source_stride": self.source_stride,
                   "sharpness_p10": _pct(self.sharpness, 10), "sharpness_p90": _pct(self.sharpness, 90),
