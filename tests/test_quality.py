@@ -325,3 +325,12 @@ def test_learned_iqa_is_off_by_default_and_loads_only_a_local_file(tmp_path):
 
     # frames 0 and 25 (one per second of the 25 fps clip)
     assert scores["learned_iqa"] == pytest.approx(float(score_frames(stage.iqa_model, np.stack(frames[:2])).mean()))
+
+
+def test_learned_iqa_without_its_file_stops_before_any_work(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.runner import preflight
+
+    preflight(load_config(None))  # off by default: nothing to check
+    with pytest.raises(FileNotFoundError, match="CNNIQA_koniq10k-e6f14c91.pth"):
+        preflight(load_config(None, **{"score.learned_iqa": True, "model_dir": str(tmp_path)}))
