@@ -197,6 +197,7 @@ def test_bits_per_pixel_from_probe_facts(tmp_path):
     assert q.bits_per_pixel(None, 128, 96, 25) is None
 
 
+@pytest.mark.realdata
 def test_low_bitrate_h264_is_blockier_and_fewer_bits(tmp_path):
     path = real_path("wda_aoc_000.mp4")
     frames = [f for _, f in iter_frames(str(path), end_s=2.0)]
@@ -240,6 +241,7 @@ def degraded_run(tmp_path_factory, ray_local):
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_degraded_clip_scores_worse_and_is_rejected(degraded_run):
     rows = {Path(r["uri"]).stem: r for r in pq.read_table(degraded_run / "scores.parquet").to_pylist()}
     orig, bad = rows["original"], rows["degraded"]
