@@ -110,7 +110,9 @@ class ClipObserver:
         source's 8x8 coding grid inside the clip's crop box (the 512 crop's resampling moves it)."""
         h, w = img.shape[:2]
         c = self.clip
-        region = quality_scores.source_region(w, h, c.crop_x0, c.crop_y0, c.crop_size)
+        # inside the shot's active picture: a letterbox bar's edge often lies on the 8x8 grid and
+        # would read as one long block edge
+        region = quality_scores.source_region(w, h, c.crop_x0, c.crop_y0, c.crop_size, picture=c.active_picture)
         self.quality.add_source(img, region, quality_scores.display_grid(rotation, w, h),
                                 quality_scores.grid_directions(rotation, sample_aspect_ratio))
 

@@ -336,3 +336,18 @@ def test_learned_iqa_without_its_file_stops_before_any_work(tmp_path):
     preflight(load_config(None))  # off by default: nothing to check
     with pytest.raises(FileNotFoundError, match="CNNIQA_koniq10k-e6f14c91.pth"):
         preflight(load_config(None, **{"score.learned_iqa": True, "model_dir": str(tmp_path)}))
+
+
+def test_letterbox_edges_on_the_grid_are_not_block_edges():
+    """A sharp bar edge on an 8-px row would count as one long block edge: measuring inside the
+    active picture leaves it out."""
+    picture = cv2.resize(_astronaut_grey(), (512, 384), interpolation=cv2.INTER_AREA)
+    framed = np.zeros((512, 512), np.uint8)
+    framed[64:448] = picture
+    whole = q.wsb_features(framed[:, :])
+    inside = q.source_region(512, 512, 0, 0, 512, picture=(0.0, 64.0, 512.0, 448.0))
+    assert inside == (0, 64, 512, 448)
+    f = q.wsb_features(framed[64:448], phase_y=(7 - 64) % 8)
+    ref = q.wsb_features(picture)
+    assert q.blockiness(f["B"], f["A"]) == pytest.approx(q.blockiness(ref["B"], ref["A"]))
+    assert q.blockiness(whole["B"], whole["A"]) > q.blockiness(ref["B"], ref["A"]) + 0.05

@@ -132,10 +132,16 @@ def display_grid(rotation: int, width: int, height: int) -> tuple[int, int]:
     return grid_phase(width, rev_x), grid_phase(height, rev_y)
 
 
-def source_region(width: int, height: int, x0: float, y0: float, size: float) -> tuple[int, int, int, int] | None:
-    """Integer (x0, y0, x1, y1) of a crop box inside a width x height frame; None when < 16 px."""
-    a, b = max(0, int(math.floor(x0))), max(0, int(math.floor(y0)))
-    c, d = min(width, int(math.ceil(x0 + size))), min(height, int(math.ceil(y0 + size)))
+def source_region(width: int, height: int, x0: float, y0: float, size: float,
+                  picture=None) -> tuple[int, int, int, int] | None:
+    """Integer (x0, y0, x1, y1) of a crop box inside a width x height frame and inside
+    ``picture`` (the active picture [x0, y0, x1, y1], rounded inwards, so a bar's edge is left
+    out); None when < 16 px."""
+    px0, py0, px1, py1 = picture if picture is not None else (0, 0, width, height)
+    a = max(0, int(math.floor(x0)), int(math.ceil(px0)))
+    b = max(0, int(math.floor(y0)), int(math.ceil(py0)))
+    c = min(width, int(math.ceil(x0 + size)), int(math.floor(px1)))
+    d = min(height, int(math.ceil(y0 + size)), int(math.floor(py1)))
     if c - a < 2 * BLOCK or d - b < 2 * BLOCK:
         return None
     return a, b, c, d
