@@ -286,13 +286,13 @@ class CropScoreStage:
             from .faces.landmarks3d import Landmarks3D
 
             self.landmarks3d = Landmarks3D.from_model_dir(config.model_dir)
-        # The face box for SyncNet's crop and 1k3d68 comes from the profile's detector (SCRFD in full,
-        # the WIDER FACE box convention of syncnet_python's S3FD); with mediapipe it is BlazeFace's own.
         self.iqa_model = None  # optional learned quality model from a local file (never downloaded)
         if config.score.learned_iqa:
             from .scoring.learned_iqa import load_learned_iqa
 
             self.iqa_model = load_learned_iqa(config.model_dir, config.score.learned_iqa_model)
+        # The face box for SyncNet's crop and 1k3d68 comes from the profile's detector (SCRFD in full,
+        # the WIDER FACE box convention of syncnet_python's S3FD); with mediapipe it is BlazeFace's own.
         self.box_detector = None
         if config.detector_backend != "mediapipe":
             from .faces import make_detector
