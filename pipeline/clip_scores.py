@@ -22,6 +22,7 @@ import numpy as np
 
 from .scoring import motion as motion_scores
 from .scoring import pose as pose_scores
+from .scoring import quality as quality_scores
 from .scoring import speech as speech_scores
 from .scoring import syncnet as sync
 from .segment import CandidateClip
@@ -60,7 +61,8 @@ class ClipObserver:
     """Collects the per-frame observations of one clip (a few MB per clip once finished)."""
 
     def __init__(self, clip: CandidateClip, detector, sync_size: int, fps: int = 25, size: int = 512,
-                 landmarks3d=None, box_detector=None, identity=None, identity_frames: int = 5):
+                 landmarks3d=None, box_detector=None, identity=None, identity_frames: int = 5,
+                 iqa_model=None):
         self.clip, self.detector, self.sync_size, self.fps, self.size = clip, detector, sync_size, fps, size
         # full profile: insightface 1k3d68 68x3 landmarks give the head pose (its 3-D fit);
         # FaceMesh's dense landmarks still give mouth opening, movement and completeness.
@@ -82,6 +84,8 @@ class ClipObserver:
         self.n_faces: list[int] = []
         self.sync_crops: list[np.ndarray] = []
         self._pending: list[tuple[int, np.ndarray]] = []  # frames waiting for their smoothed box
+        # technical quality (pipeline/scoring/quality.py): face patch of the crop, source grid
+        self.quality = quality_scores.QualityAccumulator(iqa_model=iqa_model)
 
     def _central_face(self, faces):
         c = self.size / 2
@@ -89,6 +93,7 @@ class ClipObserver:
 
     def observe(self, frame: np.ndarray) -> None:
         faces = self.detector.detect(frame)
+        self.quality.add_frame(frame)
         self.n_faces.append(len(faces))
         face = self._central_face(faces)
         if face is not None:
@@ -97,6 +102,8 @@ class ClipObserver:
             box, lms = (self.boxes[-1] if self.boxes else np.full(4, np.nan, np.float32)), None
         self.boxes.append(box)
         self.landmarks.append(lms)
+        if face is not None:
+            self.quality.add_face(frame, box)
         det_face, det_box = face, box
         if self.box_detector is not None:
             det_face = self._central_face(self.box_detector.detect(frame))
@@ -134,6 +141,17 @@ class ClipObserver:
             out["identity_embedding"] = [float(v) for v in emb]
         return out, detail
 
+    def observe_source(self, img: np.ndarray, rotation: int = 0, sample_aspect_ratio: str = "1:1") -> None:
+        """The full-resolution source frame an output frame was cut from: blockiness on the
+        source's 8x8 coding grid inside the clip's crop box (the 512 crop's resampling moves it)."""
+        h, w = img.shape[:2]
+        c = self.clip
+        # inside the shot's active picture: a letterbox bar's edge often lies on the 8x8 grid and
+        # would read as one long block edge
+        region = quality_scores.source_region(w, h, c.crop_x0, c.crop_y0, c.crop_size, picture=c.active_picture)
+        self.quality.add_source(img, region, quality_scores.display_grid(rotation, w, h),
+                                quality_scores.grid_directions(rotation, sample_aspect_ratio))
+
     def _smoothed_box(self, i: int) -> np.ndarray:
         half = SYNC_BOX_MEDIAN // 2
         window = np.stack(self.det_boxes[max(0, i - half):i + half + 1])
@@ -160,11 +178,16 @@ class ClipObserver:
         return out
 
     def finish(self, audio16k: np.ndarray, syncnet, sync_weights: str, source_size: tuple[int, int],
-               batch_size: int = 20) -> tuple[dict, dict]:
-        """(scores row fields, extra detail for meta.json). Frees the per-frame buffers."""
+               batch_size: int = 20, probe: dict | None = None) -> tuple[dict, dict]:
+        """(scores row fields, extra detail for meta.json). Frees the per-frame buffers.
+        ``probe``: the source's probe facts (bits per pixel)."""
         self._cut_sync_crops(final=True)
         try:
-            return self._finish(audio16k, syncnet, sync_weights, source_size, batch_size)
+            out, detail = self._finish(audio16k, syncnet, sync_weights, source_size, batch_size)
+            q, q_detail = self.quality.scores(probe)
+            out.update({k: v for k, v in q.items() if v is not None})
+            detail["quality"] = _jsonable(q_detail)
+            return out, detail
         finally:
             self.sync_crops, self.landmarks, self.lm68, self._id_crops = [], [], [], []
 

@@ -99,6 +99,16 @@ class FilterConfig(_Section):
     pad_frac_max: float | None = 0.4
     # Face size: median face box side in source pixels (the crop upscales smaller faces).
     face_size_px_min: float | None = 128.0
+    # Technical quality (pipeline/scoring/quality.py; defaults from the real clips, docs/scoring.md
+    # "Quality"): face sharpness (Laplacian variance at a 128 px face), source bits per pixel per
+    # frame, 8x8 blockiness B/A on the source grid, shares of clipped face pixels.
+    sharpness_min: float | None = 20.0
+    bpp_min: float | None = 0.008
+    blockiness_max: float | None = 1.5
+    shadow_clip_frac_max: float | None = 0.25
+    highlight_clip_frac_max: float | None = 0.25
+    # learned quality (score.learned_iqa, off by default): no default threshold, set one from its scores
+    learned_iqa_min: float | None = None
     # Several faces: always flagged (other_faces); reject only when this is true.
     single_face_required: bool = False
 
@@ -113,6 +123,10 @@ class ScoreConfig(_Section):
                                              "a random stand-in in smoke) for jobs/identities.py")
     identity_frames: int = Field(5, ge=1, le=100, description="evenly spaced output frames embedded and averaged")
     arcface_model: str = "w600k_r50.onnx"
+    learned_iqa: bool = Field(False, description="score the 512 crops with pyiqa's CNNIQA from a local weights "
+                                                 "file (pipeline/scoring/learned_iqa.py); never downloaded")
+    learned_iqa_model: str = Field("CNNIQA_koniq10k-e6f14c91.pth", description="file in model_dir (pyiqa's layout, "
+                                   "torch or safetensors)")
 
 
 class FeaturesConfig(_Section):

@@ -58,7 +58,7 @@ def crop_square(img: np.ndarray, x0: float, y0: float, size: float, out: int) ->
 def crop_and_normalize(uri: str, clips: list[CandidateClip], *, rotation: int, audio: AudioTrack | np.ndarray,
                        audio_t0: float = 0.0, size: int = 512, fps: int = 25, audio_rate: int = 16000,
                        crf: int = 18, preset: str = "veryfast", audio_bitrate: int = 96_000,
-                       on_error=None, on_frame=None):
+                       on_error=None, on_frame=None, on_source_frame=None):
     """Yield CroppedClip for every clip; a clip that fails yields (clip, MediaError) via ``on_error``.
 
     ``audio``: the source's ``AudioTrack`` at ``audio_rate`` (the curation path): a clip's audio is
@@ -67,7 +67,9 @@ def crop_and_normalize(uri: str, clips: list[CandidateClip], *, rotation: int, a
     does not reach, for tools that score whatever they are given.
     With an AudioTrack, decoding goes on past damaged packets (``iter_frames`` with a DecodeLog)
     and a clip overlapping a damaged range found here fails ("damaged stream").
-    ``on_frame(clip, frame)`` sees every output frame (the scoring stage measures on them).
+    ``on_frame(clip, frame)`` sees every output frame (the scoring stage measures on them);
+    ``on_source_frame(clip, img)`` the full-resolution source frame each one was cut from (quality
+    measures on the source's coding grid, pipeline/scoring/quality.py).
     """
     if isinstance(audio, AudioTrack):
         covered = []
@@ -118,8 +120,10 @@ def crop_and_normalize(uri: str, clips: list[CandidateClip], *, rotation: int, a
                                                    preset=preset, audio_bitrate=audio_bitrate)
                     t_out = tt[written[ci]]
                     nearer_next = next_img is not None and t_next - t_out < t_out - prev[0]
-                    out_frame = crop_square(next_img if nearer_next else prev[1], c.crop_x0, c.crop_y0,
-                                            c.crop_size, size)
+                    src_img = next_img if nearer_next else prev[1]
+                    out_frame = crop_square(src_img, c.crop_x0, c.crop_y0, c.crop_size, size)
+                    if on_source_frame is not None:
+                        on_source_frame(c, src_img)
                     encoders[ci].add_frame(out_frame)
                     if on_frame is not None:
                         on_frame(c, out_frame)

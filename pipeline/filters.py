@@ -36,6 +36,13 @@ RULES: tuple[Rule, ...] = (
     Rule("roll_abs_max", "roll_abs_p95", "<=", "extreme rotation (roll)"),
     Rule("head_translation_max", "head_translation", "<=", "excessive head movement"),
     Rule("mouth_activity_min", "mouth_activity", ">=", "no mouth activity"),
+    # technical quality (pipeline/scoring/quality.py)
+    Rule("bpp_min", "bpp", ">=", "source bitrate too low"),
+    Rule("blockiness_max", "blockiness", "<=", "blocky compression"),
+    Rule("sharpness_min", "sharpness", ">=", "blurred face"),
+    Rule("shadow_clip_frac_max", "shadow_clip_frac", "<=", "face underexposed"),
+    Rule("highlight_clip_frac_max", "highlight_clip_frac", "<=", "face overexposed"),
+    Rule("learned_iqa_min", "learned_iqa", ">=", "low learned quality score"),
     Rule("sync_offset_abs_max", "sync_offset", "abs<=", "large audio-video offset", needs_real_sync=True),
     Rule("sync_conf_min", "sync_conf", ">=", "low lip-sync confidence", needs_real_sync=True),
 )

@@ -68,6 +68,8 @@ class ProbeResult:
     sample_aspect_ratio: str = "1:1"  # of the coded pixels; frames are resampled to square pixels
     coded_width: int | None = None  # the stream's own picture size, before SAR and rotation
     coded_height: int | None = None
+    video_bit_rate: int | None = None  # the video stream's stated bit rate (bits/s), None when unstated
+    audio_bit_rate: int | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -142,7 +144,9 @@ def probe(uri: str, max_packets: int = 2000) -> ProbeResult:
                 audio_streams=len(audio),
                 video_duration_s=float(v.duration * tb) if v.duration else None,
                 size_bytes=_size_of(uri), sample_aspect_ratio=f"{sar.numerator}:{sar.denominator}",
-                coded_width=int(first.width), coded_height=int(first.height))
+                coded_width=int(first.width), coded_height=int(first.height),
+                video_bit_rate=int(v.bit_rate) if v.bit_rate else None,
+                audio_bit_rate=int(a.bit_rate) if a is not None and a.bit_rate else None)
     except MediaError:
         raise
     except (av.error.InvalidDataError, av.error.FFmpegError, UnicodeDecodeError) as e:

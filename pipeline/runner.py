@@ -76,6 +76,11 @@ def preflight(config: CurateConfig) -> None:
             missing.append(str(e))
     if missing:
         raise FileNotFoundError("the full profile cannot start:\n  " + "\n  ".join(missing))
+    if config.score.learned_iqa:  # optional learned quality model: a local file, never downloaded
+        iqa = Path(config.model_dir or "") / config.score.learned_iqa_model
+        if not config.model_dir or not iqa.is_file():
+            raise FileNotFoundError(f"score.learned_iqa is on but its weights are not at {iqa} "
+                                    "(copy pyiqa's file there; the pipeline never downloads)")
 
 
 def ensure_ray(config: CurateConfig) -> None:

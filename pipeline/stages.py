@@ -295,6 +295,11 @@ class CropScoreStage:
 
             self.identity = (ArcFace.smoke() if config.profile == "smoke"
                              else ArcFace.from_model_dir(config.model_dir, config.score.arcface_model))
+        self.iqa_model = None  # optional learned quality model from a local file (never downloaded)
+        if config.score.learned_iqa:
+            from .scoring.learned_iqa import load_learned_iqa
+
+            self.iqa_model = load_learned_iqa(config.model_dir, config.score.learned_iqa_model)
         # The face box for SyncNet's crop and 1k3d68 comes from the profile's detector (SCRFD in full,
         # the WIDER FACE box convention of syncnet_python's S3FD); with mediapipe it is BlazeFace's own.
         self.box_detector = None
@@ -329,7 +334,7 @@ class CropScoreStage:
             shutil.rmtree(tmpdir, ignore_errors=True)
 
     def _crop(self, row: dict, payload: dict, t0: float, tmpdir: Path) -> list[dict]:
-        from .clip_scores import ClipObserver, select_speakers
+        from .clip_scores import select_speakers
         from .crop import crop_and_normalize
         from .filters import evaluate
         from .media import remux_with_audio
@@ -360,23 +365,22 @@ class CropScoreStage:
                                        key=sample_key(row["video_id"], clip.clip_index), detail=str(err),
                                        duration_s=clip.n_frames / cfg.fps))
 
-        observers = {c.clip_index: ClipObserver(c, self.face_model, self.syncnet.image_size, cfg.fps, cfg.size,
-                                                landmarks3d=self.landmarks3d, box_detector=self.box_detector,
-                                                identity=self.identity,
-                                                identity_frames=self.config.score.identity_frames)
-                     for c in clips}
+        observers = {c.clip_index: self._observer(c) for c in clips}
         cropped, scores, details = {}, {}, {}
         t_score = 0.0
         for cc in crop_and_normalize(row["uri"], clips, rotation=p["rotation"], audio=audio,
                                      size=cfg.size, fps=cfg.fps, audio_rate=cfg.audio_rate, crf=cfg.crf,
                                      preset=cfg.preset, audio_bitrate=cfg.audio_bitrate, on_error=on_error,
-                                     on_frame=lambda c, f: observers[c.clip_index].observe(f)):
+                                     on_frame=lambda c, f: observers[c.clip_index].observe(f),
+                                     on_source_frame=lambda c, img: observers[c.clip_index].observe_source(
+                                         img, p["rotation"], p.get("sample_aspect_ratio", "1:1"))):
             ci = cc.clip.clip_index
             t1 = time.perf_counter()
             # Score as soon as a clip is complete, so its per-frame buffers are freed right away.
             scores[ci], details[ci] = observers.pop(ci).finish(cc.audio, self.syncnet, self.sync_weights,
                                                                (p["width"], p["height"]),
-                                                               batch_size=self.config.score.syncnet_batch_size)
+                                                               batch_size=self.config.score.syncnet_batch_size,
+                                                               probe=p)
             t_score += time.perf_counter() - t1
             path = tmpdir / f"{ci}.mp4"
             path.write_bytes(cc.mp4)
@@ -520,22 +524,31 @@ class CropScoreStage:
                                  "from_n_frames": c.n_frames}
         return new_cc, sc, detail, audio.cut(first, n_frames * spf, uri=row["uri"]), int(offset2 or 0)
 
+    def _observer(self, clip: CandidateClip):
+        """The per-frame scorer of one clip, with every model of this actor (the same for the first
+        crop and for the re-crop after an offset trim, so both use the profile's face boxes)."""
+        from .clip_scores import ClipObserver
+
+        cfg = self.config.output
+        return ClipObserver(clip, self.face_model, self.syncnet.image_size, cfg.fps, cfg.size,
+                            landmarks3d=self.landmarks3d, box_detector=self.box_detector, identity=self.identity,
+                            identity_frames=self.config.score.identity_frames, iqa_model=self.iqa_model)
+
     def _crop_one(self, row: dict, p: dict, clip: CandidateClip, audio, tmpdir: Path):
         """Crop and score one clip again (the offset trim): (CroppedClip, scores, detail) or the MediaError."""
-        from .clip_scores import ClipObserver
         from .crop import crop_and_normalize
 
         cfg = self.config.output
-        observer = ClipObserver(clip, self.face_model, self.syncnet.image_size, cfg.fps, cfg.size,
-                                landmarks3d=self.landmarks3d, identity=self.identity,
-                                identity_frames=self.config.score.identity_frames)
+        observer = self._observer(clip)
         errors: list[MediaError] = []
         for cc in crop_and_normalize(row["uri"], [clip], rotation=p["rotation"], audio=audio, size=cfg.size,
                                      fps=cfg.fps, audio_rate=cfg.audio_rate, crf=cfg.crf, preset=cfg.preset,
                                      audio_bitrate=cfg.audio_bitrate, on_error=lambda c, e: errors.append(e),
-                                     on_frame=lambda c, f: observer.observe(f)):
+                                     on_frame=lambda c, f: observer.observe(f),
+                                     on_source_frame=lambda c, img: observer.observe_source(
+                                         img, p["rotation"], p.get("sample_aspect_ratio", "1:1"))):
             sc, detail = observer.finish(cc.audio, self.syncnet, self.sync_weights, (p["width"], p["height"]),
-                                         batch_size=self.config.score.syncnet_batch_size)
+                                         batch_size=self.config.score.syncnet_batch_size, probe=p)
             return cc, sc, detail
         return errors[0] if errors else MediaError("decode error", f"{row['uri']}: clip {clip.clip_index} not cropped")
 
@@ -561,7 +574,8 @@ class CropScoreStage:
             "models": dict(payload.get("models", {}), landmarks=self.face_model.name, syncnet=self.sync_weights,
                            **({"pose_landmarks": self.landmarks3d.name} if self.landmarks3d is not None else {}),
                            **({"score_boxes": self.box_detector.name} if self.box_detector is not None else {}),
-                           **({"identity": self.identity.name} if self.identity is not None else {})),
+                           **({"identity": self.identity.name} if self.identity is not None else {}),
+                           **({"learned_iqa": self.iqa_model.model_id} if self.iqa_model is not None else {})),
             "members": ["video.mp4", "meta.json"],
             "scores": dict(sc, max_faces=c.max_faces),
             "score_details": detail,

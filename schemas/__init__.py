@@ -202,6 +202,12 @@ SCORES_SCHEMA = pa.schema([
     # face identity (docs/identity.md): ArcFace embedding of the clip, 512 fp16 values, L2-normalised mean of
     # the L2-normalised embeddings of a few evenly spaced frames; null when not computed
     ("identity_embedding", pa.list_(pa.float16())), ("identity_model", pa.string()),
+    # technical quality (pipeline/scoring/quality.py): Laplacian variance of the face at 128 px,
+    # 8x8 blockiness (B/A) and Wang-Sheikh-Bovik JPEG quality on the source grid, source video
+    # bits per pixel per frame, shares of clipped face pixels (luma <= 5, >= 250)
+    ("sharpness", pa.float64()), ("blockiness", pa.float64()), ("wsb_quality", pa.float64()),
+    ("bpp", pa.float64()), ("shadow_clip_frac", pa.float64()), ("highlight_clip_frac", pa.float64()),
+    ("learned_iqa", pa.float64()),  # optional learned model (score.learned_iqa; null when off)
 ])
 # Scores columns kept out of meta.json's "scores" (too wide to repeat in every sample): scores.parquet only.
 SCORES_ONLY_COLUMNS = ("identity_embedding",)

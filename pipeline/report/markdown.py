@@ -7,7 +7,8 @@ from .stats import LEVEL_LABELS
 
 # The scores worth a line in a summary (the page and stats.json have all of them).
 KEY_SCORES = ("duration_s", "sync_conf", "sync_dist", "sync_offset", "speech_ratio", "yaw_abs_p95", "pitch_abs_p95",
-              "head_translation", "face_size_px", "head_motion_var_mean", "expression_var_mean")
+              "head_translation", "face_size_px", "head_motion_var_mean", "expression_var_mean",
+              "sharpness", "blockiness", "bpp", "highlight_clip_frac")
 
 
 def _table(head: list[str], rows: list[list[str]], text_cols: int = 1) -> list[str]:

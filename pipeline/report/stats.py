@@ -40,6 +40,10 @@ SCORE_LABELS = {
     "complete_frac": "face completeness", "face_size_px": "face size (px)", "n_faces_max": "faces per frame (max)",
     "head_motion_var_mean": "head-motion variance (Loopy 3.5)",
     "expression_var_mean": "expression variance (Loopy 3.5)", "duration_s": "clip length (s)",
+    "sharpness": "face sharpness (Laplacian var. at 128 px)", "blockiness": "8x8 blockiness (B/A, source grid)",
+    "wsb_quality": "JPEG quality (Wang-Sheikh-Bovik)", "bpp": "source bits per pixel per frame",
+    "shadow_clip_frac": "face share clipped dark", "highlight_clip_frac": "face share clipped bright",
+    "learned_iqa": "learned quality (CNNIQA)",
 }
 OPS = (">=", "<=", "abs<=")
 N_BINS = 40
@@ -246,6 +250,8 @@ def parse_rules(run: dict) -> tuple[list[dict], list[str]]:
         return [], []
     rules, notes = [], []
     for i, rule in enumerate(raw if isinstance(raw, list) else []):
+        if isinstance(rule, dict) and "value" in rule and rule["value"] is None:
+            continue  # a rule switched off (threshold None, pipeline/filters.py): nothing to draw
         try:
             ok = rule["op"] in OPS and isinstance(rule["column"], str) and math.isfinite(float(rule["value"]))
         except (KeyError, TypeError, ValueError):

@@ -34,6 +34,8 @@ FILTER_RULES = [
      "reason": "extreme rotation (yaw)", "applied": True},
     {"rule": "filters.face_size_px_min", "column": "face_size_px", "op": ">=", "value": 128.0,
      "reason": "face too small", "applied": False},
+    {"rule": "filters.sharpness_min", "column": "sharpness", "op": ">=", "value": 20.0,
+     "reason": "blurred face", "applied": True},
 ]
 # (stage, reason) of a clip failing each applied rule, checked in this order.
 RULE_REASONS = {r["column"]: ("score", r["reason"]) for r in FILTER_RULES if r["applied"]}
@@ -71,6 +73,11 @@ def _clip_scores(rng, n: int, duration: np.ndarray) -> dict[str, np.ndarray]:
         "pad_frac": np.where(rng.random(n) < 0.7, 0.0, rng.beta(2, 8, n)),  # most crops fit their picture
         "n_faces_max": np.where(rng.random(n) < 0.05, 2, 1),
         "head_motion_var_mean": rng.gamma(2, 2.0, n), "expression_var_mean": rng.gamma(2, 0.5, n),
+        # technical quality (pipeline/scoring/quality.py; ranges as on the real clips, docs/scoring.md)
+        "sharpness": rng.lognormal(5.0, 0.9, n), "blockiness": 1.0 + rng.gamma(2.0, 0.05, n),
+        "wsb_quality": rng.normal(9.5, 0.7, n), "bpp": rng.lognormal(-3.2, 0.7, n),
+        "shadow_clip_frac": rng.beta(0.3, 40, n), "highlight_clip_frac": rng.beta(0.3, 60, n),
+        "learned_iqa": rng.normal(0.6, 0.1, n),  # as if score.learned_iqa were on (pyiqa CNNIQA: ~0..~1)
         "duration_s": duration,
     }
 
