@@ -199,6 +199,14 @@ SCORES_SCHEMA = pa.schema([
     ("other_faces", pa.bool_()),
     # Loopy 3.5 motion statistics (features stage)
     ("head_motion_var_mean", pa.float64()), ("expression_var_mean", pa.float64()),
+    # near-duplicate signatures (pipeline/scoring/fingerprint.py, docs/dedup.md): imagehash phash of
+    # 5 evenly spaced output frames and of the same frames mirrored (64 bits as int64), and the
+    # Haitsma-Kalker audio fingerprint (base64 of little-endian uint32 sub-fingerprints, 11.6 ms each)
+    ("phash", pa.list_(pa.int64())), ("phash_mirrored", pa.list_(pa.int64())),
+    ("audio_fingerprint", pa.string()),
+    # jobs/dedup.py: the kept clip this one duplicates (null: none); refilter re-decides it from
+    # duplicates.parquet and filters.dedup
+    ("duplicate_of", pa.string()),
 ])
 
 TABLE_SCHEMAS = {"manifest.parquet": MANIFEST_SCHEMA, "rejects.parquet": REJECTS_SCHEMA,
