@@ -2,8 +2,8 @@
 
 Perceptual hash: ``imagehash.phash`` (the DCT hash of hackerfactor's "Looks Like It": 32x32
 greyscale, 2-D DCT, the 8x8 lowest frequencies against their median), 64 bits per frame, on
-``PHASH_FRAMES`` evenly spaced output frames, and on the same frames mirrored left-right (a
-mirrored re-upload gives the mirrored frames' hashes). Stored as signed int64 (the 64 bits
+``PHASH_FRAMES`` evenly spaced output frames (their central ``PHASH_REGION``, the face), and on
+the same regions mirrored left-right (a mirrored re-upload gives the mirrored hashes). Stored as signed int64 (the 64 bits
 in imagehash's row-major order).
 
 Audio fingerprint: Haitsma & Kalker 2002, "A Highly Robust Audio Fingerprinting System"
@@ -31,6 +31,7 @@ import base64
 import numpy as np
 
 PHASH_FRAMES = 5
+PHASH_REGION = 0.6
 RATE = 16000
 HK_FRAME = 5920  # 0.37 s at 16 kHz
 HK_HOP = HK_FRAME // 32  # overlap 31/32
@@ -64,9 +65,19 @@ def phash64(frame: np.ndarray) -> int:
     return _bits_to_int64(imagehash.phash(Image.fromarray(np.ascontiguousarray(frame))).hash)
 
 
+def face_region(frame: np.ndarray, share: float = PHASH_REGION) -> np.ndarray:
+    """The central ``share`` of a face-centred crop (the crop side is segment.crop_scale = 2 face
+    boxes, so this is the face box and a little around it): framing and padding differences at the
+    crop's edges then weigh little in the hash."""
+    h, w = frame.shape[:2]
+    y0, x0 = int(round(h * (1 - share) / 2)), int(round(w * (1 - share) / 2))
+    return frame[y0:h - y0, x0:w - x0]
+
+
 def phash_pair(frame: np.ndarray) -> tuple[int, int]:
-    """(hash of the frame, hash of the frame mirrored left-right)."""
-    return phash64(frame), phash64(frame[:, ::-1])
+    """(hash of the crop's face region, hash of the same region mirrored left-right)."""
+    region = face_region(frame)
+    return phash64(region), phash64(region[:, ::-1])
 
 
 def hamming64(a, b) -> np.ndarray:
