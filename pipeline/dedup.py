@@ -20,6 +20,7 @@ with union-find on the driver (edges are few: only duplicates).
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -40,6 +41,7 @@ DUPLICATES_SCHEMA = pa.schema([
     ("evidence", pa.string()),  # JSON: the verified edges of this clip, with each signal's distance
 ])
 
+CLIPS_PER_PARTITION = 5000
 SIGNATURE_COLUMNS = ("phash", "phash_mirrored", "audio_fingerprint", "identity_embedding")
 AUDIO, VISUAL = 0, 1  # bucket kinds
 _MIX = np.uint64(0x9E3779B1)  # Knuth's multiplicative hash: winnowing picks minima of a mixed value
@@ -70,6 +72,7 @@ def winnow(subfps: np.ndarray, window: int) -> np.ndarray:
     return np.unique(np.arange(len(win)) + rightmost)
 
 
+@functools.lru_cache(maxsize=8)
 def _band_bits(bands: int, bits: int, seed: int = 0) -> np.ndarray:
     """Fixed random bit positions of each LSH band: [bands, bits] indices into the 64-bit hash."""
     rng = np.random.default_rng(seed)
@@ -116,6 +119,8 @@ def _emit_bucket_rows(batch: pa.Table, cfg: DedupConfig) -> pa.Table:
 
 def pairs_of_bucket(keys: list[str], positions: list[int], max_bucket: int) -> tuple[list[tuple[str, str, int | None]], int]:
     """Candidate pairs (a < b, audio offset hint or None) of one bucket, and the comparisons counted."""
+    if len(keys) < 2:
+        return [], 0
     by_key: dict[str, list[int]] = defaultdict(list)
     for k, p in zip(keys, positions):
         by_key[k].append(p)
@@ -222,10 +227,13 @@ def find_duplicate_edges(signatures: pa.Table, cfg: DedupConfig, *, stats: dict 
 
     sig_cols = [c for c in ("key",) + SIGNATURE_COLUMNS if c in signatures.column_names]
     ds = ray.data.from_arrow(signatures.select(sig_cols))
+    # shuffle partitions grow with the data (Ray's default of 200 only costs time on small outputs)
+    parts = max(1, min(200, signatures.num_rows // CLIPS_PER_PARTITION))
     buckets = ds.map_batches(_emit_bucket_rows, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=256)
-    pairs = buckets.groupby("bucket").map_groups(_group_to_pairs, fn_kwargs={"max_bucket": cfg.max_bucket},
-                                                 batch_format="pyarrow")
-    candidates = pairs.groupby("pair").map_groups(_merge_hints, batch_format="pyarrow").materialize()
+    pairs = buckets.groupby("bucket", num_partitions=parts).map_groups(
+        _group_to_pairs, fn_kwargs={"max_bucket": cfg.max_bucket}, batch_format="pyarrow")
+    candidates = pairs.groupby("pair", num_partitions=parts).map_groups(_merge_hints, batch_format="pyarrow")
+    candidates = candidates.materialize()
     n_candidates = candidates.count()
     if stats is not None:
         stats["candidate_pairs"] = n_candidates
@@ -244,9 +252,9 @@ def find_duplicate_edges(signatures: pa.Table, cfg: DedupConfig, *, stats: dict 
         return pa.Table.from_pylist(out, schema=_KEYED_SCHEMA)
 
     keyed = candidates.map_batches(sides, batch_format="pyarrow").union(ds.map_batches(sig_rows, batch_format="pyarrow"))
-    attached = keyed.groupby("k").map_groups(_attach_signature, batch_format="pyarrow")
-    edges = attached.groupby("pair").map_groups(_verify_group, fn_kwargs={"cfg_json": cfg.model_dump_json()},
-                                                batch_format="pyarrow")
+    attached = keyed.groupby("k", num_partitions=parts).map_groups(_attach_signature, batch_format="pyarrow")
+    edges = attached.groupby("pair", num_partitions=parts).map_groups(
+        _verify_group, fn_kwargs={"cfg_json": cfg.model_dump_json()}, batch_format="pyarrow")
     return [json.loads(r["evidence"]) for r in edges.iter_rows()]
 
 

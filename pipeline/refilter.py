@@ -139,9 +139,9 @@ def apply_filters(root: str | Path, filters: FilterConfig) -> dict:
     run_path = root / "run.json"
     run = json.loads(run_path.read_text())
     run.setdefault("refilters", []).append({k: v for k, v in report.items()})
-    run["filter_rules"] = rule_table(filters, sync_real=sync_real) + [
-        {"rule": "filters.dedup", "column": "duplicate_of", "op": "is null", "value": filters.dedup,
-         "reason": "duplicate of <key>", "applied": bool(filters.dedup and duplicates)}]
+    run["filter_rules"] = rule_table(filters, sync_real=sync_real)
+    run["dedup"] = {"applied": bool(filters.dedup and duplicates), "duplicates_rejected":
+                    sum(1 for _, f, _ in dropped if f["rule"] == "filters.dedup")}
     run["config"]["filters"] = filters.model_dump(mode="json")
     atomic_write_json(run_path, run)
     new_index = build_index([ShardInfo(**e["shard"]) for e in shard_entries], profile=index["profile"],

@@ -55,6 +55,7 @@ def compute_stats(data: RunData) -> dict:
         "sources": st.per_source(data),
         "run": st.run_facts(data, fun),
         "models": {},
+        "duplicates": st.duplicate_groups(data),
     }
 
 
