@@ -219,12 +219,13 @@ def _job(*args, timeout=300) -> str:
 
 
 @pytest.mark.realdata
-def test_real_clip_copies_form_one_group_and_refilter_undoes_it(dedup_run, tmp_path):
+def test_real_clip_copies_form_one_group_and_refilter_undoes_it(dedup_run, tmp_path, ray_local):
     out = tmp_path / "copy"
     shutil.copytree(dedup_run, out)
     kept = _stems(out, "manifest.parquet")
     assert set(kept) == {"real", "real_reencoded", "real_mirrored_cropped", "unrelated"}, kept
-    stdout = _job(ROOT / "jobs" / "dedup.py", out)
+    # the job joins the tests' Ray instead of starting its own (tens of seconds on 2 cores)
+    stdout = _job(ROOT / "jobs" / "dedup.py", out, "--ray-address", ray_local.get_runtime_context().gcs_address)
     dups = pq.read_table(out / "duplicates.parquet").to_pylist()
     key_stem = {r["key"]: Path(r["uri"]).stem for r in pq.read_table(out / "scores.parquet").to_pylist()}
     groups: dict[str, set] = {}
@@ -244,6 +245,20 @@ def test_real_clip_copies_form_one_group_and_refilter_undoes_it(dedup_run, tmp_p
     assert {k for k, s in scores.items() if s["duplicate_of"]} == {r["key"] for r in dups if r["rank"] > 0}
     index = json.loads((out / "index.json").read_text())
     assert index["selection"]["nsamples"] == 2
+    # the statistics report lists the group, best member first
+    from pipeline.report import compute_stats, load_run, markdown, validate_stats
+
+    stats = compute_stats(load_run(str(out)))
+    dup = stats["duplicates"]
+    assert (dup["groups"], dup["clips_in_groups"], dup["duplicates"], dup["size_histogram"]) == (1, 3, 2, {"3": 1})
+    members = dup["listed"][0]["members"]
+    assert [m["status"] for m in members] == ["kept", "rejected", "rejected"] and members[0]["key"] == best["key"]
+    assert "## Duplicate groups" in markdown.render(stats)
+    from pipeline.report import html
+
+    assert best["key"] in html._duplicates(stats) and "Duplicate groups (1)" in html._duplicates(stats)
+    stats.update(contact_sheet={"kept": [], "kept_notes": [], "rejected": []}, report_seconds={"total": 0.0})
+    validate_stats(stats)
     # undo: the same rules with dedup off bring the duplicates back
     cfg = tmp_path / "nodedup.yaml"
     cfg.write_text("filters:\n  dedup: false\n")
