@@ -117,7 +117,8 @@ def _emit_bucket_rows(batch: pa.Table, cfg: DedupConfig) -> pa.Table:
                      "pos": pa.array(positions, pa.int32())})
 
 
-def pairs_of_bucket(keys: list[str], positions: list[int], max_bucket: int) -> tuple[list[tuple[str, str, int | None]], int]:
+def pairs_of_bucket(keys: list[str], positions: list[int],
+                    max_bucket: int) -> tuple[list[tuple[str, str, int | None]], int]:
     """Candidate pairs (a < b, audio offset hint or None) of one bucket, and the comparisons counted."""
     if len(keys) < 2:
         return [], 0
@@ -251,7 +252,8 @@ def find_duplicate_edges(signatures: pa.Table, cfg: DedupConfig, *, stats: dict 
         out = [{"k": r["key"], "pair": None, "side": "sig", "blob": _signature_blob(r), "hints": None} for r in rows]
         return pa.Table.from_pylist(out, schema=_KEYED_SCHEMA)
 
-    keyed = candidates.map_batches(sides, batch_format="pyarrow").union(ds.map_batches(sig_rows, batch_format="pyarrow"))
+    keyed = candidates.map_batches(sides, batch_format="pyarrow").union(
+        ds.map_batches(sig_rows, batch_format="pyarrow"))
     attached = keyed.groupby("k", num_partitions=parts).map_groups(_attach_signature, batch_format="pyarrow")
     edges = attached.groupby("pair", num_partitions=parts).map_groups(
         _verify_group, fn_kwargs={"cfg_json": cfg.model_dump_json()}, batch_format="pyarrow")
@@ -296,7 +298,8 @@ def rank_key(row: dict, rank_by: list[str]) -> tuple:
     return tuple(out) + (row["key"],)
 
 
-def duplicate_rows(groups: list[list[str]], edges: list[dict], scores: dict[str, dict], rank_by: list[str]) -> list[dict]:
+def duplicate_rows(groups: list[list[str]], edges: list[dict], scores: dict[str, dict],
+                   rank_by: list[str]) -> list[dict]:
     """duplicates.parquet rows: every member of every group, ranked."""
     evidence: dict[str, list[dict]] = defaultdict(list)
     for e in edges:

@@ -135,14 +135,22 @@ def _table(rows, extra=None) -> pa.Table:
 
 def test_ray_pipeline_finds_exactly_the_planted_groups(ray_local):
     rows = _synthetic_library(300, 12, seed=1)
+    # the identity helper's column (list<halffloat>, 512, L2-normalised): each planted copy has its
+    # original's person, every other clip a random one
+    rng = np.random.default_rng(3)
+    people = rng.normal(size=(len(rows), 512)).astype(np.float32)
+    people[300:] = people[:12]
+    people /= np.linalg.norm(people, axis=1, keepdims=True)
+    identity = pa.array([p.astype(np.float16).tolist() for p in people], pa.list_(pa.float16()))
     # visual agreement of the planted copies is 3 bits; every other pair is ~32 bits apart
     stats = {}
-    edges = dedup.find_duplicate_edges(_table(rows), DedupConfig(), stats=stats)
+    edges = dedup.find_duplicate_edges(_table(rows, {"identity_embedding": identity}), DedupConfig(), stats=stats)
     found = {(e["a"], e["b"]) for e in edges if e["duplicate"]}
     assert found == {(f"c{i:05d}", f"d{i:05d}") for i in range(12)}
     assert stats["candidate_pairs"] < 50
     e = next(e for e in edges if e["duplicate"])
-    assert e["signals"] == ["audio", "phash"] and e["audio_ber"] < 0.1 and e["phash_bits"] == 3.0
+    assert e["signals"] == ["audio", "phash", "identity"] and e["audio_ber"] < 0.1 and e["phash_bits"] == 3.0
+    assert e["identity_cos"] > 0.999
 
 
 def test_identity_embedding_is_used_when_present():
@@ -164,7 +172,8 @@ def test_identity_embedding_is_used_when_present():
     other_face = {"key": "c", "phash": [~h for h in hashes], "phash_mirrored": [~h for h in hashes],
                   "audio_fingerprint": a["audio_fingerprint"]}
     assert not dedup.verify_pair(a, other_face, [0], cfg)["duplicate"]  # same sound, other picture
-    framed = dedup.verify_pair(dict(a, identity_embedding=person), dict(other_face, identity_embedding=person), [0], cfg)
+    framed = dedup.verify_pair(dict(a, identity_embedding=person), dict(other_face, identity_embedding=person),
+                               [0], cfg)
     assert framed["duplicate"] and framed["signals"] == ["audio", "identity"]  # re-framed re-upload
 
 
@@ -219,6 +228,7 @@ def _job(*args, timeout=300) -> str:
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_real_clip_copies_form_one_group_and_refilter_undoes_it(dedup_run, tmp_path, ray_local):
     out = tmp_path / "copy"
     shutil.copytree(dedup_run, out)

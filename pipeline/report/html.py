@@ -256,7 +256,8 @@ def _duplicates(s: dict) -> str:
                       f'<div class="sub">{fmt.n(dup["clips_in_groups"])} clips in groups; {fmt.n(dup["duplicates"])} '
                       "are duplicates of a better-ranked member (jobs/dedup.py). Signals: what tied a clip to its "
                       "group (audio fingerprint, perceptual hash, identity).</div>",
-                      _table(["group", "clip", "rank", "status", "signals", "audio BER", "phash bits"], rows, {2, 5, 6})])
+                      _table(["group", "clip", "rank", "status", "signals", "audio BER", "phash bits"], rows,
+                             {2, 5, 6})])
 
 
 def render(s: dict, thumbs: dict) -> str:

@@ -21,8 +21,8 @@ LEVELS = ("inputs", "probed_ok", "face_tracks", "candidate_clips", "kept")
 LEVEL_LABELS = {"inputs": "inputs", "probed_ok": "probed OK", "face_tracks": "face tracks",
                 "candidate_clips": "candidate clips", "kept": "kept"}
 # Known stage names in pipeline order, for sorting; stages added later sort after them by name.
-STAGE_ORDER = ("probe", "detect", "segment", "crop", "score", "speech", "sync", "scoring", "filter", "refilter", "dedup",
-               "features", "write")
+STAGE_ORDER = ("probe", "detect", "segment", "crop", "score", "speech", "sync", "scoring", "filter", "refilter",
+               "dedup", "features", "write")
 # videos.parquet marks an input whose candidates were all rejected with this pseudo-stage.
 ALL_CLIPS_REJECTED = "clips"
 
@@ -431,7 +431,8 @@ def duplicate_groups(data: RunData, max_groups: int = 50) -> dict | None:
             st, dup = status.get(m["key"], (None, None))
             out.append({"key": m["key"], "rank": m["rank"], "status": st, "duplicate_of": dup,
                         "signals": sorted({s for e in edges for s in e.get("signals", [])}),
-                        "audio_ber": min((e["audio_ber"] for e in edges if e.get("audio_ber") is not None), default=None),
+                        "audio_ber": min((e["audio_ber"] for e in edges if e.get("audio_ber") is not None),
+                                         default=None),
                         "phash_bits": min((e["phash_bits"] for e in edges if e.get("phash_bits") is not None),
                                           default=None)})
         listed.append({"group_id": gid, "size": len(members), "members": out})

@@ -3,8 +3,8 @@
 Perceptual hash: ``imagehash.phash`` (the DCT hash of hackerfactor's "Looks Like It": 32x32
 greyscale, 2-D DCT, the 8x8 lowest frequencies against their median), 64 bits per frame, on
 ``PHASH_FRAMES`` evenly spaced output frames (their central ``PHASH_REGION``, the face), and on
-the same regions mirrored left-right (a mirrored re-upload gives the mirrored hashes). Stored as signed int64 (the 64 bits
-in imagehash's row-major order).
+the same regions mirrored left-right (a mirrored re-upload gives the mirrored hashes). Stored as
+signed int64 (the 64 bits in imagehash's row-major order).
 
 Audio fingerprint: Haitsma & Kalker 2002, "A Highly Robust Audio Fingerprinting System"
 (ISMIR 2002), section 4.2: frames of 0.37 s, Hanning window, overlap 31/32 (one sub-fingerprint
