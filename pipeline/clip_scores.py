@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 
+from .scoring import fingerprint as fingerprints
 from .scoring import motion as motion_scores
 from .scoring import pose as pose_scores
 from .scoring import quality as quality_scores
@@ -86,12 +87,20 @@ class ClipObserver:
         self._pending: list[tuple[int, np.ndarray]] = []  # frames waiting for their smoothed box
         # technical quality (pipeline/scoring/quality.py): face patch of the crop, source grid
         self.quality = quality_scores.QualityAccumulator(iqa_model=iqa_model)
+        # near-duplicate signatures (pipeline/dedup.py): phash of a few evenly spaced frames
+        self._phash_at = set(fingerprints.phash_frame_indices(clip.n_frames))
+        self.phash: list[int] = []
+        self.phash_mirrored: list[int] = []
 
     def _central_face(self, faces):
         c = self.size / 2
         return min(faces, key=lambda f: (f.center[0] - c) ** 2 + (f.center[1] - c) ** 2) if faces else None
 
     def observe(self, frame: np.ndarray) -> None:
+        if len(self.boxes) in self._phash_at:
+            h, hm = fingerprints.phash_pair(frame)
+            self.phash.append(h)
+            self.phash_mirrored.append(hm)
         faces = self.detector.detect(frame)
         self.quality.add_frame(frame)
         self.n_faces.append(len(faces))
@@ -255,6 +264,8 @@ class ClipObserver:
         if self.identity is not None:
             id_scores, detail["identity"] = self._identity_scores()
             out.update(id_scores)
+        out["phash"], out["phash_mirrored"] = list(self.phash), list(self.phash_mirrored)
+        out["audio_fingerprint"] = fingerprints.encode_fingerprint(fingerprints.subfingerprints(audio16k))
         for key, v in list(out.items()):
             if isinstance(v, float) and math.isnan(v):
                 out[key] = None

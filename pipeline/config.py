@@ -111,6 +111,34 @@ class FilterConfig(_Section):
     learned_iqa_min: float | None = None
     # Several faces: always flagged (other_faces); reject only when this is true.
     single_face_required: bool = False
+    # Near-duplicates (jobs/dedup.py, docs/dedup.md): when duplicates.parquet exists, keep only the
+    # best-ranked member of each duplicate group that passes the other rules; false brings them back.
+    dedup: bool = True
+
+
+class DedupConfig(_Section):
+    """Near-duplicate detection (jobs/dedup.py; definitions and thresholds: docs/dedup.md)."""
+    audio_ber_max: float = Field(0.35, gt=0, lt=0.5, description="Haitsma-Kalker: same audio when the bit error rate "
+                                 "over the aligned overlap is at most this (their block threshold)")
+    min_overlap_s: float = Field(1.5, gt=0, description="aligned audio overlap needed (Haitsma-Kalker's block is "
+                                 "256 sub-fingerprints, 2.97 s; our shortest clips, segment.min_clip_s = 2 s, "
+                                 "hold ~140, so 1.5 s = 130 sub-fingerprints, 4160 bits)")
+    min_overlap_frac: float = Field(0.5, gt=0, le=1, description="...and at least this share of the shorter clip")
+    phash_max_bits: float = Field(10.0, ge=0, le=32, description="visual agreement: mean nearest-frame phash "
+                                  "distance (either orientation) at most this many of 64 bits")
+    visual_only_phash_max_bits: float = Field(4.0, ge=0, le=32, description="a match without the audio (re-dubbed) "
+                                              "needs this close a phash AND the identity agreement")
+    identity_cos_min: float = Field(0.5, ge=-1, le=1, description="identity agreement: cosine of identity_embedding")
+    winnow_window: int = Field(16, ge=1, description="audio lookup keys: one minimum-hash sub-fingerprint per this "
+                               "many (winnowing), so a clip emits ~2/(w+1) of its sub-fingerprints")
+    phash_bands: int = Field(8, ge=1, le=64, description="LSH bands over each 64-bit frame hash")
+    phash_band_bits: int = Field(28, ge=8, le=48, description="bits sampled per band: hashes d bits apart share a "
+                                 "band with probability ~(1-d/64)^bits, unrelated ones with ~2^-bits")
+    max_bucket: int = Field(64, ge=2, description="buckets with more clips are skipped as uninformative (silence, "
+                            "a static studio shot): candidate pairs per bucket stay <= max_bucket^2/2")
+    rank_by: list[str] = Field(["sharpness", "face_size_px", "sync_conf", "duration_s"],
+                               description="best member of a group: highest value of the first of these scores "
+                                           "columns present (None ranks last), then the next; ties by key")
 
 
 class ScoreConfig(_Section):
@@ -172,6 +200,7 @@ class CurateConfig(_Section):
     output: OutputConfig = OutputConfig()
     score: ScoreConfig = ScoreConfig()
     filters: FilterConfig = FilterConfig()
+    dedup: DedupConfig = DedupConfig()
     features: FeaturesConfig = FeaturesConfig()
     write: WriteConfig = WriteConfig()
     ray: RayConfig = RayConfig()

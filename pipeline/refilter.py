@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import schemas
 from . import __version__
 from .config import FilterConfig
+from .dedup import read_duplicates, select_kept
 from .filters import evaluate, rule_table
 from .journal import Journal
 from .runner import _write_parquet
@@ -61,6 +62,7 @@ def apply_filters(root: str | Path, filters: FilterConfig) -> dict:
     kept, dropped, rerun = [], [], []
     new_scores = []
     sync_real = index["profile"] == "full"
+    evaluated = []
     for s in scores:
         speaker_loss = s.get("reject_reason") == "not the speaking face"
         failed = [] if not speaker_loss else [{"reason": "not the speaking face", "rule": "speaker.selection",
@@ -70,7 +72,16 @@ def apply_filters(root: str | Path, filters: FilterConfig) -> dict:
             failed.append({"reason": s["reject_reason"], "rule": "segment.min_clip_s", "column": "duration_s",
                            "value": None, "op": ""})
         failed += evaluate(s, filters)
-        s = dict(s)
+        evaluated.append((s, failed))
+    # near-duplicates (jobs/dedup.py): of each group, the best-ranked clip passing every other rule stays
+    duplicates = read_duplicates(root)
+    evidence_of = {r["key"]: r["evidence"] for r in duplicates}
+    duplicate_of = select_kept(duplicates, {s["key"] for s, f in evaluated if not f and s["key"] in present})
+    for s, failed in evaluated:
+        s = dict(s, duplicate_of=duplicate_of.get(s["key"]))
+        if filters.dedup and s["duplicate_of"]:
+            failed = failed + [{"reason": f"duplicate of {s['duplicate_of']}", "rule": "filters.dedup",
+                                "column": "duplicate_of", "value": s["duplicate_of"], "op": "kept instead:"}]
         if not failed:
             if s["key"] in present:
                 kept.append(s["key"])
@@ -84,7 +95,8 @@ def apply_filters(root: str | Path, filters: FilterConfig) -> dict:
             first = failed[0]
             if s["key"] in present:
                 dropped.append((s, first, failed))
-            s.update(status="rejected", reject_stage="refilter" if s["key"] in present else s.get("reject_stage"),
+            stage = "dedup" if first["rule"] == "filters.dedup" else "refilter"
+            s.update(status="rejected", reject_stage=stage if s["key"] in present else s.get("reject_stage"),
                      reject_reason=first["reason"])
         new_scores.append(s)
 
@@ -93,10 +105,11 @@ def apply_filters(root: str | Path, filters: FilterConfig) -> dict:
     rejects = [r for r in base_rejects if r.get("key") not in kept_set]
     for s, first, failed in dropped:
         rejects.append({"uri": s["uri"], "video_id": s["video_id"], "clip_index": s["clip_index"], "key": s["key"],
-                        "stage": "refilter", "reason": first["reason"], "rule": first["rule"],
+                        "stage": s["reject_stage"], "reason": first["reason"], "rule": first["rule"],
                         "value": s.get(first["column"]) if isinstance(s.get(first["column"]), (int, float)) else None,
                         "threshold": first["value"] if isinstance(first["value"], (int, float)) else None,
-                        "detail": "; ".join(f"{f['rule']} ({f['column']} {f['op']} {f['value']})" for f in failed),
+                        "detail": "; ".join(f"{f['rule']} ({f['column']} {f['op']} {f['value']})" for f in failed)
+                        + (f"; evidence: {evidence_of.get(s['key'])}" if first["rule"] == "filters.dedup" else ""),
                         "duration_s": s["duration_s"], "source": s["source"]})
     manifest = [present[k] for e in shard_entries for k in e["shard"]["keys"] if k in kept_set]
     video_rows = []
@@ -127,6 +140,8 @@ def apply_filters(root: str | Path, filters: FilterConfig) -> dict:
     run = json.loads(run_path.read_text())
     run.setdefault("refilters", []).append({k: v for k, v in report.items()})
     run["filter_rules"] = rule_table(filters, sync_real=sync_real)
+    run["dedup"] = {"applied": bool(filters.dedup and duplicates), "duplicates_rejected":
+                    sum(1 for _, f, _ in dropped if f["rule"] == "filters.dedup")}
     run["config"]["filters"] = filters.model_dump(mode="json")
     atomic_write_json(run_path, run)
     new_index = build_index([ShardInfo(**e["shard"]) for e in shard_entries], profile=index["profile"],

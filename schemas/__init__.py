@@ -208,9 +208,19 @@ SCORES_SCHEMA = pa.schema([
     ("sharpness", pa.float64()), ("blockiness", pa.float64()), ("wsb_quality", pa.float64()),
     ("bpp", pa.float64()), ("shadow_clip_frac", pa.float64()), ("highlight_clip_frac", pa.float64()),
     ("learned_iqa", pa.float64()),  # optional learned model (score.learned_iqa; null when off)
+    # near-duplicate signatures (pipeline/scoring/fingerprint.py, docs/dedup.md): imagehash phash of
+    # 5 evenly spaced output frames and of the same frames mirrored (64 bits as int64), and the
+    # Haitsma-Kalker audio fingerprint (base64 of little-endian uint32 sub-fingerprints, 11.6 ms each)
+    ("phash", pa.list_(pa.int64())), ("phash_mirrored", pa.list_(pa.int64())),
+    ("audio_fingerprint", pa.string()),
+    # jobs/dedup.py: the kept clip this one duplicates (null: none); refilter re-decides it from
+    # duplicates.parquet and filters.dedup
+    ("duplicate_of", pa.string()),
 ])
 # Scores columns kept out of meta.json's "scores" (too wide to repeat in every sample): scores.parquet only.
-SCORES_ONLY_COLUMNS = ("identity_embedding",)
+# The identity embedding (~7 KB as JSON) and the near-duplicate signatures (~14 KB for a 30 s clip)
+# are read from scores.parquet by jobs/identities.py and jobs/dedup.py, never from a sample.
+SCORES_ONLY_COLUMNS = ("identity_embedding", "phash", "phash_mirrored", "audio_fingerprint")
 
 # identities.parquet at the output root (jobs/identities.py): one row per kept clip, its identity cluster.
 # File metadata (bytes keys): identity_model, threshold, method, n_clips, n_identities, ...

@@ -346,3 +346,45 @@ def judge_cuts(cuts: list[int], clip: LabelledClip, tolerance: int = 1) -> tuple
     lo, hi = (first - tolerance, last + tolerance) if first == last else (first, last)
     good = [c for c in cuts if lo <= c <= hi]
     return bool(good), len(cuts) - len(good), (abs(good[0] - first) if good and first == last else None)
+
+
+def reencode(src: Path, dst: Path, *, crf: int = 30, audio_bitrate: int = 32_000) -> Path:
+    """``src`` decoded and encoded again at a lower quality (H.264 ``crf``, AAC ``audio_bitrate``)."""
+    frames = [f for _, f in iter_frames(str(src))]
+    audio, _ = decode_audio(str(src))
+    dst.write_bytes(encode_clip(frames, audio[: len(frames) * 640], crf=crf, audio_bitrate=audio_bitrate))
+    return dst
+
+
+def mirror_crop_remux(src: Path, dst: Path, *, crop=(0.06, 0.0, 0.10, 0.08), container: str = "matroska") -> Path:
+    """``src`` mirrored left-right and cropped by the given fractions (left, top, right, bottom),
+    the video encoded again (H.264 crf 23) and the audio packets copied as they are (re-muxed) into
+    another container (Matroska by default): a re-upload with different framing."""
+    from fractions import Fraction
+
+    import av
+
+    frames = [f for _, f in iter_frames(str(src))]
+    h, w = frames[0].shape[:2]
+    x0, y0 = int(crop[0] * w) // 2 * 2, int(crop[1] * h) // 2 * 2
+    x1, y1 = w - int(crop[2] * w) // 2 * 2, h - int(crop[3] * h) // 2 * 2
+    with av.open(str(src)) as inp, av.open(str(dst), "w", format=container) as out:
+        vs = out.add_stream("libx264", rate=25)
+        vs.width, vs.height, vs.pix_fmt = x1 - x0, y1 - y0, "yuv420p"
+        vs.time_base = Fraction(1, 25)
+        vs.options = {"crf": "23", "preset": "veryfast"}
+        ain = inp.streams.audio[0]
+        aout = out.add_stream_from_template(ain)
+        for i, f in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(f[y0:y1, x0:x1][:, ::-1]), format="rgb24")
+            vf.pts = i
+            for packet in vs.encode(vf):
+                out.mux(packet)
+        for packet in vs.encode(None):
+            out.mux(packet)
+        for packet in inp.demux(ain):
+            if packet.dts is None:
+                continue
+            packet.stream = aout
+            out.mux(packet)
+    return dst

@@ -57,6 +57,7 @@ def compute_stats(data: RunData) -> dict:
         "run": st.run_facts(data, fun),
         "models": {},
         "identities": identity_counts(data),
+        "duplicates": st.duplicate_groups(data),
     }
 
 

@@ -251,9 +251,25 @@ def _identities(s: dict) -> str:
     return html_section(s)
 
 
+def _duplicates(s: dict) -> str:
+    dup = s.get("duplicates")
+    if not dup:
+        return ""
+    rows = [[escape(g["group_id"]), escape(m["key"]), m["rank"], escape(m["status"] or ""),
+             escape("+".join(m["signals"])), fmt.num(m["audio_ber"]), fmt.num(m["phash_bits"])]
+            for g in dup["listed"] for m in g["members"]]
+    return "\n".join([f"<h2>Duplicate groups ({fmt.n(dup['groups'])})</h2>",
+                      f'<div class="sub">{fmt.n(dup["clips_in_groups"])} clips in groups; {fmt.n(dup["duplicates"])} '
+                      "are duplicates of a better-ranked member (jobs/dedup.py). Signals: what tied a clip to its "
+                      "group (audio fingerprint, perceptual hash, identity).</div>",
+                      _table(["group", "clip", "rank", "status", "signals", "audio BER", "phash bits"], rows,
+                             {2, 5, 6})])
+
+
 def render(s: dict, thumbs: dict) -> str:
     title = escape(f"Dataset report: {s['dataset']['name'] or s['dataset']['path']}")
-    body = "\n".join([_header(s), _funnel(s), _compare(s), _scores(s), _identities(s), _sources(s), _contact(s, thumbs), _run(s)])
+    body = "\n".join([_header(s), _funnel(s), _compare(s), _scores(s), _identities(s), _duplicates(s), _sources(s),
+                       _contact(s, thumbs), _run(s)])
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{title}</title>'
             f"<style>{CSS}</style></head><body><main>\n{body}\n</main></body></html>\n")

@@ -24,7 +24,8 @@ REJECTS_COLUMNS = ("uri", "video_id", "clip_index", "key", "stage", "reason", "d
 VIDEOS_COLUMNS = ("uri", "video_id", "source", "status", "stage", "reason", "n_candidates", "n_kept",
                   "n_rejected_clips", "duration_s")
 # scores.parquet: everything except the wide per-file strings nothing in the report shows.
-SCORES_SKIP = ("uri", "identity_embedding")  # the embedding: 512 values per clip, used by jobs/identities.py
+# the embedding: 512 values per clip, used by jobs/identities.py; signatures: ~14 KB a clip, for jobs/dedup.py
+SCORES_SKIP = ("uri", "identity_embedding", "phash", "phash_mirrored", "audio_fingerprint")
 
 
 class ReportError(ValueError):
@@ -45,6 +46,7 @@ class RunData:
     notes: list[str] = field(default_factory=list)  # what was missing or odd, shown in the report
     identities: pa.Table | None = None  # identities.parquet (jobs/identities.py), when present
     identities_meta: dict = field(default_factory=dict)
+    duplicates: pa.Table | None = None  # duplicates.parquet of jobs/dedup.py, when it ran
 
     def join(self, rel: str) -> str:
         return posixpath.join(self.path, rel)
@@ -95,6 +97,11 @@ def load_run(root: str) -> RunData:
     else:
         notes.append("scores.parquet is absent (an output from before the scoring stage): score "
                      "distributions show only what manifest.parquet and rejects.parquet hold.")
+    duplicates = None
+    p = posixpath.join(path, "duplicates.parquet")
+    if fs.exists(p):
+        with fs.open(p, "rb") as f:
+            duplicates = pq.read_table(f, columns=["key", "group_id", "group_size", "rank", "evidence"])
     run = _read_json(fs, posixpath.join(path, "run.json"))
     if run is None:
         notes.append("run.json is absent: no config, versions or timings.")
@@ -111,4 +118,4 @@ def load_run(root: str) -> RunData:
     return RunData(root=str(root), fs=fs, path=path, run=run or {}, index=index,
                    videos=tables["videos.parquet"], manifest=tables["manifest.parquet"],
                    rejects=tables["rejects.parquet"], scores=scores, notes=notes,
-                   identities=identities, identities_meta=identities_meta)
+                   identities=identities, identities_meta=identities_meta, duplicates=duplicates)

@@ -58,6 +58,15 @@ def render(s: dict, top_reasons: int = 10) -> str:
     from .identities import markdown_lines
 
     out += markdown_lines(s)
+    dup = s.get("duplicates")
+    if dup:
+        out += ["## Duplicate groups", "",
+                f"{fmt.n(dup['groups'])} groups hold {fmt.n(dup['clips_in_groups'])} clips; "
+                f"{fmt.n(dup['duplicates'])} are duplicates of a better-ranked member (jobs/dedup.py).", ""]
+        out += _table(["group", "clip", "rank", "status", "signals", "audio BER", "phash bits"],
+                      [[g["group_id"], m["key"], str(m["rank"]), m["status"] or "", "+".join(m["signals"]),
+                        fmt.num(m["audio_ber"]), fmt.num(m["phash_bits"])]
+                       for g in dup["listed"] for m in g["members"]], text_cols=5)
     if r["stages"]:
         out += ["## Run", "",
                 f"Wall time {fmt.seconds(r['wall_s'])} on {fmt.n(r['nodes_used'])} Ray node(s), "

@@ -5,6 +5,8 @@ HTML page and report.md only format them, so the three never disagree.
 """
 from __future__ import annotations
 
+import json
+
 import math
 
 import numpy as np
@@ -20,7 +22,7 @@ LEVEL_LABELS = {"inputs": "inputs", "probed_ok": "probed OK", "face_tracks": "fa
                 "candidate_clips": "candidate clips", "kept": "kept"}
 # Known stage names in pipeline order, for sorting; stages added later sort after them by name.
 STAGE_ORDER = ("probe", "detect", "segment", "crop", "score", "speech", "sync", "scoring", "filter", "refilter",
-               "features", "write")
+               "dedup", "features", "write")
 # videos.parquet marks an input whose candidates were all rejected with this pseudo-stage.
 ALL_CLIPS_REJECTED = "clips"
 
@@ -404,3 +406,41 @@ def run_facts(data: RunData, fun: dict) -> dict:
             "pipeline_version": run.get("pipeline_version"), "argv": run.get("argv"),
             "config": run.get("config"), "config_fingerprint": run.get("config_fingerprint"),
             "versions": run.get("versions") or {}, "profile": (run.get("config") or {}).get("profile")}
+
+
+# ---- near-duplicates ------------------------------------------------------------------------
+
+def duplicate_groups(data: RunData, max_groups: int = 50) -> dict | None:
+    """The groups of duplicates.parquet (jobs/dedup.py): how many, their sizes, the largest ones
+    with each member's status and the signals that tied it to the group. None when dedup never ran."""
+    d = data.duplicates
+    if d is None:
+        return None
+    rows = d.to_pylist()
+    status = {}
+    if data.scores is not None and "duplicate_of" in data.scores.column_names:
+        for k, st, dup in zip(data.scores["key"].to_pylist(), data.scores["status"].to_pylist(),
+                              data.scores["duplicate_of"].to_pylist()):
+            status[k] = (st, dup)
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["group_id"], []).append(r)
+    sizes = [len(g) for g in groups.values()]
+    hist: dict[str, int] = {}
+    for n in sizes:
+        hist[str(n)] = hist.get(str(n), 0) + 1
+    listed = []
+    for gid, members in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:max_groups]:
+        out = []
+        for m in sorted(members, key=lambda m: m["rank"]):
+            edges = json.loads(m["evidence"] or "[]")
+            st, dup = status.get(m["key"], (None, None))
+            out.append({"key": m["key"], "rank": m["rank"], "status": st, "duplicate_of": dup,
+                        "signals": sorted({s for e in edges for s in e.get("signals", [])}),
+                        "audio_ber": min((e["audio_ber"] for e in edges if e.get("audio_ber") is not None),
+                                         default=None),
+                        "phash_bits": min((e["phash_bits"] for e in edges if e.get("phash_bits") is not None),
+                                          default=None)})
+        listed.append({"group_id": gid, "size": len(members), "members": out})
+    return {"groups": len(groups), "clips_in_groups": len(rows), "duplicates": len(rows) - len(groups),
+            "size_histogram": hist, "listed": listed}

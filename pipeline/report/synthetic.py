@@ -140,7 +140,8 @@ def make_output(root: str | Path, *, n_clips: int = 1_000_000, clips_per_video: 
             mask = ~kept if f.name in ("head_motion_var_mean", "expression_var_mean") else ~scored
             cols[f.name] = pa.array(x.astype(f.type.to_pandas_dtype()), mask=mask)
     cols["other_faces"] = pa.array(scores["n_faces_max"] > 1, mask=~scored)
-    _write(root / "scores.parquet", pa.table({f.name: cols.get(f.name, pa.nulls(n_clips, f.type))  # not simulated: null
+    # columns the generator does not model (e.g. dedup signatures) are nulls
+    _write(root / "scores.parquet", pa.table({f.name: cols.get(f.name, pa.nulls(n_clips, f.type))
                                               for f in schemas.SCORES_SCHEMA}, schema=schemas.SCORES_SCHEMA))
 
     # manifest.parquet: kept clips. The first ``real_samples`` go to shard 0, which is written for
