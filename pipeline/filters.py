@@ -62,6 +62,12 @@ def _passes(value, op: str, threshold: float) -> bool:
     raise ValueError(f"unknown op {op!r}")
 
 
+def unstored_rules(filters: FilterConfig, stored_columns: set[str]) -> list[str]:
+    """The active rules whose score column an output never recorded (see ``evaluate``)."""
+    return [f"filters.{r.field}" for r in RULES
+            if getattr(filters, r.field) is not None and r.column not in stored_columns]
+
+
 def rule_table(filters: FilterConfig, sync_real: bool) -> list[dict]:
     """The active rules, as recorded in run.json["filter_rules"] (the stats report draws them)."""
     out = []
@@ -75,12 +81,17 @@ def rule_table(filters: FilterConfig, sync_real: bool) -> list[dict]:
     return out
 
 
-def evaluate(scores: dict, filters: FilterConfig) -> list[dict]:
-    """Failed rules for one clip's scores, in rule order (empty list = the clip passes)."""
+def evaluate(scores: dict, filters: FilterConfig, stored_columns: set[str] | None = None) -> list[dict]:
+    """Failed rules for one clip's scores, in rule order (empty list = the clip passes).
+
+    ``stored_columns``: the score columns the curation that made an output recorded at all
+    (refilter of an output written before a score existed); a rule on a column outside it is not
+    applied, since a score that was never measured is not a failed measurement.
+    """
     sync_real = scores.get("sync_weights") == REAL_SYNC_WEIGHTS
     failed = []
     for rule in rule_table(filters, sync_real):
-        if not rule["applied"]:
+        if not rule["applied"] or (stored_columns is not None and rule["column"] not in stored_columns):
             continue
         if not _passes(scores.get(rule["column"]), rule["op"], rule["value"]):
             failed.append(rule)

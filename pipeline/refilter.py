@@ -21,7 +21,7 @@ import schemas
 from . import __version__
 from .config import FilterConfig
 from .dedup import read_duplicates, select_kept
-from .filters import evaluate, rule_table
+from .filters import evaluate, rule_table, unstored_rules
 from .journal import Journal
 from .runner import _write_parquet
 from .shards import ShardInfo, atomic_write_json, build_index, read_index, write_index
@@ -63,6 +63,9 @@ def apply_filters(root: str | Path, filters: FilterConfig) -> dict:
     new_scores = []
     sync_real = index["profile"] == "full"
     evaluated = []
+    # An output written before a score existed (an older 2.x minor version) never recorded it:
+    # its rule is skipped, not failed by every clip.
+    stored_columns = set().union(*(s.keys() for s in scores)) if scores else set()
     for s in scores:
         speaker_loss = s.get("reject_reason") == "not the speaking face"
         failed = [] if not speaker_loss else [{"reason": "not the speaking face", "rule": "speaker.selection",
@@ -71,7 +74,7 @@ def apply_filters(root: str | Path, filters: FilterConfig) -> dict:
             # the offset fix found no source audio for it: no threshold here can change that
             failed.append({"reason": s["reject_reason"], "rule": "segment.min_clip_s", "column": "duration_s",
                            "value": None, "op": ""})
-        failed += evaluate(s, filters)
+        failed += evaluate(s, filters, stored_columns)
         evaluated.append((s, failed))
     # near-duplicates (jobs/dedup.py): of each group, the best-ranked clip passing every other rule stays
     duplicates = read_duplicates(root)
@@ -135,7 +138,8 @@ def apply_filters(root: str | Path, filters: FilterConfig) -> dict:
     entered = sorted(kept_set - before)
     left = sorted(before - kept_set)
     report = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "filters": filters.model_dump(mode="json"),
-              "kept": len(kept_set), "entered": entered, "left": left, "needs_rerun": sorted(rerun_keys)}
+              "kept": len(kept_set), "entered": entered, "left": left, "needs_rerun": sorted(rerun_keys),
+              "rules_not_applied_unstored": unstored_rules(filters, stored_columns)}
     run_path = root / "run.json"
     run = json.loads(run_path.read_text())
     run.setdefault("refilters", []).append({k: v for k, v in report.items()})

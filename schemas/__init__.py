@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "2.0"
-SUPPORTED_SCHEMA_VERSIONS = ("2.0",)
+SCHEMA_VERSION = "2.1"
+# 2.1 only adds scores columns (quality, identity, duplicate signatures) and the identities /
+# duplicates tables: a 2.0 output reads the same, its missing scores skipped by refilter.
+SUPPORTED_SCHEMA_VERSIONS = ("2.0", "2.1")
 
 # What each major version changed for readers, so a refusal can say why (docs/loader.md).
 MAJOR_CHANGES = {

@@ -64,7 +64,7 @@ def test_members_match_schema(feature_run):
         W = meta["features"]["motion_window"]
         assert W == 12 and arrays["motion.npy"].shape == (T - W + 1, len(schemas.MOTION_COLUMNS))
         assert np.isfinite(arrays["latent.npy"]).all()
-        assert meta["schema_version"] == schemas.SCHEMA_VERSION == "2.0"
+        assert meta["schema_version"] == schemas.SCHEMA_VERSION == "2.1"
         f = meta["features"]
         assert f["latent_layout"] == "mean" and f["vae_dtype"] == f["audio_dtype"] == "float32"
         assert f["audio_layer0_included"] is True and f["audio_resampling"]
