@@ -127,3 +127,20 @@ def test_fsspec_uri_goes_through_the_same_media_path(tmp_path):
     assert sum(1 for _ in iter_frames(items[0].uri)) == 50
     audio, t0 = decode_audio(items[0].uri)
     assert abs(len(audio) / 16000 - 2.0) < 0.1
+
+
+def test_a_rule_on_a_score_the_output_never_recorded_is_skipped_not_failed():
+    """refilter of a schema 2.0 output (no quality scores): the sharpness rule cannot reject its
+    clips, while a score that was recorded as unmeasurable (None) still fails its rule."""
+    from pipeline.filters import evaluate, unstored_rules
+
+    filters = load_config(None).filters
+    old = {"loudness_dbfs": -20.0, "speech_ratio": 0.6, "face_size_px": 300.0, "complete_frac": 1.0,
+           "pad_frac": 0.1, "yaw_abs_p95": 5.0, "pitch_abs_p95": 5.0, "roll_abs_p95": 5.0,
+           "head_translation": 0.1, "mouth_activity": 0.5, "sync_weights": "smoke-random"}
+    stored = set(old)
+    assert "filters.sharpness_min" in [r["rule"] for r in evaluate(old, filters)]  # as if never measured
+    assert evaluate(old, filters, stored) == []
+    assert "filters.sharpness_min" in unstored_rules(filters, stored)
+    measured_none = dict(old, sharpness=None)
+    assert [r["rule"] for r in evaluate(measured_none, filters, stored | {"sharpness"})] == ["filters.sharpness_min"]
