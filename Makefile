@@ -14,14 +14,14 @@ setup: $(STAMP)
 # (tests/test_reference_judges.py, tests/test_insightface_judge.py), installed without their
 # dependencies: insightface's and rtmlib's opencv-python would replace mediapipe's cv2, and
 # syncnet-python's torchvision from PyPI is a CUDA build that does not import with CPU torch
-# (syncnet_python never imports it); scenedetect 0.6 and ffmpeg-python make its package import.
+# (syncnet_python never imports it); ffmpeg-python and future make its package import (it also needs scenedetect, a runtime dependency of ours).
 # `pip check` therefore lists these three as missing opencv-python / torchvision: expected.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
-	$(BIN)/pip install -q --no-deps syncnet-python==0.2.3 scenedetect==0.6.6 ffmpeg-python==0.2.0 future==1.0.0 rtmlib==0.0.16
+	$(BIN)/pip install -q --no-deps syncnet-python==0.2.3 ffmpeg-python==0.2.0 future==1.0.0 rtmlib==0.0.16
 	$(BIN)/pip install -q --no-deps insightface==2.1
 	touch $(STAMP)
 
