@@ -37,6 +37,7 @@ class ConfigMismatch(RuntimeError):
 # resized cluster.
 _RESOURCE_FIELDS = {
     "ray": None, "model_dir": None,
+    "dedup": None,  # thresholds of jobs/dedup.py, a later job over the finished output
     "write": ("dataset_name",),
     "features": ("device", "batch_size", "num_gpus", "num_cpus", "actors"),
     "score": ("syncnet_batch_size", "num_gpus", "actors"),
