@@ -32,9 +32,10 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from .base import FETCH_HINT, insightface_model_path
+
 log = logging.getLogger(__name__)
 
-FETCH_HINT = "run `python jobs/fetch_models.py --profile full --dir MODELS` and pass that MODELS dir as model_dir"
 MODEL_FILE = "w600k_r50.onnx"
 SMOKE_MODEL_ID = "smoke-random-arcface"
 EMBEDDING_DIM = 512  # w600k_r50 (and every buffalo/antelope recognition model): 512-d embeddings
@@ -169,16 +170,8 @@ class ArcFace:
     def from_model_dir(cls, model_dir: str | Path | None, model_file: str = MODEL_FILE, **kwargs) -> "ArcFace":
         """``model_dir/model_file`` (what ``jobs/fetch_models.py`` writes); insightface's own layout
         ``model_dir/buffalo_l/model_file`` is accepted too."""
-        if model_dir is None:
-            raise FileNotFoundError(f"the ArcFace identity model needs model_dir (the directory holding "
-                                    f"{model_file}); {FETCH_HINT}")
-        root = Path(model_dir).expanduser()
-        candidates = [root / model_file, root / "buffalo_l" / model_file]
-        for path in candidates:
-            if path.is_file():
-                return cls(path, **kwargs)
-        tried = " or ".join(str(p.resolve()) for p in candidates)
-        raise FileNotFoundError(f"ArcFace recognition model file not found: {tried} ({FETCH_HINT})")
+        path = insightface_model_path(model_dir, model_file, "ArcFace recognition model")
+        return cls(path, **kwargs)
 
     @classmethod
     def smoke(cls, seed: int = 0, **kwargs) -> "ArcFace":

@@ -8,6 +8,7 @@ image passed in. Backends are created once per Ray actor and reused for every fr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -57,3 +58,23 @@ def make_detector(config) -> FaceDetector:
                                             input_size=config.detect.scrfd_input_size,
                                             min_confidence=config.detect.min_confidence)
     raise ValueError(f"unknown face detector backend {backend!r}")
+
+
+FETCH_HINT = "run `python jobs/fetch_models.py --profile full --dir MODELS` and pass that MODELS dir as model_dir"
+
+
+def insightface_model_path(model_dir: str | Path | None, model_file: str, what: str) -> Path:
+    """``model_dir/model_file`` (what ``jobs/fetch_models.py`` writes), or insightface's own
+    ``model_dir/buffalo_l/model_file``; a missing directory or file is a FileNotFoundError naming
+    the paths tried and how to fetch them. ``what`` names the model in the message."""
+    if model_dir is None:
+        raise FileNotFoundError(f"the {what} needs model_dir (the directory holding {model_file}); {FETCH_HINT}")
+    root = Path(model_dir).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"model_dir does not exist: {root.resolve()} (looking for {model_file}); {FETCH_HINT}")
+    candidates = [root / model_file, root / "buffalo_l" / model_file]
+    for path in candidates:
+        if path.is_file():
+            return path
+    tried = " or ".join(str(p.resolve()) for p in candidates)
+    raise FileNotFoundError(f"{what} file not found: {tried} ({FETCH_HINT})")

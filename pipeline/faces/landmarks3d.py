@@ -35,9 +35,10 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from .base import FETCH_HINT, insightface_model_path
+
 log = logging.getLogger(__name__)
 
-FETCH_HINT = "run `python jobs/fetch_models.py --profile full --dir MODELS` and pass that MODELS dir as model_dir"
 MODEL_FILE = "1k3d68.onnx"
 
 # insightface model_zoo/landmark.py Landmark.__init__: output width of the 3-D 68-point model
@@ -128,16 +129,8 @@ class Landmarks3D:
     def from_model_dir(cls, model_dir: str | Path | None, model_file: str = MODEL_FILE, **kwargs) -> "Landmarks3D":
         """``model_dir/model_file`` (what ``jobs/fetch_models.py`` writes); insightface's own layout
         ``model_dir/buffalo_l/model_file`` is accepted too."""
-        if model_dir is None:
-            raise FileNotFoundError(f"the insightface 3-D landmark model needs model_dir (the directory holding "
-                                    f"{model_file}); {FETCH_HINT}")
-        root = Path(model_dir).expanduser()
-        candidates = [root / model_file, root / "buffalo_l" / model_file]
-        for path in candidates:
-            if path.is_file():
-                return cls(path, **kwargs)
-        tried = " or ".join(str(p.resolve()) for p in candidates)
-        raise FileNotFoundError(f"3-D landmark model file not found: {tried} ({FETCH_HINT})")
+        path = insightface_model_path(model_dir, model_file, "insightface 3-D landmark model")
+        return cls(path, **kwargs)
 
     def _check_signature(self) -> None:
         """insightface Landmark.__init__ reads the input size from the input shape and recognises the 3-D

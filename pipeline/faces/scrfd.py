@@ -32,11 +32,10 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .base import Face
+from .base import FETCH_HINT, Face, insightface_model_path
 
 log = logging.getLogger(__name__)
 
-FETCH_HINT = "run `python jobs/fetch_models.py --profile full --dir MODELS` and pass that MODELS dir as model_dir"
 
 # insightface model_zoo/scrfd.py, SCRFD._init_vars: number of outputs -> (strides, anchors per location, keypoints)
 _LAYOUTS: dict[int, tuple[tuple[int, ...], int, bool]] = {
@@ -171,19 +170,8 @@ class ScrfdDetector:
                        **kwargs) -> "ScrfdDetector":
         """``model_dir/model_file``; insightface's own layout ``model_dir/buffalo_l/model_file`` is
         accepted too."""
-        if model_dir is None:
-            raise FileNotFoundError(f"the scrfd face detector needs model_dir (the directory holding {model_file}); "
-                                    f"{FETCH_HINT}")
-        root = Path(model_dir).expanduser()
-        if not root.is_dir():
-            raise FileNotFoundError(f"model_dir does not exist: {root.resolve()} (looking for {model_file}); "
-                                    f"{FETCH_HINT}")
-        candidates = [root / model_file, root / "buffalo_l" / model_file]
-        for path in candidates:
-            if path.is_file():
-                return cls(path, input_size=input_size, min_confidence=min_confidence, **kwargs)
-        tried = " or ".join(str(p.resolve()) for p in candidates)
-        raise FileNotFoundError(f"SCRFD model file not found: {tried} ({FETCH_HINT})")
+        path = insightface_model_path(model_dir, model_file, "SCRFD face detector model")
+        return cls(path, input_size=input_size, min_confidence=min_confidence, **kwargs)
 
     # -- model signature: insightface model_zoo/scrfd.py SCRFD._init_vars --------------------------------
 
