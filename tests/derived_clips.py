@@ -96,6 +96,13 @@ def squeeze_width(frames, factor: float):
 def write_anamorphic(path: Path, frames, audio, sar) -> Path:
     """H.264 (crf 18, as ``write``) + AAC MP4 whose stream declares the sample aspect ratio ``sar``
     (written into the H.264 VUI and the MP4 ``pasp`` box, where players and FFmpeg read it)."""
+    return write_h264(path, frames, audio, crf=18, sar=sar)
+
+
+def write_h264(path: Path, frames, audio, *, crf: int | None = 18, bit_rate: int | None = None,
+               sar=None) -> Path:
+    """H.264 (at ``bit_rate`` when given, else ``crf``; veryfast) + 16 kHz AAC MP4 at 25 fps,
+    optionally declaring a sample aspect ratio."""
     from fractions import Fraction
 
     import av
@@ -107,8 +114,13 @@ def write_anamorphic(path: Path, frames, audio, sar) -> Path:
         vs = out.add_stream("libx264", rate=25)
         vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
         vs.time_base = Fraction(1, 25)
-        vs.codec_context.sample_aspect_ratio = Fraction(sar)
-        vs.options = {"crf": "18", "preset": "veryfast"}
+        if sar is not None:
+            vs.codec_context.sample_aspect_ratio = Fraction(sar)
+        if bit_rate:
+            vs.bit_rate = bit_rate
+            vs.options = {"preset": "veryfast"}
+        else:
+            vs.options = {"crf": str(crf), "preset": "veryfast"}
         aus = out.add_stream("aac", rate=16000)
         aus.layout = "mono"
         aus.time_base = Fraction(1, 16000)

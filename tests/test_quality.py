@@ -3,7 +3,6 @@ must-show: a real clip re-encoded at a tenth of its bitrate and blurred scores w
 rejected by the default rules, while the original is kept."""
 from __future__ import annotations
 
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -14,7 +13,8 @@ import pytest
 from skimage import data
 
 from conftest import real_path
-from pipeline.media import decode_audio, iter_frames, mux_audio, probe, slice_audio
+from derived_clips import write_h264
+from pipeline.media import decode_audio, iter_frames, probe, slice_audio
 from pipeline.scoring import quality as q
 
 FACE_BOX = (170, 40, 330, 220)  # the astronaut's face in skimage.data.astronaut()
@@ -159,28 +159,7 @@ def test_exposure_counts_clipped_face_pixels():
 
 def _encode(path: Path, frames, audio, *, bit_rate: int | None = None, crf: int | None = None) -> Path:
     """H.264 + AAC mp4 at a target bit rate (or crf), 25 fps."""
-    h, w = frames[0].shape[:2]
-    with av.open(str(path), "w", format="mp4") as out:
-        vs = out.add_stream("libx264", rate=25)
-        vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
-        vs.time_base = Fraction(1, 25)
-        if bit_rate:
-            vs.bit_rate = bit_rate
-            vs.options = {"preset": "veryfast"}
-        else:
-            vs.options = {"crf": str(crf), "preset": "veryfast"}
-        aus = out.add_stream("aac", rate=16000)
-        aus.layout = "mono"
-        aus.time_base = Fraction(1, 16000)
-        for i, img in enumerate(frames):
-            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
-            vf.pts = i
-            for packet in vs.encode(vf):
-                out.mux(packet)
-        for packet in vs.encode(None):
-            out.mux(packet)
-        mux_audio(out, aus, np.asarray(audio, np.float32)[None], 16000)
-    return path
+    return write_h264(path, frames, audio, crf=crf, bit_rate=bit_rate)
 
 
 def test_bits_per_pixel_from_probe_facts(tmp_path):
