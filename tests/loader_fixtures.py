@@ -119,3 +119,16 @@ def take(loader, n: int) -> list[dict]:
         if len(out) == before:
             raise RuntimeError("loader yielded nothing")
     return out
+
+
+def assert_resumed_equals(resumed: dict, arrays, expected: list[dict]) -> None:
+    """A resumed child's batches (keys, steps, every tensor) equal the uninterrupted run's."""
+    import numpy as np
+    import torch
+
+    assert resumed["keys"] == [b["keys"] for b in expected]
+    assert resumed["steps"] == [[b["epoch"], b["batch_index"]] for b in expected]
+    for i, b in enumerate(expected):
+        for name, value in b.items():
+            if isinstance(value, torch.Tensor):
+                assert np.array_equal(arrays[f"{i}_{name}"], value.numpy()), (i, name)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from loader_fixtures import loader_config, make_dataset, take, write_identities
+from loader_fixtures import assert_resumed_equals, loader_config, make_dataset, take, write_identities
 from loopy_model.data import IdentityBalance, StreamingLoader, StreamingWindowDataset, WindowConfig
 from loopy_model.data.identity import (check_balance, dense_groups, identity_probabilities, identity_unit,
                                        parse_split, split_mask)
@@ -287,12 +287,7 @@ def test_balanced_split_resumes_exactly_in_a_new_process(small, tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
     resumed, arrays = json.loads(Path(out + ".json").read_text()), np.load(out)
     expected = full[n_before:]
-    assert resumed["keys"] == [b["keys"] for b in expected]
-    assert resumed["steps"] == [[b["epoch"], b["batch_index"]] for b in expected]
-    for i, b in enumerate(expected):
-        for name, value in b.items():
-            if isinstance(value, torch.Tensor):
-                assert np.array_equal(arrays[f"{i}_{name}"], value.numpy()), (i, name)
+    assert_resumed_equals(resumed, arrays, expected)
 
 
 def test_balanced_epoch_resumes_elastically_each_drawn_sample_once(skewed):

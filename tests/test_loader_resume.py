@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from loader_fixtures import loader_config, make_dataset, take
+from loader_fixtures import assert_resumed_equals, loader_config, make_dataset, take
 from loopy_model.data import StreamingLoader, StreamingWindowDataset, WindowConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,12 +63,7 @@ def test_resume_in_a_new_process_matches_an_uninterrupted_run(dataset, tmp_path)
     arrays = np.load(out)
 
     expected = full[N_BEFORE:]
-    assert resumed["keys"] == [b["keys"] for b in expected]
-    assert resumed["steps"] == [[b["epoch"], b["batch_index"]] for b in expected]
-    for i, b in enumerate(expected):
-        for name, value in b.items():
-            if isinstance(value, torch.Tensor):
-                assert np.array_equal(arrays[f"{i}_{name}"], value.numpy()), (i, name)
+    assert_resumed_equals(resumed, arrays, expected)
     assert resumed["state"]["epoch"] == 1 and resumed["state"]["samples"] == 2 * 12
 
 
