@@ -32,7 +32,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .base import FETCH_HINT, insightface_model_path
+from .base import FETCH_HINT, insightface_model_path, open_onnx
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +94,6 @@ def norm_crop(image: np.ndarray, kps5: np.ndarray, image_size: int = 112) -> np.
     return cv2.warpAffine(image, M, (image_size, image_size), borderValue=0.0)
 
 
-def _default_providers() -> list[str]:
-    import onnxruntime
-
-    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
 
 def smoke_model_bytes(seed: int = 0, input_size: int = 112) -> bytes:
     """A small random network with w600k_r50's signature (input ``input.1`` [N, 3, 112, 112] float, output
@@ -138,9 +131,6 @@ class ArcFace:
     def __init__(self, model_path: str | Path, providers: Sequence[str] | None = None,
                  intra_op_num_threads: int | None = None, *, _model_bytes: bytes | None = None,
                  _model_id: str | None = None):
-        import onnx
-        import onnxruntime
-
         if _model_bytes is None:
             path = Path(model_path).expanduser()
             if not path.is_file():
@@ -149,18 +139,9 @@ class ArcFace:
             path = Path(model_path)
         self.model_path = path
         self.name = _model_id or f"insightface:{path.name}"
-        options = onnxruntime.SessionOptions()
-        if intra_op_num_threads is not None:
-            options.intra_op_num_threads = int(intra_op_num_threads)
-        try:
-            model = (onnx.load_from_string(_model_bytes) if _model_bytes is not None
-                     else onnx.load(str(path), load_external_data=False))
-            normalised_in_graph = graph_normalises_input(model.graph)
-            self.session = onnxruntime.InferenceSession(
-                _model_bytes if _model_bytes is not None else str(path), sess_options=options,
-                providers=list(providers or _default_providers()))
-        except Exception as e:  # DecodeError / InvalidProtobuf / Fail from onnx or onnxruntime
-            raise ValueError(f"{path}: could not load it as an ONNX model: {e}") from e
+        self.session, normalised_in_graph = open_onnx(
+            _model_bytes if _model_bytes is not None else str(path), str(path), providers=providers,
+            intra_op_num_threads=intra_op_num_threads, graph_check=graph_normalises_input)
         self.providers = self.session.get_providers()
         # insightface ArcFaceONNX.__init__: (0, 1) when the graph normalises its input, else (127.5, 127.5)
         self.input_mean, self.input_std = (0.0, 1.0) if normalised_in_graph else (DEFAULT_MEAN, DEFAULT_STD)

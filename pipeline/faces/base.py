@@ -78,3 +78,36 @@ def insightface_model_path(model_dir: str | Path | None, model_file: str, what: 
             return path
     tried = " or ".join(str(p.resolve()) for p in candidates)
     raise FileNotFoundError(f"{what} file not found: {tried} ({FETCH_HINT})")
+
+
+def default_providers() -> list[str]:
+    """CUDA first when this onnxruntime build and the actor have it (Ray sets CUDA_VISIBLE_DEVICES)."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def open_onnx(model: str | bytes, label: str, *, providers=None, intra_op_num_threads: int | None = None,
+              graph_check=None):
+    """(onnxruntime session, ``graph_check(onnx graph)`` or None) for a model file path or bytes. A
+    file that is not an ONNX model is a ValueError naming ``label`` (onnx's DecodeError,
+    onnxruntime's InvalidProtobuf / Fail are not errors a caller should have to know)."""
+    import onnx
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if intra_op_num_threads is not None:
+        options.intra_op_num_threads = int(intra_op_num_threads)
+    try:
+        checked = None
+        if graph_check is not None:
+            parsed = (onnx.load_from_string(model) if isinstance(model, bytes)
+                      else onnx.load(model, load_external_data=False))
+            checked = graph_check(parsed.graph)
+        session = onnxruntime.InferenceSession(model, sess_options=options,
+                                               providers=list(providers or default_providers()))
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        raise ValueError(f"{label}: could not load it as an ONNX model: {e}") from e
+    return session, checked

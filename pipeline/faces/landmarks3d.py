@@ -35,7 +35,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .base import FETCH_HINT, insightface_model_path
+from .base import FETCH_HINT, insightface_model_path, open_onnx
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,11 @@ def graph_normalises_input(model_path: str | Path) -> bool:
     and one with ``Mul`` or ``_mul``, or a node named ``bn_data`` among the first 3."""
     import onnx
 
-    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return graph_normalises(onnx.load(str(model_path), load_external_data=False).graph)
+
+
+def graph_normalises(graph) -> bool:
+    """``graph_normalises_input`` on a loaded ONNX graph."""
     find_sub = find_mul = False
     for nid, node in enumerate(graph.node[:8]):
         if node.name.startswith(("Sub", "_minus")):
@@ -89,13 +93,6 @@ def trans_points3d(pts: np.ndarray, M: np.ndarray) -> np.ndarray:
     return out
 
 
-def _default_providers() -> list[str]:
-    import onnxruntime
-
-    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
 
 class Landmarks3D:
     """``Landmarks3D(...)(image_rgb, box) -> float32 [68, 3]`` (x, y, z) in image pixels, as insightface's
@@ -103,23 +100,15 @@ class Landmarks3D:
 
     def __init__(self, model_path: str | Path, providers: Sequence[str] | None = None,
                  intra_op_num_threads: int | None = None):
-        import onnxruntime
-
         path = Path(model_path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"3-D landmark model file not found: {path.resolve()} ({FETCH_HINT})")
         self.model_path = path
         self.name = f"insightface:{path.name}"
 
-        options = onnxruntime.SessionOptions()
-        if intra_op_num_threads is not None:
-            options.intra_op_num_threads = int(intra_op_num_threads)
-        try:
-            normalised_in_graph = graph_normalises_input(path)
-            self.session = onnxruntime.InferenceSession(
-                str(path), sess_options=options, providers=list(providers or _default_providers()))
-        except Exception as e:  # DecodeError / InvalidProtobuf / Fail from onnx or onnxruntime
-            raise ValueError(f"{path}: could not load it as an ONNX model: {e}") from e
+        self.session, normalised_in_graph = open_onnx(str(path), str(path), providers=providers,
+                                                      intra_op_num_threads=intra_op_num_threads,
+                                                      graph_check=graph_normalises)
         self.providers = self.session.get_providers()
         # insightface Landmark.__init__: (mean, std) = (0, 1) when the graph normalises, else (127.5, 128)
         self.input_mean, self.input_std = (0.0, 1.0) if normalised_in_graph else (DEFAULT_MEAN, DEFAULT_STD)

@@ -32,7 +32,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .base import FETCH_HINT, Face, insightface_model_path
+from .base import FETCH_HINT, Face, insightface_model_path, open_onnx
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +119,6 @@ def letterbox(image: np.ndarray, input_size: tuple[int, int]) -> tuple[np.ndarra
     return canvas, det_scale
 
 
-def _default_providers() -> list[str]:
-    import onnxruntime
-
-    available = onnxruntime.get_available_providers()
-    if "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
 
 def _as_size(input_size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(input_size, (int, np.integer)):
@@ -142,8 +134,6 @@ class ScrfdDetector:
     def __init__(self, model_path: str | Path, input_size: int | Sequence[int] = 640,
                  min_confidence: float = 0.5, nms_threshold: float = NMS_THRESHOLD,
                  providers: Sequence[str] | None = None, intra_op_num_threads: int | None = None):
-        import onnxruntime
-
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"SCRFD model file not found: {path.resolve()} ({FETCH_HINT})")
@@ -152,14 +142,8 @@ class ScrfdDetector:
         self.min_confidence = float(min_confidence)
         self.nms_threshold = float(nms_threshold)
 
-        options = onnxruntime.SessionOptions()
-        if intra_op_num_threads is not None:
-            options.intra_op_num_threads = int(intra_op_num_threads)
-        try:
-            self.session = onnxruntime.InferenceSession(
-                str(path), sess_options=options, providers=list(providers or _default_providers()))
-        except Exception as e:  # InvalidProtobuf, Fail, ... from onnxruntime's bindings
-            raise ValueError(f"{path}: onnxruntime could not load it as an ONNX model: {e}") from e
+        self.session, _ = open_onnx(str(path), str(path), providers=providers,
+                                    intra_op_num_threads=intra_op_num_threads)
         self.providers = self.session.get_providers()
         self._init_vars(_as_size(input_size))
         self._center_cache: dict[tuple[int, int, int], np.ndarray] = {}
