@@ -211,7 +211,9 @@ class Scorer:
         for cc in crop_and_normalize(uri, [clip], rotation=p.rotation, audio=audio, audio_t0=audio_t0, size=SIZE,
                                      fps=FPS, audio_rate=AUDIO_RATE, crf=cfg.crf, preset=cfg.preset,
                                      audio_bitrate=cfg.audio_bitrate, on_error=lambda c, e: errors.append(e),
-                                     on_frame=on_frame):
+                                     on_frame=on_frame,
+                                     on_source_frame=lambda c, img: observer.observe_source(
+                                         img, p.rotation, p.sample_aspect_ratio)):
             clip_audio = cc.audio
         n_seen = len(observer.boxes)
         if clip_audio is None:
@@ -251,8 +253,9 @@ class Scorer:
         face_out = float(np.median(np.maximum(boxes[have, 2] - boxes[have, 0], boxes[have, 3] - boxes[have, 1]))) \
             if have.any() else None
 
+        # the probe facts give the quality scores' bits per pixel, as in the curation job
         scores, detail = observer.finish(clip_audio, self.syncnet, self.sync_weights, (p.width, p.height),
-                                         batch_size=self.cfg.curate.score.syncnet_batch_size)
+                                         batch_size=self.cfg.curate.score.syncnet_batch_size, probe=p.as_dict())
         if not have_audio:
             for key in ("sync_conf", "sync_dist", "sync_offset", "sync_conf_frame_mean", "sync_conf_frame_p10",
                         "speech_ratio", "loudness_dbfs"):
