@@ -34,6 +34,23 @@ class ShardEntry:
     keys: tuple[str, ...] | None
 
 
+def shard_url_problem(url) -> str | None:
+    """Why ``url`` could name a file outside the dataset root (or the shard cache), else None.
+
+    A shard url is joined to the dataset root and, for remote datasets, flattened into a cache
+    file name: an absolute path, a URI, a ``..`` component, a backslash or a NUL would let a
+    hostile index.json read or write outside them (issue 12)."""
+    if not isinstance(url, str) or not url:
+        return "is empty or not a string"
+    if "\\" in url or "\0" in url:
+        return "contains a backslash or NUL"
+    if url.startswith("/") or "://" in url or (len(url) > 1 and url[1] == ":"):
+        return "is absolute"
+    if ".." in url.split("/"):
+        return "has a '..' component"
+    return None
+
+
 def open_fs(uri: str, storage_options: dict | None = None):
     """(filesystem, path) for a URI; plain paths are local."""
     return fsspec.core.url_to_fs(uri, **(storage_options or {}))
@@ -56,6 +73,11 @@ class DatasetIndex:
         self.members = tuple(index.get("members", ()))
         self.shards = [ShardEntry(e["url"], int(e["nsamples"]), int(e["filesize"]), e["sha256"],
                                   tuple(e["keys"]) if "keys" in e else None) for e in index["shardlist"]]
+        for s in self.shards:
+            problem = shard_url_problem(s.url)
+            if problem:
+                raise ValueError(f"{self.uri}/index.json: shard url {s.url!r} {problem}; "
+                                 "a shard url must be a plain path inside the dataset")
         counts = np.array([s.nsamples for s in self.shards], dtype=np.int64)
         self.shard_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.num_samples = int(self.shard_offsets[-1])

@@ -30,7 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from .index import DatasetIndex, is_local, open_fs
+from .index import DatasetIndex, is_local, open_fs, shard_url_problem
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,35 @@ class NpyMember:
         return out[np.searchsorted(wanted, index)]
 
 
+# Members a loader must never meet: formats that can carry pickles (code run on load). Our
+# members (schemas.MEMBERS) are .npy (read with object dtype refused), .json and .mp4; other
+# unknown members are never read, so they are ignored rather than refused.
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".pth", ".pt", ".ckpt", ".npz", ".joblib")
+
+
+def hostile_member_problem(m: tarfile.TarInfo, file_size: int) -> str | None:
+    """Why tar member ``m`` makes its shard unsafe or corrupt, else None (issue 12).
+
+    The loader never extracts, but a shard with such members was not written by our pipeline
+    (pipeline/shards.py writes flat regular files): refuse it whole rather than guess."""
+    name = m.name
+    if "\\" in name or "\0" in name:
+        return "has a backslash or NUL in its name"
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return "has an absolute name"
+    if ".." in name.split("/"):
+        return "has a '..' component in its name"
+    if m.issym() or m.islnk():
+        return f"is a {'symbolic' if m.issym() else 'hard'} link (to {m.linkname!r})"
+    if m.isdev():
+        return "is a device or fifo"
+    if name.lower().endswith(PICKLE_SUFFIXES):
+        return "is a pickle-capable format (.pkl/.pth/.pt/.ckpt/.npz...)"
+    if m.isfile() and m.offset_data + m.size > file_size:
+        return f"declares {m.size} bytes, past the end of the {file_size}-byte file"
+    return None
+
+
 class ShardFile:
     """An open shard: key -> {member: (data offset, size)} from its tar headers."""
 
@@ -96,8 +125,12 @@ class ShardFile:
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
         self.members: dict[str, dict[str, tuple[int, int]]] = {}
+        file_size = os.fstat(self.fd).st_size
         with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for m in tar:
+                problem = hostile_member_problem(m, file_size)
+                if problem:
+                    raise ValueError(f"{path}: member {m.name!r} {problem}; refusing this shard")
                 if m.isfile():
                     key, _, member = m.name.partition(".")
                     self.members.setdefault(key, {})[member] = (m.offset_data, m.size)
@@ -149,7 +182,14 @@ class ShardStore:
         return os.path.join(self.root, self.index.shards[shard].url)
 
     def _cache_path(self, shard: int) -> str:
-        return os.path.join(self.cache_dir, self.index.shards[shard].url.replace("/", "__"))
+        url = self.index.shards[shard].url
+        name = url.replace("/", "__")
+        path = os.path.join(self.cache_dir, name)
+        # DatasetIndex refused unsafe urls already; this guards the one place we write
+        if shard_url_problem(url) or name in (".", "") or os.path.dirname(path) != self.cache_dir:
+            raise ValueError(f"{self.index.uri}/index.json: shard url {url!r} does not name a file "
+                             f"inside the cache directory {self.cache_dir}")
+        return path
 
     def _check(self, shard: int, path: str, digest: str | None) -> None:
         entry = self.index.shards[shard]
