@@ -175,3 +175,14 @@ def test_benign_dataset_loads(clean, tmp_path):
     root = _copy(clean, tmp_path)
     batches = take(StreamingLoader(StreamingWindowDataset(loader_config(root, global_batch_size=5), 0, 1)), 1)
     assert len(batches[0]["keys"]) == 5
+
+
+def test_worker_refusal_names_the_shard(clean, tmp_path):
+    """In a DataLoader worker process (as training runs it) the refusal still names shard and member."""
+    root = _copy(clean, tmp_path)
+    shard = _rewrite_shard(root, _add("vid000_0000.link.npy", b"", type=tarfile.SYMTYPE, linkname="/etc/shadow"))
+    loader = StreamingLoader(StreamingWindowDataset(loader_config(root, global_batch_size=5), 0, 1), num_workers=1)
+    with pytest.raises(ValueError) as err:
+        take(loader, 1)
+    msg = str(err.value)
+    assert shard in msg and "'vid000_0000.link.npy' is a symbolic link" in msg, msg
