@@ -113,6 +113,15 @@ def test_object_npy_refused(clean, tmp_path):
         ShardFile(shard).npy("vid000_0000", "objs.npy")
 
 
+def test_not_a_tar_names_the_shard(clean, tmp_path):
+    """A shard that is not a tar (an HTML error page saved under its name) is refused naming it."""
+    root = _copy(clean, tmp_path)
+    shard = root / json.loads((root / "index.json").read_text())["shardlist"][0]["url"]
+    shard.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(ValueError, match=rf"{shard}: not a readable tar shard"):
+        ShardFile(str(shard))
+
+
 @pytest.mark.parametrize("url,problem", [("/etc/passwd", "is absolute"), ("../other/shard.tar", "'..' component"),
                                          ("shards/../../x.tar", "'..' component"), ("s3://b/x.tar", "is absolute"),
                                          ("a\\..\\x.tar", "backslash"), ("", "empty")])

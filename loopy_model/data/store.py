@@ -126,14 +126,17 @@ class ShardFile:
         self.fd = os.open(path, os.O_RDONLY)
         self.members: dict[str, dict[str, tuple[int, int]]] = {}
         file_size = os.fstat(self.fd).st_size
-        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            for m in tar:
-                problem = hostile_member_problem(m, file_size)
-                if problem:
-                    raise ValueError(f"{path}: member {m.name!r} {problem}; refusing this shard")
-                if m.isfile():
-                    key, _, member = m.name.partition(".")
-                    self.members.setdefault(key, {})[member] = (m.offset_data, m.size)
+        try:
+            with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+                for m in tar:
+                    problem = hostile_member_problem(m, file_size)
+                    if problem:
+                        raise ValueError(f"{path}: member {m.name!r} {problem}; refusing this shard")
+                    if m.isfile():
+                        key, _, member = m.name.partition(".")
+                        self.members.setdefault(key, {})[member] = (m.offset_data, m.size)
+        except tarfile.TarError as e:  # not a tar, or a damaged header: name the shard, not just tarfile's words
+            raise ValueError(f"{path}: not a readable tar shard ({type(e).__name__}: {e})") from e
         self.keys = list(self.members)
 
     def npy(self, key: str, member: str) -> NpyMember:
