@@ -3,6 +3,8 @@
 
     python jobs/curate.py --input PATH... --output DIR [--profile smoke|full] [--config FILE]
     python jobs/curate.py --demo --output DIR          # built-in synthetic sample, no data needed
+    python jobs/curate.py --input PATH... --output DIR --dry-run   # count inputs, check weights/storage/lock
+    python jobs/curate.py --input PATH... --output DIR --limit 20  # a trial run on the first 20 inputs
     ray job submit --working-dir . -- python jobs/curate.py --input s3://bucket/raw --output /shared/curated
 
 With no Ray cluster (no RAY_ADDRESS, no --ray-address) an embedded Ray starts on this machine.
@@ -32,6 +34,11 @@ def parse_args(argv=None):
     ap.add_argument("--force-resume", action="store_true", help="resume into an output made with another config")
     ap.add_argument("--no-retry-failed", action="store_true",
                     help="do not reprocess inputs whose earlier outcome was a crash or an internal error")
+    ap.add_argument("--limit", type=int, default=None, metavar="N",
+                    help="curate only the first N inputs (in the order they are listed): a trial run")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="expand and count the inputs, check weights, storage access, the output and its lock; "
+                         "start nothing, write nothing")
     return ap.parse_args(argv)
 
 
@@ -44,6 +51,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     inputs = list(args.input)
+    if args.demo and args.dry_run:
+        print("error: --demo writes its sample into the output; --dry-run writes nothing: use one", file=sys.stderr)
+        return 2
     if args.demo:
         from pipeline.demo import make_talking_head
 
@@ -61,9 +71,23 @@ def main(argv=None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.limit is not None:
+        if args.limit < 1:
+            print(f"error: --limit {args.limit}: give a positive number of inputs", file=sys.stderr)
+            return 2
+        print(f"[curate] --limit {args.limit}: the first {min(args.limit, len(items))} of {len(items)} inputs",
+              file=sys.stderr)
+        items = items[:args.limit]
     if config.profile == "full" and not config.model_dir:
         print("error: the full profile needs --model-dir (see jobs/fetch_models.py)", file=sys.stderr)
         return 2
+    if args.dry_run:
+        from pipeline.dryrun import dry_run
+
+        report = dry_run(items, args.output, config, force_resume=args.force_resume,
+                         retry_failed=not args.no_retry_failed)
+        print("\n".join(report.lines()))
+        return 0 if report.ok else 2
     from pipeline.runner import run_curation
 
     from pipeline.journal import ConfigMismatch
