@@ -246,13 +246,15 @@ def test_ray_kinds_validate_against_the_kuberay_crd_and_their_pods_against_core(
     expected = 1 + len((doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"])
                        .get("workerGroupSpecs", []))
     assert len(templates) == expected, [p for p, _ in templates]
+    bad = []
     for path, template in templates:
         pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
         for version in K8S_VERSIONS:
             try:
                 kubernetes_validate.validate(pod_template, version, strict=True)
             except kubernetes_validate.ValidationError as e:
-                pytest.fail(f"{_id(item)} {path}: {e.message} at {'/'.join(map(str, e.path))}")
+                bad.append(f"{path} (Kubernetes {version}): {e.message} at {'/'.join(map(str, e.path))}")
+    assert not bad, "\n".join(bad)
 
 
 def test_the_strict_check_catches_a_misspelt_field():
