@@ -122,7 +122,7 @@ def _dockerfile(path: Path) -> dict:
     froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     tags = re.findall(r"docker build -f docker/" + re.escape(path.name) + r" -t (\S+) \.", text)
-    copies = [line.split()[1:-1] for line in re.findall(r"^COPY\s+(.*)$", text, re.M)]
+    copies = [line.split()[:-1] for line in re.findall(r"^COPY\s+(.*)$", text, re.M)]
     workdir = re.findall(r"^WORKDIR\s+(\S+)", text, re.M)
     pins = dict(re.findall(r"\b(torch|onnxruntime(?:-gpu)?)==(\S+)", text))
     return {"text": text, "froms": froms, "users": users, "tags": tags, "workdir": workdir,
@@ -337,6 +337,8 @@ def test_rayjob_curate_runs_the_raycluster_spec():
 
 def test_images_and_ray_version_match_the_dockerfiles_and_the_installed_ray():
     tags = {t for p in DOCKERFILES for t in _dockerfile(p)["tags"]}
+    readme_builds = re.findall(r"^docker build -f docker/(Dockerfile\.\w+) -t (\S+) \.$", (REPO / "README.md").read_text(), re.M)
+    assert sorted(readme_builds) == sorted((p.name, t) for p in DOCKERFILES for t in _dockerfile(p)["tags"])
     for label, spec in _cluster_specs():
         assert spec["rayVersion"] == RAY_VERSION, f"{label}: rayVersion {spec['rayVersion']}"
     for label, pod in _pod_specs():
