@@ -7,9 +7,10 @@
 The set is the closure of pyproject.toml's `dependencies` plus the `s3` extra, resolved against
 the packages installed in the running environment (the CI venv), with markers evaluated for
 Linux / CPython 3.11 (the images' platform). Two packages are left to the Dockerfiles (their
-dependencies are in the lock) because their build differs per image: torch (CPU or CUDA wheel index) and onnxruntime (`onnxruntime`
-on CPU, `onnxruntime-gpu` on GPU). tests/test_deploy.py fails when the lock drifts from the
-environment, so the images run the versions the tests ran.
+dependencies are in the lock) because their build differs per image: torch (CPU or CUDA wheel
+index) and onnxruntime (`onnxruntime` on CPU, `onnxruntime-gpu` on GPU). Rerun it when the CI
+environment moves on (`--check` says so); tests/test_deploy.py checks that every pin satisfies
+pyproject.toml and that Ray is the version the images and manifests name.
 """
 from __future__ import annotations
 

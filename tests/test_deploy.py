@@ -22,6 +22,8 @@ from pathlib import Path
 
 from importlib.metadata import version as installed
 
+import tomllib
+
 import jsonschema
 import kubernetes_validate
 import pytest
@@ -40,6 +42,13 @@ MODELS_CLAIM, SHARED_CLAIM, STORAGE_SECRET = "curation-models", "curation-shared
 RAY_VERSION = installed("ray")  # the metadata, not `import ray`: these tests stay fast
 APP_DIR = "/home/ray/app"  # the images' WORKDIR, the RayJobs' working_dir
 WEIGHT_SUFFIXES = {".onnx", ".pt", ".pth", ".ckpt", ".safetensors", ".bin", ".model", ".tflite", ".h5"}
+
+
+def _pyproject_requirement(name: str):
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    return next(r for r in map(Requirement, deps) if r.name == name)
 
 
 def _load_script(name: str):
@@ -143,12 +152,12 @@ def test_dockerfile_pins_base_ray_python_and_runs_as_non_root(path):
     # non-root, numerically (Kubernetes runAsNonRoot can only verify a numeric user)
     assert df["users"] and re.fullmatch(r"[1-9]\d*(:\d+)?", df["users"][-1]), f"last USER {df['users'][-1:]}"
     assert df["workdir"] == [APP_DIR]
-    # torch and onnxruntime: the versions CI tests with (CPU: the same builds)
+    # torch: the build `make setup` installs (CPU: the same wheel); onnxruntime: within pyproject's range
     torch = installed("torch").split("+")[0]
     assert df["pins"]["torch"].split("+")[0] == torch
     if flavour == "cpu":
         assert df["pins"]["torch"] == f"{torch}+cpu"
-        assert df["pins"]["onnxruntime"] == installed("onnxruntime")
+        assert df["pins"]["onnxruntime"] in _pyproject_requirement("onnxruntime").specifier
     else:
         assert "onnxruntime-gpu" in df["pins"] and "onnxruntime" not in df["pins"]
     # every Python package comes from the lock; no weights or data are copied in
@@ -173,15 +182,26 @@ def _project_version() -> str:
     return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
 
-def test_lock_file_is_the_ci_environment():
-    """docker/requirements.lock pins exactly what this environment (CI's) has installed."""
+def test_lock_file_satisfies_pyproject():
+    """docker/requirements.lock pins every runtime requirement of pyproject.toml (and the s3 extra)
+    at a version its specifier allows, and Ray at the version the images and manifests name.
+
+    Not compared with this environment: a fresh `make setup` may resolve newer versions than the
+    lock (`python docker/lock.py --check` shows the drift; `python docker/lock.py` rewrites it)."""
+    from packaging.utils import canonicalize_name
+
     spec = importlib.util.spec_from_file_location("_deploy_lock", DOCKER / "lock.py")
     lock = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(lock)
-    expected = lock.render(lock.resolve(lock.top_level_requirements()))
-    assert (DOCKER / "requirements.lock").read_text() == expected, (
-        "docker/requirements.lock differs from the installed versions: rerun python docker/lock.py")
-    pins = dict(line.split("==") for line in expected.splitlines() if "==" in line)
+    lines = [ln for ln in (DOCKER / "requirements.lock").read_text().splitlines() if ln and not ln.startswith("#")]
+    pins = {canonicalize_name(n): v for n, v in (ln.split("==") for ln in lines)}
+    assert len(pins) == len(lines), "a lock line is not NAME==VERSION"
+    for req in lock.top_level_requirements():
+        name = canonicalize_name(req.name)
+        if name in lock.PER_IMAGE or not lock._applies(req, ""):
+            continue
+        assert name in pins, f"{req} is not pinned in docker/requirements.lock"
+        assert pins[name] in req.specifier, f"the lock pins {name}=={pins[name]}, outside {req}"
     assert pins["ray"] == RAY_VERSION and "torch" not in pins and "onnxruntime" not in pins
 
 
