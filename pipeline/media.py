@@ -173,9 +173,13 @@ def open_error(uri: str, exc: BaseException) -> MediaError | None:
     if isinstance(exc, MediaError):
         return exc
     remote_http = uri.startswith(("http://", "https://"))
-    status = getattr(exc, "status", None)
-    if remote_http and isinstance(status, int) and status >= 400:  # aiohttp.ClientResponseError
-        return MediaError(f"HTTP {status}", f"{uri}: the server answered {status} {getattr(exc, 'message', '')}".rstrip())
+    cause: BaseException | None = exc  # fsspec's http info() re-raises a 500 as FileNotFoundError from it
+    while cause is not None:
+        status = getattr(cause, "status", None)
+        if remote_http and isinstance(status, int) and status >= 400:  # aiohttp.ClientResponseError
+            return MediaError(f"HTTP {status}", f"{uri}: the server answered {status} "
+                                                f"{getattr(cause, 'message', '')}".rstrip())
+        cause = cause.__cause__ or cause.__context__
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) or type(exc).__name__ in ("FSTimeoutError",
                                                                                       "ServerTimeoutError"):
         return MediaError("timed out", f"{uri}: no data for the read timeout ({type(exc).__name__}: {exc})")
