@@ -71,15 +71,20 @@ class InputError(ValueError):
 
 
 def _search(fs, root: str) -> list[str]:
-    """Files under ``root`` (not hidden), plus directories named like a video (reported, see
-    VIDEO_EXTENSIONS), sorted."""
+    """Files under ``root`` (not hidden), plus the directories the probe stage must report:
+    those named like a video (VIDEO_EXTENSIONS) and, on a local filesystem, those this user
+    cannot list. Sorted."""
     found = []
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
     for p, info in fs.find(root, withdirs=True, detail=True).items():
         if p.rstrip("/") == root.rstrip("/") or _hidden(os.path.relpath(p, root)):
             continue
         if info.get("type") != "directory" or _named_like_video(p):
             found.append(p)
-    return sorted(found)
+        elif local and not os.access(p, os.R_OK | os.X_OK):
+            # fsspec's walk omits a directory it cannot list: reported instead ("permission denied")
+            found.append(p)
+    return sorted(set(found))
 
 
 def expand_inputs(args: list[str], stats: dict | None = None) -> list[InputItem]:

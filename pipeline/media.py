@@ -152,6 +152,12 @@ def check_input(uri: str) -> None:
                                                  "are not followed)")
             raise MediaError("not a file", f"{uri} is a symlink to the directory {target} (directory symlinks are not "
                                            "followed; give it as its own --input)")
+        try:
+            with os.scandir(path):
+                pass
+        except PermissionError:
+            raise MediaError("permission denied", f"{uri}: a directory this user cannot list (mode "
+                                                  f"{stat.filemode(st.st_mode)}); its files were not searched") from None
         raise MediaError("not a file", f"{uri} is a directory")
     if not stat.S_ISREG(st.st_mode):
         kind = ("FIFO" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -37,7 +37,8 @@ STALL_S = 3600  # far longer than the whole test: the job must not wait for it
 
 # Local names a kept clip must survive: leading dash, spaces, quotes, unicode, newline, tab,
 # an ANSI escape, fsspec's chain separator, and a name near the 255-byte limit.
-HOSTILE_NAMES = ["-dash 'single' \"double\" ünï話.mp4", "new\nline\ttab\x1b[31m::chain.mp4", "L" * 240 + ".mp4"]
+SCRIPT_NAME = "<script>alert(1)</script>&amp;.mp4"  # a missing list entry: shown in the report's rejects
+HOSTILE_NAMES = ["-dash 'single' \"double\" ünï話" + "L" * 200 + ".mp4", "new\nline\ttab\x1b[31m::chain.mp4"]
 
 
 class _Server:
@@ -136,7 +137,7 @@ def job(tmp_path_factory, media, server):
     lst = root / "list.txt"
     lst.write_text("\n".join([
         "# a comment", str(inp / HOSTILE_NAMES[0]), "", str(inp / HOSTILE_NAMES[0]), "   ",
-        str(root / "missing.mp4"), str(root / "elsewhere.mov"), f"{server.url}/404/gone.mp4",
+        str(root / "missing.mp4"), str(root / SCRIPT_NAME), str(root / "elsewhere.mov"), f"{server.url}/404/gone.mp4",
         f"{server.url}/500/broken.mp4", f"{server.url}/stall/slow.mp4", good_http, ""]) + "\n")
     pq.write_table(pa.table({"uri": [str(root / "missing.mp4"), None, "", str(root / "also-missing.mp4"),
                                      str(root / "also-missing.mp4")]}), root / "list.parquet")
@@ -174,6 +175,7 @@ def test_job_exits_0_and_accounts_for_every_input(job):
         str(root / "elsewhere.mov"): ("rejected", "not a file"),
         str(root / "missing.mp4"): ("rejected", "file not found"),
         str(root / "also-missing.mp4"): ("rejected", "file not found"),
+        str(root / SCRIPT_NAME): ("rejected", "file not found"),
         f"{url}/404/gone.mp4": ("rejected", "HTTP 404"),
         f"{url}/500/broken.mp4": ("rejected", "HTTP 500"),
         f"{url}/stall/slow.mp4": ("rejected", "timed out"),
@@ -186,8 +188,8 @@ def test_job_exits_0_and_accounts_for_every_input(job):
     assert "directory above it" in rejects[str(inp / "sub" / "up")]["detail"]
     assert "nowhere.mp4" in rejects[str(inp / "dangling.mp4")]["detail"]
     summary = json.loads((out / "run.json").read_text())["summary"]
-    assert summary["inputs"] == len(expected) and summary["inputs_kept"] == 4
-    assert summary["inputs_rejected_by_reason"] == {"HTTP 404": 1, "HTTP 500": 1, "file not found": 3,
+    assert summary["inputs"] == len(expected) and summary["inputs_kept"] == 3
+    assert summary["inputs_rejected_by_reason"] == {"HTTP 404": 1, "HTTP 500": 1, "file not found": 4,
                                                     "not a file": 2, "symlink loop": 2, "timed out": 1}
     # list.txt: a duplicate line and an entry already found in the directory; list.parquet: a
     # duplicate and an entry already in list.txt. Blank: 3 lines of list.txt, 2 cells of the parquet.
@@ -207,7 +209,22 @@ def test_a_stalled_input_does_not_hold_the_job(job):
 
 @pytest.mark.slow  # the shared job: ~40 s idle, 80 s on a loaded machine
 def test_output_names_stay_inside_the_output_and_keys_are_valid(job):
+    """Also after the jobs that rewrite or add files to an output (refilter, identities, stats)."""
     out = Path(os.path.realpath(job["out"]))
+    sys.path.insert(0, str(ROOT / "jobs"))
+    try:
+        import identities
+        import refilter
+        import stats
+    finally:
+        sys.path.pop(0)
+    cfg = job["root"] / "refilter.yaml"
+    cfg.write_text("filters:\n  sharpness_min: 10.0\n")
+    assert refilter.main([str(out), "--config", str(cfg)]) == 0
+    assert identities.main([str(out)]) == 0
+    assert stats.main([str(out), "--thumbs", "2"]) == 0
+    page = (out / "report" / "index.html").read_text()
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;&amp;amp;.mp4" in page
     n_files = 0
     for dirpath, dirnames, filenames in os.walk(out):
         for name in dirnames + filenames:
@@ -217,7 +234,7 @@ def test_output_names_stay_inside_the_output_and_keys_are_valid(job):
             n_files += 1
     assert n_files > 5
     manifest = pq.read_table(out / "manifest.parquet").to_pylist()
-    assert len(manifest) >= 4
+    assert len(manifest) >= 3
     all_keys = [m["key"] for m in manifest] + [
         r["key"] for r in pq.read_table(out / "rejects.parquet").to_pylist() if r["key"]]
     for key in all_keys:
@@ -261,30 +278,37 @@ def test_fifo_is_not_a_file_and_is_never_opened(tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to an unprivileged user")
-def test_unreadable_file_is_a_permission_denied_reject(media):
-    """As root every file is readable, so the probe stage runs in a forked child as nobody
-    (uid 65534), where the kernel really refuses the open."""
+def test_unreadable_file_and_directory_are_permission_denied_rejects(media):
+    """As root every file is readable, so expansion and the probe stage run in a forked child as
+    nobody (uid 65534), where the kernel really refuses: a file without read permission and a
+    directory that cannot be listed (fsspec's walk would omit it) both become rejects rows."""
     from pipeline.config import load_config
     from pipeline.stages import ProbeStage, new_row
 
     d = Path(tempfile.mkdtemp(prefix="perm-"))
     try:
         d.chmod(0o755)
+        (d / "locked").mkdir(mode=0o700)
+        (d / "locked" / "hidden.mp4").write_bytes(media.read_bytes())
         f = d / "secret.mp4"
         f.write_bytes(media.read_bytes())
         f.chmod(0o200)  # write-only: no read permission for anyone but root
+        (d / "open.mp4").write_bytes(media.read_bytes())
         stage = ProbeStage(load_config(None))
-        row = new_row(video_id_for(str(f)), str(f), "t", "video", {})
         rfd, wfd = os.pipe()
         pid = os.fork()
-        if pid == 0:  # child: drop root, probe, report
+        if pid == 0:  # child: drop root, expand and probe, report
             try:
                 os.close(rfd)
                 os.setgroups([])
                 os.setgid(65534)
                 os.setuid(65534)
-                out = stage(row)
-                os.write(wfd, json.dumps({"kind": out["kind"], "payload": json.loads(out["payload"])}).encode())
+                result = {}
+                for item in expand_inputs([str(d)]):
+                    out = stage(new_row(item.video_id, item.uri, item.source, "video", {}))
+                    result[Path(item.uri).name] = [out["kind"], json.loads(out["payload"]).get("reason"),
+                                                   json.loads(out["payload"]).get("detail")]
+                os.write(wfd, json.dumps(result).encode())
             finally:
                 os._exit(0)
         os.close(wfd)
@@ -292,14 +316,15 @@ def test_unreadable_file_is_a_permission_denied_reject(media):
             data = r.read()
         os.waitpid(pid, 0)
         result = json.loads(data)
-        assert result["kind"] == "reject", result
-        assert result["payload"]["reason"] == "permission denied"
-        assert str(f) in result["payload"]["detail"] and "-w-------" in result["payload"]["detail"]
+        assert {k: v[:2] for k, v in result.items()} == {
+            "locked": ["reject", "permission denied"], "secret.mp4": ["reject", "permission denied"],
+            "open.mp4": ["video", None]}
+        assert str(f) in result["secret.mp4"][2] and "-w-------" in result["secret.mp4"][2]
+        assert "cannot list" in result["locked"][2]
+        row = new_row(video_id_for(str(f)), str(f), "t", "video", {})
         assert stage(row)["kind"] == "video"  # as root the same file probes fine
     finally:
-        for p in d.iterdir():
-            p.unlink()
-        d.rmdir()
+        shutil.rmtree(d)
 
 
 def test_watchdog_abandons_a_call_blocked_in_the_kernel(tmp_path):
