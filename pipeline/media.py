@@ -104,15 +104,17 @@ def stuck_threads() -> int:
 
 
 def _remote_options(uri: str) -> dict:
-    """fsspec storage options bounding network waits: for http(s), aiohttp's connect and
-    per-read timeouts (its default is a 5-minute total, which a stalled server can hold forever
-    per request and a long download legitimately exceeds)."""
+    """fsspec storage options bounding network waits (probe.read_timeout_s): for http(s),
+    aiohttp's connect and per-read timeouts (its default is a 5-minute total per request, which
+    a long download legitimately exceeds); for s3, botocore's."""
+    d = _DEADLINE.get()
+    read_s = d[2] if d is not None else DEFAULT_READ_TIMEOUT_S
+    if uri.startswith(("s3://", "s3a://")):  # s3fs: botocore's connect/read timeouts (its default is 60 s each)
+        return {"config_kwargs": {"connect_timeout": read_s, "read_timeout": read_s}}
     if not uri.startswith(("http://", "https://")):
         return {}
     import aiohttp
 
-    d = _DEADLINE.get()
-    read_s = d[2] if d is not None else DEFAULT_READ_TIMEOUT_S
     return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=read_s, sock_read=read_s)}}
 
 

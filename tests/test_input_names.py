@@ -152,6 +152,7 @@ def job(tmp_path_factory, media, server):
            "--output", str(out), "--config", str(cfg)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    (root / "curate.stderr").write_text(r.stderr)  # kept with the pytest temp dir for a failing run
     return {"root": root, "inp": inp, "out": out, "proc": r, "good_http": good_http, "server": server}
 
 
@@ -362,3 +363,32 @@ def test_http_read_timeout_and_status_reasons(server):
             probe(f"{server.url}/{code}/x.mp4")
         assert e.value.reason == f"HTTP {code}", e.value
     assert probe(f"{server.url}/good/x.mp4").duration_s > 2.5
+
+
+def test_s3_inputs_open_with_read_timeouts(media, monkeypatch):
+    """s3 opens carry botocore connect/read timeouts (probe.read_timeout_s) and still read (moto
+    server on 127.0.0.1); a missing object is "file not found"."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    pytest.importorskip("s3fs", reason="s3fs is not installed")
+    boto3 = pytest.importorskip("boto3")
+    from pipeline.media import _remote_options
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        endpoint = "http://{}:{}".format(*server.get_host_and_port())
+        for k, v in dict(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_ENDPOINT_URL=endpoint,
+                         AWS_DEFAULT_REGION="us-east-1").items():
+            monkeypatch.setenv(k, v)
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket="raw-videos")
+        client.put_object(Bucket="raw-videos", Key="a b.mp4", Body=media.read_bytes())
+        with input_deadline(60, read_timeout_s=7.0):
+            assert _remote_options("s3://raw-videos/a b.mp4") == {
+                "config_kwargs": {"connect_timeout": 7.0, "read_timeout": 7.0}}
+            assert probe("s3://raw-videos/a b.mp4").duration_s > 2.5
+            with pytest.raises(MediaError) as e:
+                probe("s3://raw-videos/none.mp4")
+        assert e.value.reason == "file not found" and "none.mp4" in str(e.value)
+    finally:
+        server.stop()
