@@ -173,9 +173,9 @@ def check_input(uri: str) -> None:
                                               f"owner uid {st.st_uid})") from None
 
 
-def open_error(uri: str, exc: BaseException) -> MediaError | None:
-    """The rejects reason of a failure to open or read ``uri`` (local or remote), or None when
-    ``exc`` is not one: "HTTP 404", "HTTP 500", "file not found", "permission denied", "timed out"."""
+def transport_error(uri: str, exc: BaseException) -> MediaError | None:
+    """The rejects reason of a network failure reading ``uri`` at any point (open or mid-decode),
+    or None: an HTTP error status ("HTTP 500") or a read timeout ("timed out")."""
     import asyncio
 
     if isinstance(exc, MediaError):
@@ -191,12 +191,24 @@ def open_error(uri: str, exc: BaseException) -> MediaError | None:
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) or type(exc).__name__ in ("FSTimeoutError",
                                                                                       "ServerTimeoutError"):
         return MediaError("timed out", f"{uri}: no data for the read timeout ({type(exc).__name__}: {exc})")
+    if remote_http and type(exc).__module__.startswith("aiohttp"):
+        return MediaError("cannot open", f"{uri}: {type(exc).__name__}: {exc}")
+    return None
+
+
+def open_error(uri: str, exc: BaseException) -> MediaError | None:
+    """The rejects reason of a failure to open ``uri`` (local or remote), or None when ``exc`` is
+    not one: "HTTP 404", "HTTP 500", "file not found", "permission denied", "timed out"."""
+    err = transport_error(uri, exc)
+    if err is not None:
+        return err
+    remote_http = uri.startswith(("http://", "https://"))
     if isinstance(exc, FileNotFoundError):
         # fsspec's http filesystem raises FileNotFoundError for a 404
         return MediaError("HTTP 404" if remote_http else "file not found", f"{uri}: {exc}")
     if isinstance(exc, PermissionError):
         return MediaError("permission denied", f"{uri}: {exc}")
-    if isinstance(exc, OSError) or type(exc).__module__.startswith("aiohttp"):
+    if isinstance(exc, OSError):
         return MediaError("cannot open", f"{uri}: {type(exc).__name__}: {exc}")
     return None
 

@@ -31,8 +31,8 @@ import numpy as np
 import schemas
 from . import __version__
 from .config import CurateConfig
-from .media import (DecodeLog, MediaError, check_input, decode_audio_track, merge_ranges, open_error, probe,
-                    run_with_deadline)
+from .media import (DecodeLog, MediaError, check_input, decode_audio_track, merge_ranges, probe, run_with_deadline,
+                    transport_error)
 from .segment import FRAME_QUANTUM, CandidateClip, Coverage, segment_tracks
 from .shards import load_npy, npy_bytes
 from .tracking import analyze_video
@@ -75,7 +75,9 @@ def reject_row(row: dict, *, stage: str, reason: str, clip_index: int = -1, key:
 
 def _crash_reject(row: dict, stage: str, exc: BaseException, payload: dict | None = None) -> dict:
     dur = (payload or {}).get("probe", {}).get("duration_s")
-    exc = open_error(row["uri"], exc) or exc  # a read that failed mid-decode (HTTP error, read timeout)
+    # a network read that failed mid-decode (HTTP error, read timeout) is the input's fault, final;
+    # any other OSError (a full local disk) stays an internal error, retried by the next run
+    exc = transport_error(row["uri"], exc) or exc
     if isinstance(exc, MediaError):
         return reject_row(row, stage=stage, reason=exc.reason, detail=str(exc), value=exc.value, duration_s=dur)
     tb = "".join(traceback.format_exception_only(type(exc), exc)).strip()

@@ -392,3 +392,29 @@ def test_s3_inputs_open_with_read_timeouts(media, monkeypatch):
         assert e.value.reason == "file not found" and "none.mp4" in str(e.value)
     finally:
         server.stop()
+
+
+def test_mid_decode_failures_get_transport_reasons_but_local_faults_stay_retryable():
+    """A network failure after the probe (the server errs or stalls while frames are read) is the
+    input's: a final reject with its reason. A local OSError (the actor's temp disk is full) is
+    not: it stays an "internal error", which the next run retries."""
+    import errno
+
+    import aiohttp
+
+    from pipeline.runner import RETRYABLE_REASONS
+    from pipeline.stages import _crash_reject, new_row
+
+    def reason(uri, exc):
+        return json.loads(_crash_reject(new_row("v", uri, "s", "video", {}), "detect", exc)["payload"])["reason"]
+
+    url = "http://127.0.0.1:9/x.mp4"
+    try:
+        raise FileNotFoundError(url) from aiohttp.ClientResponseError(None, (), status=503, message="Unavailable")
+    except FileNotFoundError as e:
+        assert reason(url, e) == "HTTP 503"
+    assert reason(url, aiohttp.ServerTimeoutError("Timeout on reading data from socket")) == "timed out"
+    assert reason(url, TimeoutError()) == "timed out"
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert reason(url, full) == reason("/in/a.mp4", full) == "internal error"
+    assert "internal error" in RETRYABLE_REASONS and "timed out" not in RETRYABLE_REASONS
