@@ -418,3 +418,34 @@ def test_mid_decode_failures_get_transport_reasons_but_local_faults_stay_retryab
     full = OSError(errno.ENOSPC, "No space left on device")
     assert reason(url, full) == reason("/in/a.mp4", full) == "internal error"
     assert "internal error" in RETRYABLE_REASONS and "timed out" not in RETRYABLE_REASONS
+
+
+def test_every_decode_loop_checks_the_deadline(media):
+    """Past the deadline, probe, frame decoding (plain and tolerant) and audio decoding stop with
+    "timed out" at their next packet; outside a deadline the same calls run to the end."""
+    from pipeline.media import DecodeLog, decode_audio_track, iter_frames
+
+    calls = {"probe": lambda: probe(str(media)), "frames": lambda: list(iter_frames(str(media))),
+             "tolerant frames": lambda: list(iter_frames(str(media), damage=DecodeLog())),
+             "audio": lambda: decode_audio_track(str(media))}
+    for name, call in calls.items():
+        with input_deadline(-1.0):
+            with pytest.raises(MediaError) as e:
+                call()
+        assert e.value.reason == "timed out", name
+    assert len(calls["frames"]()) == 65 and len(calls["audio"]().samples) > 2.5 * 16000
+
+
+def test_detection_past_its_limit_is_a_timed_out_reject(media):
+    """The detect stage's own limit (max(floor, per-second x duration)) ends a detection that
+    runs too long: a "timed out" reject of stage detect, not a stuck actor."""
+    from pipeline.config import load_config
+    from pipeline.stages import DetectTrackStage, ProbeStage, new_row
+
+    tight = load_config(None, **{"probe.input_timeout_s": 0.001, "probe.input_timeout_per_video_s": 0.0})
+    stage = DetectTrackStage(tight)
+    stage.probe = ProbeStage(load_config(None))  # probe under the default limit; detection under the tight one
+    out = stage(new_row("v", str(media), "s", "video", {}))
+    payload = json.loads(out["payload"])
+    assert out["kind"] == "reject" and payload["stage"] == "detect" and payload["reason"] == "timed out", payload
+    assert str(media) in payload["detail"]
