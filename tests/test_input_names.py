@@ -205,6 +205,7 @@ def test_a_stalled_input_does_not_hold_the_job(job):
     assert r.returncode == 0
     rej = [x for x in pq.read_table(job["out"] / "rejects.parquet").to_pylist() if x["reason"] == "timed out"]
     assert len(rej) == 1 and rej[0]["stage"] == "probe" and "per-input limit of 8 s" in rej[0]["detail"]
+    assert "did not finish" in rej[0]["detail"]  # the watchdog ended it: the read was blocked, no check could run
     assert not job["server"].release.is_set()  # still stalling while we check
 
 
