@@ -126,11 +126,13 @@ class ProbeStage:
             return row
         t0 = time.perf_counter()
         payload = json.loads(row["payload"])
-        try:
+        def checked_probe():
             check_input(row["uri"])  # missing, unreadable, not a file: said plainly before FFmpeg guesses
-            facts = run_with_deadline(lambda: probe(row["uri"], max_packets=self.config.probe.max_vfr_probe_packets),
-                                      seconds=self.config.probe.input_timeout_s, uri=row["uri"], what="probe",
-                                      read_timeout_s=self.config.probe.read_timeout_s)
+            return probe(row["uri"], max_packets=self.config.probe.max_vfr_probe_packets)
+
+        try:  # under the limit too: a stat on a hung network mount blocks like a stalled read
+            facts = run_with_deadline(checked_probe, seconds=self.config.probe.input_timeout_s, uri=row["uri"],
+                                      what="probe", read_timeout_s=self.config.probe.read_timeout_s)
         except Exception as e:  # noqa: BLE001 - every failure becomes a rejects row
             return _crash_reject(row, self.name, e)
         payload["probe"] = facts.as_dict()
