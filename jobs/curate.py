@@ -67,7 +67,8 @@ def main(argv=None) -> int:
         print("error: give --input PATH... (or --demo)", file=sys.stderr)
         return 2
     try:
-        items = expand_inputs(inputs)
+        input_stats: dict = {}
+        items = expand_inputs(inputs, input_stats)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
 
     try:
         run_curation(items, args.output, config, force_resume=args.force_resume, argv=sys.argv,
-                     retry_failed=not args.no_retry_failed)
+                     retry_failed=not args.no_retry_failed, input_stats=input_stats)
     except (FileNotFoundError, ConfigMismatch, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

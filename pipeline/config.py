@@ -22,6 +22,14 @@ class ProbeConfig(_Section):
     min_duration_s: float = Field(2.0, gt=0, description="inputs shorter than this are rejected")
     require_audio: bool = True
     max_vfr_probe_packets: int = Field(2000, ge=10, description="packets read to measure frame-interval variability")
+    # Per-input time limit: a hang detector, not a speed rule (a false timeout loses a good video), so generous.
+    # Each stage call on one input (probe; detect; crop+score) may take max(input_timeout_s,
+    # input_timeout_per_video_s x duration): the floor covers short inputs on a loaded node (model warm-up,
+    # a slow disk), the per-second part long ones (CPU detect+crop+score runs at a few times real time).
+    # Past it the input is a "timed out" reject (docs/pipeline.md, "Time limits").
+    input_timeout_s: float = Field(300.0, gt=0, description="per-input, per-stage time limit floor (s); also probe's limit")
+    input_timeout_per_video_s: float = Field(10.0, ge=0, description="...or this many seconds per second of video")
+    read_timeout_s: float = Field(60.0, gt=0, description="a remote (http) read or connect that gets no data for this long fails")
 
 
 class DetectConfig(_Section):

@@ -6,6 +6,15 @@ or single files. Local paths and any fsspec URI (s3://, gs://, ...) go through t
 fsspec's filesystem for the URI's protocol does the listing. Every file found is an input:
 non-video files are rejected by the probe stage with a reason rather than filtered out by
 extension, so nothing disappears without a rejects row. Hidden files are skipped.
+
+A broken entry is never dropped and never aborts the job: an entry of a list that does not
+exist, a directory named like a video, a symlink (loop or not) are inputs like any other, and
+the probe stage turns each into a rejects row saying what is wrong (``check_input``). Only a
+direct ``--input`` argument that matches nothing is an ``InputError`` (a mistyped argument).
+Directory symlinks are listed, not followed (fsspec's local ``find`` walks with
+``os.walk(followlinks=False)``): following them could loop or count a file twice, and each one
+is reported instead, so a linked directory the user meant is visible; pass it as its own
+``--input`` to include it.
 """
 from __future__ import annotations
 
@@ -32,6 +41,15 @@ def video_id_for(uri: str) -> str:
     return f"{stem}-{hashlib.sha1(uri.encode()).hexdigest()[:16]}"
 
 
+# A directory found while searching with one of these names is reported as an input ("not a
+# file") instead of being passed over in silence: someone meant it to be a video.
+VIDEO_EXTENSIONS = frozenset(".mp4 .m4v .mov .mkv .webm .avi .ts .mts .m2ts .mpg .mpeg .flv .wmv .3gp .mxf".split())
+
+
+def _named_like_video(path: str) -> bool:
+    return os.path.splitext(path.rstrip("/"))[1].lower() in VIDEO_EXTENSIONS
+
+
 def _fs_and_path(arg: str):
     fs, path = fsspec.core.url_to_fs(arg)
     return fs, path
@@ -52,14 +70,37 @@ class InputError(ValueError):
     pass
 
 
-def expand_inputs(args: list[str]) -> list[InputItem]:
+def _search(fs, root: str) -> list[str]:
+    """Files under ``root`` (not hidden), plus the directories the probe stage must report:
+    those named like a video (VIDEO_EXTENSIONS) and, on a local filesystem, those this user
+    cannot list. Sorted."""
+    found = []
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    for p, info in fs.find(root, withdirs=True, detail=True).items():
+        if p.rstrip("/") == root.rstrip("/") or _hidden(os.path.relpath(p, root)):
+            continue
+        if info.get("type") != "directory" or _named_like_video(p):
+            found.append(p)
+        elif local and not os.access(p, os.R_OK | os.X_OK):
+            # fsspec's walk omits a directory it cannot list: reported instead ("permission denied")
+            found.append(p)
+    return sorted(set(found))
+
+
+def expand_inputs(args: list[str], stats: dict | None = None) -> list[InputItem]:
+    """Inputs in order, each once. ``stats`` (a dict, optional) receives what was folded away:
+    ``duplicates`` (entries naming an input already listed) and ``blank_entries`` (empty lines
+    of a .txt list, empty ``uri`` cells of a .parquet list), so the run summary can count them."""
     items: list[InputItem] = []
     seen: set[str] = set()
+    counts = {"duplicates": 0, "blank_entries": 0}
 
     def add(uri: str, source: str):
         if uri not in seen:
             seen.add(uri)
             items.append(InputItem(uri=uri, source=source, video_id=video_id_for(uri)))
+        else:
+            counts["duplicates"] += 1
 
     for arg in args:
         fs, path = _fs_and_path(arg)
@@ -69,14 +110,13 @@ def expand_inputs(args: list[str]) -> list[InputItem]:
             if not matches:
                 raise InputError(f"--input {arg}: the pattern matches no file")
             for m in matches:
-                if fs.isdir(m):  # a matched directory is searched like a directory argument
-                    for p in sorted(fs.find(m)):
-                        if not _hidden(os.path.relpath(p, m)):
-                            add(_unstrip(fs, p, arg), arg)
+                if fs.isdir(m) and not _named_like_video(m):  # searched like a directory argument
+                    for p in _search(fs, m):
+                        add(_unstrip(fs, p, arg), arg)
                 elif not _hidden(os.path.basename(m)):
                     add(_unstrip(fs, m, arg), arg)
         elif fs.isdir(path):
-            found = sorted(p for p in fs.find(path) if not _hidden(os.path.relpath(p, path)))
+            found = _search(fs, path)
             if not found:
                 raise InputError(f"--input {arg}: the directory holds no file")
             for p in found:
@@ -91,19 +131,33 @@ def expand_inputs(args: list[str]) -> list[InputItem]:
                     raise InputError(f"--input {arg}: parquet file has no 'uri' column (columns: {table.column_names})")
                 uris = table.column("uri").to_pylist()
                 sources = table.column("source").to_pylist() if "source" in table.column_names else [arg] * len(uris)
-                empty = [i for i, u in enumerate(uris) if not u]
-                if empty:
-                    raise InputError(f"--input {arg}: {len(empty)} rows have an empty 'uri' (rows {empty[:10]})")
                 for u, s in zip(uris, sources):
-                    add(str(u), str(s) if s is not None else arg)
+                    if u is None or not str(u).strip():  # a blank entry, like an empty line of a .txt
+                        counts["blank_entries"] += 1
+                        continue
+                    add(_list_entry(str(u).strip()), str(s) if s is not None else arg)
             elif arg.endswith(".txt"):
                 with fs.open(path, "r") as f:
                     for line in f:
                         line = line.strip()
-                        if line and not line.startswith("#"):
-                            add(line, arg)
+                        if not line:
+                            counts["blank_entries"] += 1
+                        elif not line.startswith("#"):
+                            add(_list_entry(line), arg)
             else:
                 add(_unstrip(fs, path, arg), os.path.dirname(arg) or ".")
         else:
             raise InputError(f"--input {arg}: no such file, directory or pattern")
+    if stats is not None:
+        stats.update(counts)
     return items
+
+
+def _list_entry(entry: str) -> str:
+    """A list entry as an input URI: local paths made absolute, so FFmpeg never reads a name
+    like ``-x.mp4`` or ``concat:a|b`` as an option or a protocol. Whether it exists is the
+    probe stage's question (a missing entry is a rejects row, not an aborted job)."""
+    if "://" in entry and not entry.startswith("file://"):
+        return entry
+    path = entry[len("file://"):] if entry.startswith("file://") else entry
+    return os.path.abspath(path)

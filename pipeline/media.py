@@ -7,10 +7,15 @@ clips put time 0 at their first frame.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import errno
 import io
 import math
 import os
+import stat
 import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Iterator
@@ -31,17 +36,194 @@ class MediaError(RuntimeError):
         self.value = value
 
 
+# ---- per-input time limit (probe.input_timeout_s): a deadline for the decoding of one input,
+# set by the stage (``run_with_deadline``) and checked by every demux/decode loop below, plus the
+# network read timeout of remote opens. A context variable: each watchdog thread has its own.
+_DEADLINE: contextvars.ContextVar[tuple[float, float, float] | None] = contextvars.ContextVar("media_deadline",
+                                                                                             default=None)
+DEFAULT_READ_TIMEOUT_S = 60.0
+_STUCK_THREADS: list[threading.Thread] = []  # watchdog threads given up on, still running (see run_with_deadline)
+
+
+@contextlib.contextmanager
+def input_deadline(seconds: float, read_timeout_s: float = DEFAULT_READ_TIMEOUT_S):
+    """Decoding in this context raises MediaError("timed out") once ``seconds`` have passed, and
+    remote reads that receive nothing for ``read_timeout_s`` fail."""
+    token = _DEADLINE.set((time.monotonic() + seconds, float(seconds), float(read_timeout_s)))
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def check_deadline(uri: str) -> None:
+    """Cooperative check, once per packet: past the deadline the decoding of ``uri`` stops."""
+    d = _DEADLINE.get()
+    if d is not None and time.monotonic() > d[0]:
+        raise MediaError("timed out", f"{uri}: still reading after the per-input limit of {d[1]:.0f} s "
+                                      "(probe.input_timeout_s)", value=d[1])
+
+
+def run_with_deadline(fn, *, seconds: float, uri: str, what: str, read_timeout_s: float = DEFAULT_READ_TIMEOUT_S):
+    """``fn()`` in a watchdog thread under ``input_deadline(seconds)``; MediaError("timed out")
+    when it has not returned ``seconds`` (plus a grace for the cooperative checks to answer
+    first) later.
+
+    Ray Data has no per-row timeout and a Python thread cannot be killed, so a call that still
+    does not return (blocked in a native decoder, or in a read the read timeout does not cover)
+    is left running as a daemon thread: the stage moves on to its next input, the thread stops at
+    its next deadline check or failed read, and if it never does it holds its memory until the
+    actor exits (``stuck_threads`` counts them; each one is named in the reject's detail).
+    """
+    box: dict = {}
+
+    def work():
+        with input_deadline(seconds, read_timeout_s):
+            try:
+                box["value"] = fn()
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                box["error"] = e
+
+    thread = threading.Thread(target=work, name=f"deadline {what}: {uri[:200]}", daemon=True)
+    thread.start()
+    thread.join(seconds + min(30.0, 0.1 * seconds) + 1.0)
+    if thread.is_alive():
+        _STUCK_THREADS.append(thread)
+        raise MediaError("timed out", f"{uri}: {what} did not finish within the per-input limit of {seconds:.0f} s "
+                                      f"(probe.input_timeout_s); abandoned, {stuck_threads()} such call(s) still "
+                                      "running in this worker", value=seconds)
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def stuck_threads() -> int:
+    """Abandoned watchdog threads of this process that have not ended yet."""
+    _STUCK_THREADS[:] = [t for t in _STUCK_THREADS if t.is_alive()]
+    return len(_STUCK_THREADS)
+
+
+def _remote_options(uri: str) -> dict:
+    """fsspec storage options bounding network waits (probe.read_timeout_s): for http(s),
+    aiohttp's connect and per-read timeouts (its default is a 5-minute total per request, which
+    a long download legitimately exceeds); for s3, botocore's."""
+    d = _DEADLINE.get()
+    read_s = d[2] if d is not None else DEFAULT_READ_TIMEOUT_S
+    if uri.startswith(("s3://", "s3a://")):  # s3fs: botocore's connect/read timeouts (its default is 60 s each)
+        return {"config_kwargs": {"connect_timeout": read_s, "read_timeout": read_s}}
+    if not uri.startswith(("http://", "https://")):
+        return {}
+    import aiohttp
+
+    return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=read_s, sock_read=read_s)}}
+
+
+def local_path(uri: str) -> str | None:
+    """The local filesystem path of ``uri``, absolute (so FFmpeg never reads a name such as
+    ``-x.mp4`` or ``concat:a`` as an option or protocol); None for a remote URI."""
+    if "://" in uri and not uri.startswith("file://"):
+        return None
+    return os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
+
+
+def check_input(uri: str) -> None:
+    """MediaError with a plain reason when a local ``uri`` cannot be an input file: "file not
+    found" (also a dangling symlink), "permission denied", "symlink loop", "not a file" (a
+    directory, a FIFO that would block the open forever, a device). Remote URIs are checked by
+    opening them (``open_error``)."""
+    path = local_path(uri)
+    if path is None:
+        return
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise MediaError("file not found", f"{uri}: a symlink to {os.readlink(path)!r}, which does not exist") from None
+        raise MediaError("file not found", f"{uri} does not exist") from None
+    except PermissionError as e:
+        raise MediaError("permission denied", f"{uri}: {e.strerror}") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise MediaError("symlink loop", f"{uri}: its symlinks lead back to themselves") from None
+        raise MediaError("cannot open", f"{uri}: {e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        if os.path.islink(path):
+            target = os.path.realpath(path)
+            if os.path.dirname(path).startswith(target.rstrip("/") + "/") or os.path.dirname(path) == target:
+                raise MediaError("symlink loop", f"{uri} links to {target}, a directory above it (directory symlinks "
+                                                 "are not followed)")
+            raise MediaError("not a file", f"{uri} is a symlink to the directory {target} (directory symlinks are not "
+                                           "followed; give it as its own --input)")
+        try:
+            with os.scandir(path):
+                pass
+        except PermissionError:
+            raise MediaError("permission denied", f"{uri}: a directory this user cannot list (mode "
+                                                  f"{stat.filemode(st.st_mode)}); its files were not searched") from None
+        raise MediaError("not a file", f"{uri} is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("FIFO" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode)
+                else "device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "special file")
+        raise MediaError("not a file", f"{uri} is a {kind}, not a regular file")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise MediaError("permission denied", f"{uri}: no read permission (mode {stat.filemode(st.st_mode)}, "
+                                              f"owner uid {st.st_uid})") from None
+
+
+def transport_error(uri: str, exc: BaseException) -> MediaError | None:
+    """The rejects reason of a network failure reading ``uri`` at any point (open or mid-decode),
+    or None: an HTTP error status ("HTTP 500") or a read timeout ("timed out")."""
+    import asyncio
+
+    if isinstance(exc, MediaError):
+        return exc
+    remote_http = uri.startswith(("http://", "https://"))
+    cause: BaseException | None = exc  # fsspec's http info() re-raises a 500 as FileNotFoundError from it
+    while cause is not None:
+        status = getattr(cause, "status", None)
+        if remote_http and isinstance(status, int) and status >= 400:  # aiohttp.ClientResponseError
+            return MediaError(f"HTTP {status}", f"{uri}: the server answered {status} "
+                                                f"{getattr(cause, 'message', '')}".rstrip())
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) or type(exc).__name__ in ("FSTimeoutError",
+                                                                                      "ServerTimeoutError"):
+        return MediaError("timed out", f"{uri}: no data for the read timeout ({type(exc).__name__}: {exc})")
+    if remote_http and type(exc).__module__.startswith("aiohttp"):
+        return MediaError("cannot open", f"{uri}: {type(exc).__name__}: {exc}")
+    return None
+
+
+def open_error(uri: str, exc: BaseException) -> MediaError | None:
+    """The rejects reason of a failure to open ``uri`` (local or remote), or None when ``exc`` is
+    not one: "HTTP 404", "HTTP 500", "file not found", "permission denied", "timed out"."""
+    err = transport_error(uri, exc)
+    if err is not None:
+        return err
+    remote_http = uri.startswith(("http://", "https://"))
+    if isinstance(exc, FileNotFoundError):
+        # fsspec's http filesystem raises FileNotFoundError for a 404
+        return MediaError("HTTP 404" if remote_http else "file not found", f"{uri}: {exc}")
+    if isinstance(exc, PermissionError):
+        return MediaError("permission denied", f"{uri}: {exc}")
+    if isinstance(exc, OSError):
+        return MediaError("cannot open", f"{uri}: {type(exc).__name__}: {exc}")
+    return None
+
+
 @contextlib.contextmanager
 def open_container(uri: str):
     """Open a local path or any fsspec URI (s3://, gs://, http://) as a PyAV input container."""
-    if "://" in uri and not uri.startswith("file://"):
+    path = local_path(uri)
+    if path is None:
         import fsspec
 
-        with fsspec.open(uri, "rb") as f:
+        with fsspec.open(uri, "rb", **_remote_options(uri)) as f:
             with av.open(f, mode="r") as container:
                 yield container
     else:
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
         with av.open(path, mode="r") as container:
             yield container
 
@@ -99,6 +281,7 @@ def probe(uri: str, max_packets: int = 2000) -> ProbeResult:
             tb = float(v.time_base)
             pts = []
             for i, packet in enumerate(c.demux(v)):
+                check_deadline(uri)
                 if packet.pts is not None:
                     pts.append(packet.pts)
                 if i >= max_packets:
@@ -149,17 +332,25 @@ def probe(uri: str, max_packets: int = 2000) -> ProbeResult:
                 audio_bit_rate=int(a.bit_rate) if a is not None and a.bit_rate else None)
     except MediaError:
         raise
+    except av.error.FileNotFoundError as e:  # an http 404 as FFmpeg's own protocol reports it
+        raise open_error(uri, FileNotFoundError(str(e))) from e
     except (av.error.InvalidDataError, av.error.FFmpegError, UnicodeDecodeError) as e:
         raise MediaError("unreadable container", f"{uri}: {e}") from e
-    except OSError as e:  # missing or unreadable through fsspec (s3 404, permission): final, not retried
-        raise MediaError("cannot open", f"{uri}: {type(e).__name__}: {e}") from e
+    except Exception as e:  # missing or unreadable through fsspec (s3 404, HTTP 500, permission, read timeout): final
+        err = open_error(uri, e)
+        if err is None:
+            raise
+        raise err from e
 
 
 def _size_of(uri: str) -> int | None:
     with contextlib.suppress(Exception):
         import fsspec
 
-        fs, path = fsspec.core.url_to_fs(uri)
+        local = local_path(uri)
+        if local is not None:
+            return os.path.getsize(local)
+        fs, path = fsspec.core.url_to_fs(uri, **_remote_options(uri))
         return int(fs.size(path))
     return None
 
@@ -228,6 +419,7 @@ def _decode_tolerant(container, stream, log: DecodeLog):
         return t if damaged_from is None else min(damaged_from, t)
 
     for packet in container.demux(stream):
+        check_deadline(str(container.name))
         t_packet = None if packet.pts is None else packet.pts * tb
         if t_packet is not None:
             log.reach(t_packet + (packet.duration or 0) * tb)
@@ -282,6 +474,7 @@ def iter_frames(uri: str, *, start_s: float = 0.0, end_s: float | None = None, r
         last_t = None
         try:
             for frame in (c.decode(v) if damage is None else _decode_tolerant(c, v, damage)):
+                check_deadline(uri)
                 if frame.pts is None:
                     continue
                 t = frame.pts * tb
@@ -378,6 +571,7 @@ def decode_audio_track(uri: str, rate: int = 16000, *, tolerant: bool = True) ->
             run_t0, chunks, total, resampler = None, [], 0, None
 
         for packet in _demux_until_error(c, a, errors, uri, strict=not tolerant):
+            check_deadline(uri)
             t_packet = None if packet.pts is None else packet.pts * tb
             try:
                 frames = packet.decode()

@@ -233,11 +233,13 @@ def _write_parquet(path: Path, rows: list[dict], schema: pa.Schema) -> None:
 
 
 def run_curation(items: list[InputItem], output: str | Path, config: CurateConfig, *, force_resume: bool = False,
-                 progress_every_s: float = 5.0, argv: list[str] | None = None, retry_failed: bool = True) -> dict:
+                 progress_every_s: float = 5.0, argv: list[str] | None = None, retry_failed: bool = True,
+                 input_stats: dict | None = None) -> dict:
     """Curate ``items`` into ``output`` (a local or shared-filesystem directory).
 
     ``retry_failed``: inputs whose outcome was a crash, an internal error or a feature failure
     in an earlier run are processed again (their journal entry is replaced).
+    ``input_stats``: what ``expand_inputs`` folded away (duplicates, blank list entries), for the summary.
     """
     if "://" in str(output) and not str(output).startswith("file://"):
         raise ValueError(f"--output {output}: write to a local or shared-filesystem directory (object-store "
@@ -248,11 +250,12 @@ def run_curation(items: list[InputItem], output: str | Path, config: CurateConfi
     out.mkdir(parents=True, exist_ok=True)
     journal = Journal(out)
     with journal.lock():
-        return _run_locked(items, out, journal, config, t_start, force_resume, progress_every_s, argv, retry_failed)
+        return _run_locked(items, out, journal, config, t_start, force_resume, progress_every_s, argv, retry_failed,
+                           input_stats or {})
 
 
 def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_start: float, force_resume: bool,
-                progress_every_s: float, argv, retry_failed: bool) -> dict:
+                progress_every_s: float, argv, retry_failed: bool, input_stats: dict) -> dict:
     cfg_dict = config.model_dump(mode="json")
     journal.check_config(config_fingerprint(cfg_dict), cfg_dict, force=force_resume)
     remove_stale_temp_shards(out)
@@ -400,6 +403,10 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
         "kept_hours": sum(r["duration_s"] for r in manifest_rows) / 3600,
         "input_hours": sum((v["duration_s"] or 0) for v in video_rows) / 3600,
         "shards": len(shard_entries), "elapsed_s": elapsed,
+        # every input accounted for: rejected inputs by reason; list entries folded into another
+        "inputs_rejected_by_reason": _count_reasons(v for v in video_rows if v["status"] != "kept"),
+        "input_duplicates": int(input_stats.get("duplicates", 0)),
+        "input_blank_entries": int(input_stats.get("blank_entries", 0)),
     }
     run = {
         "pipeline_version": __version__, "schema_version": schemas.SCHEMA_VERSION, "argv": argv or sys.argv,
@@ -433,6 +440,13 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
           f"kept ({summary['kept_hours']:.3f} h) in {summary['shards']} shards; {summary['inputs_rejected']} inputs and "
           f"{summary['clips_rejected']} clips rejected; {elapsed:.1f} s. Output: {out}", file=sys.stderr, flush=True)
     return summary
+
+
+def _count_reasons(video_rows) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for v in video_rows:
+        counts[v["reason"]] = counts.get(v["reason"], 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _versions() -> dict:

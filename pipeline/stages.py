@@ -31,7 +31,8 @@ import numpy as np
 import schemas
 from . import __version__
 from .config import CurateConfig
-from .media import DecodeLog, MediaError, decode_audio_track, merge_ranges, probe
+from .media import (DecodeLog, MediaError, check_input, decode_audio_track, merge_ranges, probe, run_with_deadline,
+                    transport_error)
 from .segment import FRAME_QUANTUM, CandidateClip, Coverage, segment_tracks
 from .shards import load_npy, npy_bytes
 from .tracking import analyze_video
@@ -74,6 +75,9 @@ def reject_row(row: dict, *, stage: str, reason: str, clip_index: int = -1, key:
 
 def _crash_reject(row: dict, stage: str, exc: BaseException, payload: dict | None = None) -> dict:
     dur = (payload or {}).get("probe", {}).get("duration_s")
+    # a network read that failed mid-decode (HTTP error, read timeout) is the input's fault, final;
+    # any other OSError (a full local disk) stays an internal error, retried by the next run
+    exc = transport_error(row["uri"], exc) or exc
     if isinstance(exc, MediaError):
         return reject_row(row, stage=stage, reason=exc.reason, detail=str(exc), value=exc.value, duration_s=dur)
     tb = "".join(traceback.format_exception_only(type(exc), exc)).strip()
@@ -93,6 +97,12 @@ def _add_timing(payload: dict, stage: str, seconds: float) -> None:
     """Stage wall time for this input, and the Ray node that ran it (run.json sums them)."""
     payload.setdefault("timings", {})[stage] = payload.get("timings", {}).get(stage, 0.0) + seconds
     payload.setdefault("nodes", {})[stage] = _node_id()
+
+
+def input_timeout_s(config: CurateConfig, duration_s: float | None) -> float:
+    """Time one stage may spend on one input (probe.input_timeout_s, probe.input_timeout_per_video_s)."""
+    p = config.probe
+    return max(p.input_timeout_s, p.input_timeout_per_video_s * float(duration_s or 0.0))
 
 
 def _fault_injection(uri: str) -> None:
@@ -116,8 +126,13 @@ class ProbeStage:
             return row
         t0 = time.perf_counter()
         payload = json.loads(row["payload"])
-        try:
-            facts = probe(row["uri"], max_packets=self.config.probe.max_vfr_probe_packets)
+        def checked_probe():
+            check_input(row["uri"])  # missing, unreadable, not a file: said plainly before FFmpeg guesses
+            return probe(row["uri"], max_packets=self.config.probe.max_vfr_probe_packets)
+
+        try:  # under the limit too: a stat on a hung network mount blocks like a stalled read
+            facts = run_with_deadline(checked_probe, seconds=self.config.probe.input_timeout_s, uri=row["uri"],
+                                      what="probe", read_timeout_s=self.config.probe.read_timeout_s)
         except Exception as e:  # noqa: BLE001 - every failure becomes a rejects row
             return _crash_reject(row, self.name, e)
         payload["probe"] = facts.as_dict()
@@ -157,6 +172,15 @@ class DetectTrackStage:
         if row["kind"] != "video":
             return row
         _fault_injection(row["uri"])
+        duration = json.loads(row["payload"])["probe"]["duration_s"]
+        try:
+            return run_with_deadline(lambda: self._detect(row), seconds=input_timeout_s(self.config, duration),
+                                     uri=row["uri"], what="face detection",
+                                     read_timeout_s=self.config.probe.read_timeout_s)
+        except MediaError as e:  # the watchdog gave up on it
+            return _crash_reject(row, self.name, e, json.loads(row["payload"]))
+
+    def _detect(self, row: dict) -> dict:
         t0 = time.perf_counter()
         payload = json.loads(row["payload"])
         p = payload["probe"]
@@ -320,7 +344,10 @@ class CropScoreStage:
         tmpdir = tempfile.mkdtemp(prefix="crop-score-")
         try:
             try:
-                rows = self._crop(row, payload, t0, Path(tmpdir))
+                rows = run_with_deadline(lambda: self._crop(row, payload, t0, Path(tmpdir)),
+                                         seconds=input_timeout_s(self.config, payload["probe"]["duration_s"]),
+                                         uri=row["uri"], what="crop and score",
+                                         read_timeout_s=self.config.probe.read_timeout_s)
             except Exception as e:  # noqa: BLE001
                 yield _crash_reject(row, self.name, e, payload)
                 return

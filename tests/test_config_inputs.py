@@ -94,9 +94,11 @@ def test_expand_errors(tmp_path):
         expand_inputs([str(tmp_path / "missing")])
     with pytest.raises(InputError, match="matches no file"):
         expand_inputs([str(tmp_path / "*.avi")])
-    pq.write_table(pa.table({"uri": ["a.mp4", None]}), tmp_path / "nulls.parquet")
-    with pytest.raises(InputError, match="empty 'uri'"):
-        expand_inputs([str(tmp_path / "nulls.parquet")])
+    # an empty uri cell is a blank entry, skipped and counted like an empty line of a .txt list
+    pq.write_table(pa.table({"uri": ["a.mp4", None, " "]}), tmp_path / "nulls.parquet")
+    stats: dict = {}
+    assert [Path(i.uri).name for i in expand_inputs([str(tmp_path / "nulls.parquet")], stats)] == ["a.mp4"]
+    assert stats == {"duplicates": 0, "blank_entries": 2}
     pq.write_table(pa.table({"path": ["x"]}), tmp_path / "p.parquet")
     with pytest.raises(InputError, match="no 'uri' column"):
         expand_inputs([str(tmp_path / "p.parquet")])

@@ -117,7 +117,7 @@ def test_missing_remote_file_is_a_final_media_reject():
 
     with pytest.raises(MediaError) as e:
         probe("memory://bucket/none/such.mp4")
-    assert e.value.reason == "cannot open" and "such.mp4" in str(e.value)
+    assert e.value.reason == "file not found" and "such.mp4" in str(e.value)
 
 
 @pytest.mark.parametrize("source_fps", [15, 30, 60])
