@@ -190,12 +190,19 @@ def _kept_scores_row(meta: dict, source: str, features: bool) -> dict:
 
 # Outcomes that say more about the machine than about the video (a crashed worker, a bug, a
 # GPU out of memory): journaled, but retried by the next run instead of counted as final.
+# A server error (HTTP 5xx) is retried too: the server, not the file, failed. "timed out" is final
+# (docs/pipeline.md, "Time limits"): a file that hangs a decoder hangs it again.
 RETRYABLE_REASONS = ("internal error", "worker failed")
+
+
+def _is_retryable(reject: dict) -> bool:
+    reason = reject.get("reason") or ""
+    return reason in RETRYABLE_REASONS or reason.startswith("HTTP 5") or reject.get("stage") == "features"
 
 
 def _retryable(st: _InFlight) -> bool:
     rejects = ([st.video_reject] if st.video_reject else []) + st.rejects
-    return any(r.get("reason") in RETRYABLE_REASONS or r.get("stage") == "features" for r in rejects)
+    return any(_is_retryable(r) for r in rejects)
 
 
 def _video_row(st: _InFlight) -> dict:

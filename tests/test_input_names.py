@@ -403,7 +403,7 @@ def test_mid_decode_failures_get_transport_reasons_but_local_faults_stay_retryab
 
     import aiohttp
 
-    from pipeline.runner import RETRYABLE_REASONS
+    from pipeline.runner import RETRYABLE_REASONS, _is_retryable
     from pipeline.stages import _crash_reject, new_row
 
     def reason(uri, exc):
@@ -419,6 +419,7 @@ def test_mid_decode_failures_get_transport_reasons_but_local_faults_stay_retryab
     full = OSError(errno.ENOSPC, "No space left on device")
     assert reason(url, full) == reason("/in/a.mp4", full) == "internal error"
     assert "internal error" in RETRYABLE_REASONS and "timed out" not in RETRYABLE_REASONS
+    assert _is_retryable({"reason": "HTTP 503"}) and not _is_retryable({"reason": "HTTP 404"})
 
 
 def test_every_decode_loop_checks_the_deadline(media):
