@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-long bench clean
 
 setup: $(STAMP)
 
@@ -32,8 +32,13 @@ demo: setup
 	$(BIN)/python jobs/train.py --data demo_output --stage 2 --preset tiny --max-steps 20 --allow-smoke --out demo_output/train/stage2 --init demo_output/train/stage1 --resume
 	@echo "demo output: $(CURDIR)/demo_output (report: demo_output/report/index.html, Loopy runs: demo_output/train/)"
 
+# `make test` stays under 20 minutes on 2 cores; the reliability runs (whole bad-input corpora,
+# killed workers and nodes, disk full) are marked `long` and run by `make test-long` (CI runs both).
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not long" --durations=15 tests
+
+test-long: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m long --durations=15 tests
 
 bench: setup
 	$(BIN)/python benchmarks/features.py --out benchmarks/results/features.json

@@ -160,7 +160,7 @@ def _videos(out: Path) -> dict[str, dict]:
     return {v["uri"]: v for v in pq.read_table(out / "videos.parquet").to_pylist()}
 
 
-@pytest.mark.slow  # the shared job: ~40 s idle, 80 s on a loaded machine
+@pytest.mark.long  # the shared job: ~40 s idle, 80 s on a loaded machine
 def test_job_exits_0_and_accounts_for_every_input(job):
     r, out, inp, root, url = job["proc"], job["out"], job["inp"], job["root"], job["server"].url
     assert r.returncode == 0, r.stderr[-4000:]
@@ -197,7 +197,7 @@ def test_job_exits_0_and_accounts_for_every_input(job):
     assert summary["input_duplicates"] == 4 and summary["input_blank_entries"] == 5
 
 
-@pytest.mark.slow  # the shared job: ~40 s idle, 80 s on a loaded machine
+@pytest.mark.long  # the shared job: ~40 s idle, 80 s on a loaded machine
 def test_a_stalled_input_does_not_hold_the_job(job):
     """The stall lasts STALL_S (an hour): the job finished, so it did not wait for it; the
     watchdog named what it abandoned."""
@@ -209,7 +209,7 @@ def test_a_stalled_input_does_not_hold_the_job(job):
     assert not job["server"].release.is_set()  # still stalling while we check
 
 
-@pytest.mark.slow  # the shared job: ~40 s idle, 80 s on a loaded machine
+@pytest.mark.long  # the shared job: ~40 s idle, 80 s on a loaded machine
 def test_output_names_stay_inside_the_output_and_keys_are_valid(job):
     """Also after the jobs that rewrite or add files to an output (refilter, identities, stats)."""
     out = Path(os.path.realpath(job["out"]))

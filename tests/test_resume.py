@@ -19,7 +19,7 @@ from pipeline.shards import verify_index
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_killed_job_resumes_exactly_once(tmp_path):
     inputs = tmp_path / "in"
     for i in range(8):
@@ -64,7 +64,7 @@ def test_killed_job_resumes_exactly_once(tmp_path):
     assert [r["uri"] for r in rejects if r["clip_index"] == -1] == [str(inputs / "broken.mp4")]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_worker_crash_becomes_a_retryable_reject(tmp_path):
     """An input that kills its worker (as a segfaulting decoder or the OOM killer would) does not
     hang or fail the job: it is recorded as "worker failed", and the next run retries it."""
