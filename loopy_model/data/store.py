@@ -13,6 +13,11 @@
 Inside a shard, samples are located through the tar headers (member name -> data offset,
 size), read once per shard. ``.npy`` members are read row by row: only the frames a training
 window uses are read, never the whole clip.
+
+Faults (issue 12, docs/loader.md "Faults"): a shard that is corrupt, missing or unavailable after
+its retries (transient errors get ``retries``, not-found and corrupt bytes ``permanent_retries``)
+raises a ``ShardUnreadable`` that the dataset turns into a skip; it is remembered per process.
+Hostile shards raise a plain ValueError and are never retried or skipped.
 """
 from __future__ import annotations
 
@@ -71,9 +76,32 @@ _TRANSPORT_PACKAGES = {"aiohttp", "botocore", "urllib3", "requests", "google", "
                        "gcsfs", "adlfs"}
 
 
+def _chained_http_status(exc: BaseException) -> int | None:
+    """The HTTP status behind ``exc``, if a client error in its chain carries one (aiohttp's
+    ``status``; fsspec's http filesystem reports a 503 on open as FileNotFoundError from it)."""
+    seen = exc.__cause__ or exc.__context__
+    for _ in range(8):
+        if seen is None:
+            return None
+        status = getattr(seen, "status", None)
+        if isinstance(status, int):
+            return status
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def is_not_found(exc: BaseException) -> bool:
+    """Not in storage, or not ours to read: FileNotFoundError / PermissionError, unless the
+    client turned a server error (5xx, 429) into one."""
+    if not isinstance(exc, (FileNotFoundError, PermissionError)):
+        return False
+    status = _chained_http_status(exc)
+    return status is None or status in (401, 403, 404, 410)
+
+
 def is_permanent(exc: BaseException) -> bool:
     """Errors a retry will not fix (a few retries still cover eventually consistent stores)."""
-    return isinstance(exc, (FileNotFoundError, PermissionError, CorruptShardError))
+    return is_not_found(exc) or isinstance(exc, CorruptShardError)
 
 
 def is_transport_error(exc: BaseException) -> bool:
@@ -397,13 +425,16 @@ class ShardStore:
             cause = e.__cause__
             attempts = f"failed after {getattr(e, 'attempts', '?')} attempts"
             if isinstance(cause, ShardUnreadable):
-                raise self._failed(shard, cause) from cause
-            if isinstance(cause, (FileNotFoundError, PermissionError)):
+                err = self._failed(shard, cause)
+                raise err from (None if err is cause else cause)
+            if is_not_found(cause):
                 raise self._failed(shard, MissingShardError(
                     f"{uri}: not in storage ({type(cause).__name__}: {cause}); {attempts}")) from cause
             if is_transport_error(cause):
+                status = _chained_http_status(cause)
+                why = f"HTTP {status}, " if status else ""
                 raise self._failed(shard, UnavailableShardError(
-                    f"{uri}: storage kept failing ({type(cause).__name__}: {cause}); {attempts}")) from cause
+                    f"{uri}: storage kept failing ({why}{type(cause).__name__}: {cause}); {attempts}")) from cause
             raise  # not an I/O problem: a bug must not turn into a skipped shard
         with self._lock:
             self.failed_in_a_row = 0
@@ -433,6 +464,12 @@ class ShardStore:
         return "\n".join([head] + lines + more)
 
     # -- public
+    def forget_failures(self) -> None:
+        """Try unreadable shards again (at the start of each pass: a restored shard comes back)."""
+        with self._lock:
+            self.failures.clear()
+            self.failed_in_a_row = 0
+
     def prefetch(self, shard: int) -> None:
         """Start making ``shard`` readable in the background (no-op if open, pending or failed)."""
         with self._lock:

@@ -265,6 +265,7 @@ class StreamingWindowDataset(IterableDataset):
         upcoming = list(dict.fromkeys(shards))  # distinct shards in first-use order
         first_use = {s: i for i, s in enumerate(upcoming)}
         store = self.store()
+        store.forget_failures()  # each pass tries unreadable shards again (fresh workers do anyway)
         pool = ThreadPoolExecutor(max(1, self.cfg.io_threads), thread_name_prefix="clip-read")
         pending: deque = deque()
         submitted = 0
