@@ -83,6 +83,7 @@ def test_corrupt_shards_are_detected(tmp_path):
     shard.write_bytes(bytes(data))
     cfg = dict(global_batch_size=4, num_partitions=2)
     list(StreamingLoader(StreamingWindowDataset(loader_config(root, **cfg), rank=0, world_size=1)))  # size ok
+    cfg.update(skip_unreadable_shards=False, retry_backoff_s=0.01)  # an error, not a skip (test_loader_faults.py)
     with pytest.raises(IOError, match="sha256"):
         list(StreamingLoader(StreamingWindowDataset(loader_config(root, verify_sha256=True, **cfg), 0, 1)))
     shard.write_bytes(bytes(data[:-1024]))  # truncated: caught by the size check without sha256

@@ -85,6 +85,7 @@ class EpochPlan:
     def __init__(self, gids: np.ndarray, gid_shards: np.ndarray, n_shards: int, cfg: OrderConfig, epoch: int):
         self.cfg, self.epoch = cfg, epoch
         seq, part = global_sequence(gids, gid_shards, n_shards, cfg, epoch)
+        self.sequence = seq  # S: where the stand-ins for a clip of an unreadable shard come from
         n, b = len(seq), cfg.global_batch_size
         self.num_unique = n
         self.num_batches = n // b if cfg.last_batch == "drop" else -(-n // b)
@@ -108,3 +109,15 @@ class EpochPlan:
     def batches_for(self, worker: int = 0, num_workers: int = 1, start_batch: int = 0) -> list[int]:
         """Global batches a DataLoader worker produces (for its rank's slice), in yield order."""
         return list(range(start_batch + worker, self.num_batches, num_workers))
+
+    def stand_in_positions(self, position: int):
+        """Positions of S, in the order tried, whose clip stands in for the clip at ``position``
+        when that clip's shard cannot be read (docs/loader.md "Faults"): first the next clips of
+        the same partition (S[g + P], S[g + 2P], ...: the same shuffle block, so shards this reader
+        has open), then every position after it, wrapping around. Depends on the plan only, so
+        the same unreadable shards give the same stand-ins on every rank, worker and resume."""
+        n, parts = self.num_unique, self.cfg.num_partitions
+        g = position % n
+        yield from range(g + parts, (n // parts) * parts, parts)  # same partition while g + kP < qP
+        for d in range(1, n):
+            yield (g + d) % n

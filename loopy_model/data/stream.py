@@ -28,10 +28,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import identity as ident
 from .collate import collate_windows
-from .index import DatasetIndex
+from .index import TRAIN_MEMBERS, DatasetIndex
 from .partition import EpochPlan, OrderConfig
 from .select import select_samples
-from .store import ShardStore
+from .store import SKIP_REASONS, NoReadableShardError, ShardFile, ShardStore, ShardUnreadable
 from .windows import WindowConfig, clip_windows
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,11 @@ class LoaderConfig:
     cache_dir: str | None = None  # local shard cache for remote datasets
     cache_limit_bytes: int = 64 << 30
     verify_sha256: bool = False
-    retries: int = 4
+    retries: int = 4  # per shard fetch, on transient errors (connection, 5xx, timeout)
     retry_backoff_s: float = 0.5
+    permanent_retries: int = 2  # on not found / access denied / corrupt bytes, then the shard is skipped
+    skip_unreadable_shards: bool = True  # False: a corrupt or missing shard is an error (checking a dataset)
+    max_failed_shards_in_a_row: int = 8  # failed shard fetches with no success between: the storage is gone
     io_threads: int = 4  # per process: clips read and windowed concurrently
     prefetch_clips: int = 16  # clips in flight ahead of the one being batched
     prefetch_shards: int = 2  # distinct shards fetched ahead (remote datasets)
@@ -180,7 +183,8 @@ class StreamingWindowDataset(IterableDataset):
             in_flight = 2 * o.num_partitions * (o.shuffle_block_shards + 1)  # shards a pass may interleave
             self._store = ShardStore(self.index, cache_dir=c.cache_dir, cache_limit_bytes=c.cache_limit_bytes,
                                      verify=c.verify_sha256, retries=c.retries, backoff_s=c.retry_backoff_s,
-                                     max_open=max(16, in_flight))
+                                     max_open=max(16, in_flight), permanent_retries=c.permanent_retries,
+                                     max_failed_in_a_row=c.max_failed_shards_in_a_row, members=TRAIN_MEMBERS)
             if not self._store.local:
                 self._warn_small_cache()
             self._store_pid = os.getpid()
@@ -196,16 +200,57 @@ class StreamingWindowDataset(IterableDataset):
             log.warning("cache_limit_bytes=%d is below the ~%d bytes of shards this node reads at a time; "
                         "shards will be downloaded more than once per epoch", self.cfg.cache_limit_bytes, need)
 
-    def _load_clip(self, plan: EpochPlan, j: int, epoch: int) -> tuple[list[dict], int]:
-        shard, pos = self.index.locate(int(plan.gid[j]))
-        f = self.store().open(shard)
+    def _readable_clip(self, plan: EpochPlan, position: int, gid: int) -> tuple[ShardFile, int, dict[str, str]]:
+        """(open shard, gid) of the clip to read at ``position``: its own, or -- when its shard
+        cannot be read -- the first stand-in (``plan.stand_in_positions``) whose shard can; and
+        {url: "reason: problem"} of the unreadable shards passed over."""
+        store, skipped = self.store(), {}
+        candidates = iter(plan.stand_in_positions(position))
+        while True:
+            shard = int(self.index.shard_of(np.array([gid]))[0])
+            if shard not in store.failures:
+                try:
+                    return store.open(shard), gid, skipped
+                except ShardUnreadable:
+                    if not self.cfg.skip_unreadable_shards:
+                        raise
+            err = store.failures[shard]
+            if not self.cfg.skip_unreadable_shards:
+                raise type(err)(str(err))
+            skipped[self.index.shards[shard].url] = f"{err.reason}: {err}"
+            nxt = next(candidates, None)
+            if nxt is None:
+                raise NoReadableShardError(store.failure_report(
+                    f"{self.index.uri}: no shard holding a selected clip could be read"))
+            gid = int(plan.sequence[nxt])
+
+    def _load_clip(self, plan: EpochPlan, j: int, epoch: int) -> tuple[list[dict], int, dict[str, str]]:
+        position = int(plan.position[j])
+        f, gid, skipped = self._readable_clip(plan, position, int(plan.gid[j]))
+        shard, pos = self.index.locate(gid)
         keys = self.index.shards[shard].keys
         key = keys[pos] if keys is not None else f.keys[pos]
-        rng = np.random.default_rng([self.order.seed, epoch, int(plan.position[j]), _SALT_WINDOWS])
+        # seeded by the position, not the clip: a stand-in gets the window the position would have had
+        rng = np.random.default_rng([self.order.seed, epoch, position, _SALT_WINDOWS])
         windows, nbytes = clip_windows(f, key, rng, self.cfg.windows)
         for w in windows:
-            w["sample_position"], w["is_padding"] = int(plan.position[j]), bool(plan.is_pad[j])
-        return windows, nbytes
+            w["sample_position"], w["is_padding"] = position, bool(plan.is_pad[j])
+            w["is_stand_in"] = bool(skipped)
+        return windows, nbytes, skipped
+
+    def readable_sample(self) -> tuple[ShardFile, str]:
+        """(open shard, key) of the first sample of the first readable shard, in index order
+        (what the trainer inspects for the data layout)."""
+        store = self.store()
+        for shard, entry in enumerate(self.index.shards):
+            if not entry.nsamples:
+                continue
+            try:
+                f = store.open(shard)
+            except ShardUnreadable:
+                continue
+            return f, entry.keys[0] if entry.keys else f.keys[0]
+        raise NoReadableShardError(store.failure_report(f"{self.index.uri}: no shard could be read"))
 
     def __iter__(self):
         epoch, start = self.epoch, self.samples // self.order.global_batch_size  # fixed for this pass
@@ -220,6 +265,7 @@ class StreamingWindowDataset(IterableDataset):
         upcoming = list(dict.fromkeys(shards))  # distinct shards in first-use order
         first_use = {s: i for i, s in enumerate(upcoming)}
         store = self.store()
+        store.forget_failures()  # each pass tries unreadable shards again (fresh workers do anyway)
         pool = ThreadPoolExecutor(max(1, self.cfg.io_threads), thread_name_prefix="clip-read")
         pending: deque = deque()
         submitted = 0
@@ -232,13 +278,15 @@ class StreamingWindowDataset(IterableDataset):
                         store.prefetch(s)  # no-op once requested
                     pending.append(pool.submit(self._load_clip, plan, jobs[submitted], epoch))
                     submitted += 1
-                windows, nbytes = [], 0
+                windows, nbytes, skipped = [], 0, {}
                 for _ in range(per_batch):
-                    w, n = pending.popleft().result()
+                    w, n, passed_over = pending.popleft().result()
                     windows.extend(w)
                     nbytes += n
+                    skipped.update(passed_over)
                 batch = collate_windows(windows, epoch=epoch, batch_index=b)
                 batch["bytes_read"] = int(nbytes)
+                batch["skipped_shards"] = skipped  # url -> "reason: problem", for StreamingLoader's counts
                 yield batch
         finally:
             for fut in pending:
@@ -247,7 +295,8 @@ class StreamingWindowDataset(IterableDataset):
 
 
 class StreamingLoader:
-    """A torch DataLoader over a StreamingWindowDataset that knows where it is in the epoch."""
+    """A torch DataLoader over a StreamingWindowDataset that knows where it is in the epoch, and
+    counts the unreadable shards its batches skipped (``fault_stats``)."""
 
     def __init__(self, dataset: StreamingWindowDataset, num_workers: int = 0, pin_memory: bool = False,
                  prefetch_factor: int | None = None, multiprocessing_context=None, timeout: float = 0):
@@ -258,6 +307,8 @@ class StreamingLoader:
                            multiprocessing_context=multiprocessing_context)
         if num_workers > 0 and prefetch_factor is not None:
             self.kwargs["prefetch_factor"] = prefetch_factor
+        self.skipped_shards: dict[str, str] = {}  # url -> "reason: problem", over this loader's life
+        self.stand_in_clips = 0  # clips of this rank read in place of a skipped shard's
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -265,8 +316,26 @@ class StreamingLoader:
     def __iter__(self):
         """The rest of the current epoch; the next call continues with the next epoch."""
         for batch in DataLoader(self.dataset, **self.kwargs):
+            self._count_faults(batch)
             self.dataset.mark_consumed(batch)
             yield batch
+
+    def _count_faults(self, batch: dict) -> None:
+        for url, problem in batch.get("skipped_shards", {}).items():
+            if url not in self.skipped_shards:
+                self.skipped_shards[url] = problem
+                log.warning("rank %d: skipping shard %s (%s); its clips are replaced by the next readable "
+                            "clips of the epoch (docs/loader.md, Faults)", self.dataset.rank, url, problem)
+        self.stand_in_clips += int(batch["is_stand_in"].sum()) // self.dataset.cfg.windows.windows_per_clip
+
+    def fault_stats(self) -> dict[str, int]:
+        """Counters for the training metrics: distinct shards skipped (all, and per reason) and
+        clips replaced, as this rank's loader met them since it was created."""
+        reasons = [p.split(":", 1)[0] for p in self.skipped_shards.values()]
+        stats = {"skipped_shards": len(reasons)}
+        stats.update({f"skipped_{r}": reasons.count(r) for r in SKIP_REASONS})
+        stats["stand_in_clips"] = self.stand_in_clips
+        return stats
 
     def state_dict(self) -> dict:
         return self.dataset.state_dict()

@@ -169,7 +169,8 @@ class Trainer:
                     step_time = time.perf_counter() - step_start
                     loss = row["loss"]
                     row.update(step=self.step, epoch=int(batch["epoch"]), step_time_s=step_time,
-                               data_wait_frac=wait / step_time, samples_per_s=clips / step_time)
+                               data_wait_frac=wait / step_time, samples_per_s=clips / step_time,
+                               **self.loader.fault_stats())
                     if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                         metrics.write(row)
                     metrics.advance()
@@ -185,6 +186,7 @@ class Trainer:
         if last_saved != self.step:
             self.save()
         summary = {"steps": self.step, "final_loss": loss, "skipped_steps": self.skipped,
+                   **self.loader.fault_stats(), "skipped_shard_problems": self.loader.skipped_shards,
                    "checkpoint": str(latest_checkpoint(cfg.out))}
         self._log(f"done: {json.dumps(summary)}")
         return summary

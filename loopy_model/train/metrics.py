@@ -12,7 +12,9 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "skipped", "step_time_s", "data_wait_frac",
-           "samples_per_s", "gpu_mem_gb")
+           "samples_per_s", "gpu_mem_gb",
+           # the loader's unreadable shards so far (rank 0's view; StreamingLoader.fault_stats)
+           "skipped_shards", "skipped_missing", "skipped_corrupt", "skipped_unavailable", "stand_in_clips")
 
 
 class MetricsWriter:

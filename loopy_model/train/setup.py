@@ -96,8 +96,7 @@ class DataLayout:
 
 def data_layout(loader: StreamingLoader) -> DataLayout:
     ds = loader.dataset
-    shard = ds.store().open(0)
-    key = shard.keys[0]
+    shard, key = ds.readable_sample()  # an unreadable shard is skipped here as in training
     latent, audio = shard.npy(key, "latent.npy").shape, shard.npy(key, "audio.npy").shape
     c = ds.cfg.windows.latent_channels
     if latent[1] not in (c, 2 * c) or latent[2] != latent[3]:
