@@ -55,6 +55,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--loader-workers", type=int, default=2, help="data loader worker processes per training process")
     ap.add_argument("--cache-dir", help="local shard cache for remote datasets")
+    ap.add_argument("--verify-shards", action="store_true",
+                    help="check each shard's sha256 against index.json before use (once per process); "
+                         "a mismatching shard is skipped and counted like a corrupt one")
     ap.add_argument("--checkpoint-every", type=int, default=500)
     ap.add_argument("--keep-checkpoints", type=int, default=3)
     ap.add_argument("--max-nonfinite-steps", type=int, default=10)
@@ -83,7 +86,7 @@ def config_from_args(args):
         prediction_type=args.prediction_type, zero_terminal_snr=args.zero_terminal_snr,
         min_snr_gamma=args.min_snr_gamma,
         num_workers=args.loader_workers,
-        cache_dir=args.cache_dir, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+        cache_dir=args.cache_dir, verify_shards=args.verify_shards, checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
         progress=not args.no_progress)
 
 

@@ -327,28 +327,31 @@ def test_s3_missing_object_is_skipped(clean, clean_epoch, tmp_path):
     assert "s3://data/ds/shards/shard-000003.tar: not in storage" in loader.skipped_shards["shards/shard-000003.tar"]
 
 
-def test_training_runs_through_a_corrupt_and_a_missing_shard(tmp_path):
+def test_training_runs_through_corrupt_and_missing_shards(tmp_path):
     """jobs/train.py (tiny preset, 2 loader workers) on 4 shards of which shard 0 is truncated
-    (the one the trainer first inspects for the data layout) and shard 2 is gone: it finishes,
-    names both shards, and metrics.csv counts them."""
+    (the one the trainer first inspects for the data layout), shard 2 is gone and shard 3 has one
+    byte flipped (seen by --verify-shards): it finishes, names the three shards, and metrics.csv
+    counts them."""
     root = make_dataset(tmp_path / "ds", [2, 2, 2, 2], frames=(20, 30))
     _truncate(root, 0)
     _shard(root, 2)[0].unlink()
+    _flip_byte(root, 3)
     out = tmp_path / "run"
     p = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--data", str(root), "--stage", "1",
                         "--preset", "tiny", "--out", str(out), "--max-steps", "3", "--batch-size", "2",
-                        "--precision", "no", "--loader-workers", "2", "--no-progress"],
+                        "--precision", "no", "--loader-workers", "2", "--no-progress", "--verify-shards"],
                        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
-    for shard in ("shards/shard-000000.tar", "shards/shard-000002.tar"):
+    for shard in ("shards/shard-000000.tar", "shards/shard-000002.tar", "shards/shard-000003.tar"):
         assert f"skipping shard {shard}" in p.stderr, p.stderr[-3000:]
     with open(out / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     last = rows[-1]
-    assert (last["skipped_shards"], last["skipped_corrupt"], last["skipped_missing"]) == ("2", "1", "1")
+    assert (last["skipped_shards"], last["skipped_corrupt"], last["skipped_missing"]) == ("3", "2", "1")
     assert int(last["stand_in_clips"]) > 0
     summary = json.loads(p.stdout.split("done: ", 1)[1].splitlines()[0])
-    assert summary["steps"] == 3 and set(summary["skipped_shard_problems"]) == {"shards/shard-000000.tar",
-                                                                                "shards/shard-000002.tar"}
+    assert summary["steps"] == 3 and set(summary["skipped_shard_problems"]) == {
+        "shards/shard-000000.tar", "shards/shard-000002.tar", "shards/shard-000003.tar"}
     assert "truncated" in summary["skipped_shard_problems"]["shards/shard-000000.tar"]
+    assert "sha256" in summary["skipped_shard_problems"]["shards/shard-000003.tar"]

@@ -53,6 +53,7 @@ class TrainConfig:
     # data
     num_workers: int = 2
     cache_dir: str | None = None
+    verify_shards: bool = False  # sha256 of every shard against index.json once per process (docs/loader.md, Faults)
     storage_options: dict | None = None
     windows_per_clip: int = 1
     # bookkeeping

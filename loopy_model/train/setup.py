@@ -80,7 +80,8 @@ def build_loader(cfg: TrainConfig, world: World) -> StreamingLoader:
     dataset = StreamingWindowDataset(LoaderConfig(
         cfg.data, global_batch_size=batch, seed=cfg.seed, where=cfg.where, allow_smoke=cfg.allow_smoke,
         split=cfg.split, balance=cfg.balance, balance_temperature=cfg.balance_temperature,
-        storage_options=cfg.storage_options, cache_dir=cfg.cache_dir, windows=window_config(cfg)),
+        storage_options=cfg.storage_options, cache_dir=cfg.cache_dir, verify_sha256=cfg.verify_shards,
+        windows=window_config(cfg)),
         rank=world.rank, world_size=world.size)
     return StreamingLoader(dataset, num_workers=cfg.num_workers, pin_memory=world.device.type == "cuda")
 
