@@ -36,6 +36,8 @@ def parse_args(argv=None):
                     help="do not reprocess inputs whose earlier outcome was a crash or an internal error")
     ap.add_argument("--limit", type=int, default=None, metavar="N",
                     help="curate only the first N inputs (in the order they are listed): a trial run")
+    ap.add_argument("--verbose", action="store_true",
+                    help="also show the Ray workers' output and Ray's INFO lines (silenced by default)")
     ap.add_argument("--dry-run", action="store_true",
                     help="expand and count the inputs, check weights, storage access, the output and its lock; "
                          "start nothing, write nothing")

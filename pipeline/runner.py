@@ -12,6 +12,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from .config import CurateConfig
 from .filters import rule_table
 from .inputs import InputItem
 from .journal import Journal, config_fingerprint
+from .progress import CurateProgress
 from .shards import ShardInfo, ShardWriter, atomic_write_bytes, atomic_write_json, build_index, remove_stale_temp_shards, write_index
 from .stages import SAMPLE_MEMBERS, default_stages, new_row
 
@@ -83,16 +85,33 @@ def preflight(config: CurateConfig) -> None:
                                     "(copy pyiqa's file there; the pipeline never downloads)")
 
 
-def ensure_ray(config: CurateConfig) -> None:
+def ensure_ray(config: CurateConfig, verbose: bool = False) -> None:
+    """Connect to the cluster (config, RAY_ADDRESS) or start an embedded Ray.
+
+    Not ``verbose``: the workers' own output (TensorFlow Lite / absl banners, library deprecation
+    warnings) stays in Ray's worker log files instead of the driver's stream, and Ray's INFO lines
+    are dropped; what goes wrong with an input is in its rejects row either way.
+    """
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return
+    level = logging.INFO if verbose else logging.WARNING
+    if not verbose:
+        import ray.data  # noqa: F401 - configures the "ray.data" logger on import; adjusted below
+
+        # Ray Data's console handler prints every dataset's plan and INFO lines; its log file
+        # (session logs/ray-data/ray-data.log) keeps them all.
+        for handler in logging.getLogger("ray.data").handlers:
+            if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
+                handler.setLevel(logging.ERROR)
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=verbose, logging_level=level)
     else:
-        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=True,
+        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=verbose, logging_level=level,
                  object_store_memory=config.ray.object_store_memory)
 
 
@@ -129,36 +148,14 @@ def build_dataset(items: list[InputItem], config: CurateConfig):
             kwargs["max_restarts"] = 2
             kwargs["max_task_retries"] = 1
             kwargs["fn_constructor_args"] = (config,)
-            ds = method(cls, **kwargs)
+            with warnings.catch_warnings():
+                # Ray 2.60 warns that extra remote args go away in 2.64 but has no named parameter for
+                # max_restarts / max_task_retries yet; revisit with the next Ray pin (pyproject.toml).
+                warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+                ds = method(cls, **kwargs)
         else:
             ds = method(cls(config), **kwargs)
     return ds
-
-
-class _Progress:
-    def __init__(self, total: int, already: int, stream=sys.stderr, every_s: float = 5.0):
-        self.total, self.done, self.kept_clips, self.rejected_clips, self.rejected_inputs = total, already, 0, 0, 0
-        self.kept_seconds = 0.0
-        self.video_seconds = 0.0
-        self.start = time.monotonic()
-        self.last = 0.0
-        self.every_s = every_s
-        self.stream = stream
-        self.started_with = already
-
-    def line(self) -> str:
-        el = max(time.monotonic() - self.start, 1e-9)
-        rate = (self.done - self.started_with) / el
-        return (f"[curate] inputs {self.done}/{self.total} | clips kept {self.kept_clips} "
-                f"({self.kept_seconds / 3600:.3f} h) rejected {self.rejected_clips} | inputs rejected "
-                f"{self.rejected_inputs} | {rate * 60:.1f} inputs/min, {self.video_seconds / el:.2f} s video/s | "
-                f"{el:.0f} s")
-
-    def tick(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self.last >= self.every_s:
-            self.last = now
-            print(self.line(), file=self.stream, flush=True)
 
 
 def _manifest_row(meta: dict, shard_url: str, sample_bytes: int) -> dict:
@@ -241,7 +238,7 @@ def _write_parquet(path: Path, rows: list[dict], schema: pa.Schema) -> None:
 
 def run_curation(items: list[InputItem], output: str | Path, config: CurateConfig, *, force_resume: bool = False,
                  progress_every_s: float = 5.0, argv: list[str] | None = None, retry_failed: bool = True,
-                 input_stats: dict | None = None) -> dict:
+                 input_stats: dict | None = None, verbose: bool = False) -> dict:
     """Curate ``items`` into ``output`` (a local or shared-filesystem directory).
 
     ``retry_failed``: inputs whose outcome was a crash, an internal error or a feature failure
@@ -258,11 +255,11 @@ def run_curation(items: list[InputItem], output: str | Path, config: CurateConfi
     journal = Journal(out)
     with journal.lock():
         return _run_locked(items, out, journal, config, t_start, force_resume, progress_every_s, argv, retry_failed,
-                           input_stats or {})
+                           input_stats or {}, verbose)
 
 
 def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_start: float, force_resume: bool,
-                progress_every_s: float, argv, retry_failed: bool, input_stats: dict) -> dict:
+                progress_every_s: float, argv, retry_failed: bool, input_stats: dict, verbose: bool = False) -> dict:
     cfg_dict = config.model_dump(mode="json")
     journal.check_config(config_fingerprint(cfg_dict), cfg_dict, force=force_resume)
     remove_stale_temp_shards(out)
@@ -271,7 +268,7 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
     done_videos = {v["video"]["uri"] for v in journal.videos() if not (retry_failed and v.get("retryable"))}
     committed_keys = {k for e in journal.shards() for k in e["shard"]["keys"]}
     todo = [it for it in items if it.uri not in done_videos]
-    progress = _Progress(total=len(items), already=len(items) - len(todo), every_s=progress_every_s)
+    progress = CurateProgress(total=len(items), already=len(items) - len(todo), every_s=progress_every_s)
 
     states: dict[str, _InFlight] = {it.uri: _InFlight(it) for it in todo}
     open_manifest: dict[str, dict] = {}  # key -> manifest row, for the shard being written
@@ -308,7 +305,7 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
     nodes_used: set[str] = set()
     written_keys: set[str] = set()
     if todo:
-        ensure_ray(config)
+        ensure_ray(config, verbose)
         ds = build_dataset(todo, config)
         try:
             for row in ds.iter_rows():
@@ -320,12 +317,11 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
                 if kind == "reject" and row["clip_index"] < 0:
                     st.video_reject = payload
                     progress.rejected_inputs += 1
-                    if payload.get("duration_s"):
-                        progress.video_seconds += payload["duration_s"]
+                    progress.add_probed(payload.get("duration_s"))
                 elif kind == "summary":
                     st.summary = payload
                     st.n_candidates = payload["n_candidates"]
-                    progress.video_seconds += payload["probe"]["duration_s"]
+                    progress.add_probed(payload["probe"]["duration_s"])
                     for k, v in payload.get("timings", {}).items():
                         stage_seconds[k] = stage_seconds.get(k, 0.0) + v
                     nodes_used.update(n for n in payload.get("nodes", {}).values() if n)
@@ -370,6 +366,7 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
                 journal_ready()
                 progress.tick()
         except BaseException:
+            progress.close()  # a live bar gives the terminal back before the error is printed
             writer.abort()  # the open shard was never published; its clips are redone on rerun
             journal_ready(force=True)
             raise
@@ -400,7 +397,7 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
     score_rows = [r for e in shard_entries for r in e.get("scores", [])] + [r for v in videos for r in v.get("scores", [])]
     _write_parquet(out / "scores.parquet", score_rows, schemas.SCORES_SCHEMA)
     progress.done = len(video_rows)
-    progress.tick(force=True)
+    progress.close()
     elapsed = time.time() - t_start
     kept = [v for v in video_rows if v["status"] == "kept"]
     summary = {
