@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     if config.profile == "full" and not config.model_dir:
         print("error: the full profile needs --model-dir (see jobs/fetch_models.py)", file=sys.stderr)
         return 2
-    from pipeline.runner import run_curation
+    from pipeline.runner import OutputFullError, run_curation
 
     from pipeline.journal import ConfigMismatch
 
@@ -74,6 +74,9 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ConfigMismatch, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OutputFullError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"output: {os.path.abspath(args.output)}  (index.json, shards/, manifest.parquet, rejects.parquet, run.json)")
     return 0
 
