@@ -127,9 +127,12 @@ def build_dataset(items: list[InputItem], config: CurateConfig):
             in_flight = None if spec.get("num_gpus") else 1
             kwargs["compute"] = ActorPoolStrategy(min_size=1, max_size=spec["pool"],
                                                   max_tasks_in_flight_per_actor=in_flight)
-            # Ray Data's actor default is to restart and retry forever; a poison input must end.
-            kwargs["max_restarts"] = 2
-            kwargs["max_task_retries"] = 1
+            # Ray Data's actor default is to restart and retry forever; a poison input must end, so its
+            # task is retried a bounded number of times (a lost node fails a task twice: its socket
+            # closes, then its old address refuses). The actor itself is always restarted: a pool whose
+            # actor ran out of restarts is never replaced, and the job would wait for it forever.
+            kwargs["max_restarts"] = -1
+            kwargs["max_task_retries"] = 2
             kwargs["fn_constructor_args"] = (config,)
             ds = method(cls, **kwargs)
         else:
