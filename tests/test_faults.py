@@ -369,3 +369,22 @@ def test_clip_bytes_do_not_depend_on_the_cpus_of_the_machine():
     digests = [subprocess.run([sys.executable, "-c", ENCODE_UNDER_AFFINITY, str(n)], cwd=ROOT, capture_output=True,
                               text=True, timeout=120, check=True).stdout.strip() for n in (1, 2)]
     assert len(digests[0]) == 64 and digests[0] == digests[1]
+
+
+@pytest.mark.slow
+def test_shard_whose_journal_entry_cannot_be_written_is_not_published(job, reference, tmp_path, monkeypatch, capsys):
+    """ENOSPC injected at the one moment a tmpfs cannot target: the shard is renamed into place,
+    then its journal entry fails. The shard is removed at once (not left as an orphan)."""
+    from pipeline.journal import Journal
+
+    def no_space(self, info, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.dir / "shards" / "x.json"))
+
+    monkeypatch.setattr(Journal, "record_shard", no_space)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert job[2](out) == 1
+    err = capsys.readouterr().err
+    assert "no space left on device" in err.lower() and str(out) in err
+    assert list((out / "shards").iterdir()) == [] and not (out / "index.json").exists()
+    assert list((out / "_journal" / "shards").iterdir()) == []
