@@ -91,7 +91,7 @@ def main(argv=None) -> int:
                          retry_failed=not args.no_retry_failed)
         print("\n".join(report.lines()))
         return 0 if report.ok else 2
-    from pipeline.runner import run_curation
+    from pipeline.runner import OutputFullError, run_curation
 
     from pipeline.journal import ConfigMismatch
 
@@ -101,6 +101,9 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ConfigMismatch, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OutputFullError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"output: {os.path.abspath(args.output)}  (index.json, shards/, manifest.parquet, rejects.parquet, run.json)")
     return 0
 

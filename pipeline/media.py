@@ -676,6 +676,9 @@ def slice_audio(samples: np.ndarray, t0: float, rate: int, start_s: float, end_s
     return out
 
 
+X264_THREADS = 4  # encoder threads of every clip (see ClipEncoder)
+
+
 class ClipEncoder:
     """Streams RGB frames (H.264 yuv420p) and mono float audio (AAC) into an MP4 file.
 
@@ -694,7 +697,9 @@ class ClipEncoder:
         self._vs = self._out.add_stream("libx264", rate=fps)
         self._vs.width, self._vs.height, self._vs.pix_fmt = width, height, "yuv420p"
         self._vs.time_base = Fraction(1, fps)
-        self._vs.options = {"crf": str(crf), "preset": preset}
+        # A fixed thread count: x264's output bytes depend on it, and its default follows the CPUs of the
+        # machine, so clips made on nodes of different sizes (or a resumed run elsewhere) would differ.
+        self._vs.options = {"crf": str(crf), "preset": preset, "threads": str(X264_THREADS)}
         self._as = self._out.add_stream("aac", rate=audio_rate)
         self._as.layout = "mono"
         self._as.bit_rate = audio_bitrate

@@ -7,6 +7,8 @@ outcome, and the driver decides when an input is finished.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import platform
@@ -144,9 +146,12 @@ def build_dataset(items: list[InputItem], config: CurateConfig):
             in_flight = None if spec.get("num_gpus") else 1
             kwargs["compute"] = ActorPoolStrategy(min_size=1, max_size=spec["pool"],
                                                   max_tasks_in_flight_per_actor=in_flight)
-            # Ray Data's actor default is to restart and retry forever; a poison input must end.
-            kwargs["max_restarts"] = 2
-            kwargs["max_task_retries"] = 1
+            # Ray Data's actor default is to restart and retry forever; a poison input must end, so its
+            # task is retried a bounded number of times (a lost node fails a task twice: its socket
+            # closes, then its old address refuses). The actor itself is always restarted: a pool whose
+            # actor ran out of restarts is never replaced, and the job would wait for it forever.
+            kwargs["max_restarts"] = -1
+            kwargs["max_task_retries"] = 2
             kwargs["fn_constructor_args"] = (config,)
             with warnings.catch_warnings():
                 # Ray 2.60 warns that extra remote args go away in 2.64 but has no named parameter for
@@ -183,6 +188,10 @@ def _kept_scores_row(meta: dict, source: str, features: bool) -> dict:
                 uri=meta["source"]["uri"], source=source, track_id=meta["clip"]["track_id"],
                 start_s=meta["clip"]["start_s"], duration_s=meta["clip"]["n_frames"] / meta["clip"]["fps"],
                 status="kept", reject_stage=None, reject_reason=None, features_computed=features)
+
+
+class OutputFullError(RuntimeError):
+    """The output filesystem ran out of space (or quota): the run stopped, nothing partial was published."""
 
 
 # Outcomes that say more about the machine than about the video (a crashed worker, a bug, a
@@ -251,11 +260,19 @@ def run_curation(items: list[InputItem], output: str | Path, config: CurateConfi
     t_start = time.time()
     preflight(config)
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    journal = Journal(out)
-    with journal.lock():
-        return _run_locked(items, out, journal, config, t_start, force_resume, progress_every_s, argv, retry_failed,
-                           input_stats or {}, verbose)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        journal = Journal(out)
+        with journal.lock():
+            return _run_locked(items, out, journal, config, t_start, force_resume, progress_every_s, argv,
+                               retry_failed, input_stats or {}, verbose)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        raise OutputFullError(
+            f"no space left on device writing the output {out}{where}: the run stopped and nothing partial was "
+            "published; free space and run the same command again to resume") from e
 
 
 def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_start: float, force_resume: bool,
@@ -291,7 +308,13 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
 
     def on_shard_close(info: ShardInfo):
         rows = [open_manifest.pop(k) for k in info.keys]
-        journal.record_shard(info, rows, [open_scores.pop(k) for k in info.keys])
+        try:
+            journal.record_shard(info, rows, [open_scores.pop(k) for k in info.keys])
+        except BaseException:
+            # Its journal entry publishes a shard: one that could not be journaled (no space left)
+            # is removed now rather than left for the next run to find as an orphan.
+            (out / info.url).unlink(missing_ok=True)
+            raise
         closed = set(info.keys)
         for st in list(states.values()):
             if st.pending_keys & closed:
@@ -368,9 +391,14 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
         except BaseException:
             progress.close()  # a live bar gives the terminal back before the error is printed
             writer.abort()  # the open shard was never published; its clips are redone on rerun
-            journal_ready(force=True)
+            with contextlib.suppress(OSError):  # best effort (the disk may be full): the first error matters
+                journal_ready(force=True)
             raise
-    writer.close()
+    try:
+        writer.close()
+    except BaseException:
+        writer.abort()  # e.g. no space left for the last shard's end: it is not published
+        raise
     journal_ready(force=True)
     for st in list(states.values()):
         # Its block failed in Ray (a worker died: out of memory, a crash in a native decoder)

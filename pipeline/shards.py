@@ -7,6 +7,7 @@ also through a temporary file and an atomic rename: its presence commits the dat
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -29,11 +30,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A failed write (no space left on device, a quota) must not leave its temp file behind.
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
@@ -175,14 +181,18 @@ class ShardWriter:
         self.close_current()
 
     def abort(self) -> None:
-        """Drop the shard being written (its temp file) without publishing it."""
-        if self._tar is not None:
-            try:
-                self._tar.close()
+        """Drop the shard being written (its temp file) without publishing it.
+
+        Called after a failed write too (no space left on device): closing the file may fail
+        again while flushing, which must not keep the temp file (the end-of-archive blocks a
+        tar close would add are not needed for a file that is deleted)."""
+        if self._file is not None:
+            with contextlib.suppress(OSError):
                 self._file.close()
-            finally:
-                self._tmp.unlink(missing_ok=True)
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
         self._tar = self._file = self._tmp = self._final = None
+        self._keys = []
 
 
 def remove_stale_temp_shards(root: str | Path) -> list[Path]:
