@@ -22,6 +22,17 @@ class ProbeConfig(_Section):
     min_duration_s: float = Field(2.0, gt=0, description="inputs shorter than this are rejected")
     require_audio: bool = True
     max_vfr_probe_packets: int = Field(2000, ge=10, description="packets read to measure frame-interval variability")
+    # Decompression-bomb caps (media.DecodeLimits): checked on the container's declared picture size and frame
+    # count before any frame is decoded, then by FFmpeg's decoders (max_pixels) and while decoding. 40 MP takes
+    # DCI 8K (8192x4320 = 35.4 MP) with room, and bounds one decoded rgb24 frame to 120 MB; 16K (15360x8640) and
+    # up are refused. 3,000,000 frames is 33 h at 25 fps or 14 h at 60 fps, longer than any real recording we take.
+    max_frame_pixels: int = Field(40_000_000, ge=64 * 64, description="larger pictures are rejected (frame too large)")
+    max_frames: int = Field(3_000_000, ge=1, description="streams with more frames are rejected (too many frames)")
+
+    def decode_limits(self):
+        from .media import DecodeLimits
+
+        return DecodeLimits(max_frame_pixels=self.max_frame_pixels, max_frames=self.max_frames)
 
 
 class DetectConfig(_Section):

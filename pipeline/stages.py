@@ -117,7 +117,8 @@ class ProbeStage:
         t0 = time.perf_counter()
         payload = json.loads(row["payload"])
         try:
-            facts = probe(row["uri"], max_packets=self.config.probe.max_vfr_probe_packets)
+            facts = probe(row["uri"], max_packets=self.config.probe.max_vfr_probe_packets,
+                          limits=self.config.probe.decode_limits())
         except Exception as e:  # noqa: BLE001 - every failure becomes a rejects row
             return _crash_reject(row, self.name, e)
         payload["probe"] = facts.as_dict()
@@ -167,7 +168,8 @@ class DetectTrackStage:
                                      height=p["height"], detect_fps=cfg.detect.detect_fps, max_side=cfg.detect.max_side,
                                      iou_threshold=cfg.track.iou_threshold, max_gap_s=cfg.track.max_gap_s,
                                      shot_detectors=cfg.track.shot_detectors,
-                                     min_shot_frames=cfg.track.min_shot_frames, damage=damage)
+                                     min_shot_frames=cfg.track.min_shot_frames, damage=damage,
+                                     limits=cfg.probe.decode_limits())
             coverage, coverage_record = self._coverage(row["uri"], p, damage)
             video_end = float(analysis.frame_times[-1]) + 1.0 / max(p["fps"], 1.0) if len(analysis.frame_times) else 0.0
             clips, short = segment_tracks(analysis, video_end_s=video_end, detect_fps=cfg.detect.detect_fps,
@@ -371,6 +373,7 @@ class CropScoreStage:
         for cc in crop_and_normalize(row["uri"], clips, rotation=p["rotation"], audio=audio,
                                      size=cfg.size, fps=cfg.fps, audio_rate=cfg.audio_rate, crf=cfg.crf,
                                      preset=cfg.preset, audio_bitrate=cfg.audio_bitrate, on_error=on_error,
+                                     limits=self.config.probe.decode_limits(),
                                      on_frame=lambda c, f: observers[c.clip_index].observe(f),
                                      on_source_frame=lambda c, img: observers[c.clip_index].observe_source(
                                          img, p["rotation"], p.get("sample_aspect_ratio", "1:1"))):
@@ -544,6 +547,7 @@ class CropScoreStage:
         for cc in crop_and_normalize(row["uri"], [clip], rotation=p["rotation"], audio=audio, size=cfg.size,
                                      fps=cfg.fps, audio_rate=cfg.audio_rate, crf=cfg.crf, preset=cfg.preset,
                                      audio_bitrate=cfg.audio_bitrate, on_error=lambda c, e: errors.append(e),
+                                     limits=self.config.probe.decode_limits(),
                                      on_frame=lambda c, f: observer.observe(f),
                                      on_source_frame=lambda c, img: observer.observe_source(
                                          img, p["rotation"], p.get("sample_aspect_ratio", "1:1"))):
