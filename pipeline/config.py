@@ -28,6 +28,9 @@ class ProbeConfig(_Section):
     # up are refused. 3,000,000 frames is 33 h at 25 fps or 14 h at 60 fps, longer than any real recording we take.
     max_frame_pixels: int = Field(40_000_000, ge=64 * 64, description="larger pictures are rejected (frame too large)")
     max_frames: int = Field(3_000_000, ge=1, description="streams with more frames are rejected (too many frames)")
+    # A picture this small holds no usable face (filters.face_size_px_min is 128 px; the output is 512 px): rejected
+    # at probe, before a face detector is run on it and finds noise.
+    min_side_px: int = Field(64, ge=1, description="inputs whose displayed width or height is smaller are rejected")
 
     def decode_limits(self):
         from .media import DecodeLimits

@@ -12,6 +12,7 @@ import os
 import platform
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -400,6 +401,8 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
         "kept_hours": sum(r["duration_s"] for r in manifest_rows) / 3600,
         "input_hours": sum((v["duration_s"] or 0) for v in video_rows) / 3600,
         "shards": len(shard_entries), "elapsed_s": elapsed,
+        # every rejected input by its reason (videos.parquet), so a run's bad inputs are counted by kind
+        "rejected_by_reason": dict(sorted(Counter(v["reason"] for v in video_rows if v["status"] != "kept").items())),
     }
     run = {
         "pipeline_version": __version__, "schema_version": schemas.SCHEMA_VERSION, "argv": argv or sys.argv,

@@ -126,6 +126,11 @@ class ProbeStage:
         if facts.audio_streams == 0 and self.config.probe.require_audio:
             return reject_row(row, stage=self.name, reason="no audio stream", rule="probe.require_audio",
                               detail=f"{row['uri']} has no audio stream", duration_s=facts.duration_s)
+        if min(facts.width, facts.height) < self.config.probe.min_side_px:
+            return reject_row(row, stage=self.name, reason="picture too small", rule="probe.min_side_px",
+                              value=min(facts.width, facts.height), threshold=self.config.probe.min_side_px,
+                              detail=f"{row['uri']}: {facts.width}x{facts.height} pixels, smaller than "
+                                     f"probe.min_side_px = {self.config.probe.min_side_px}", duration_s=facts.duration_s)
         if facts.duration_s < self.config.probe.min_duration_s:
             return reject_row(row, stage=self.name, reason="too short", rule="probe.min_duration_s",
                               value=facts.duration_s, threshold=self.config.probe.min_duration_s,
