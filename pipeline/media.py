@@ -372,6 +372,7 @@ def iter_frames(uri: str, *, start_s: float = 0.0, end_s: float | None = None, r
     limits = limits or DecodeLimits()
     with open_container(uri, limits) as c:
         v = c.streams.video[0]
+        check_declared(uri, c, v, limits)  # as probe does, for callers that did not probe
         v.thread_type = "AUTO"
         tb = float(v.time_base)
         sar = stream_sar(v) if square_pixels else 1

@@ -221,6 +221,15 @@ def write_frame_count_bomb(path: Path, frames: int = 4_000_000_000) -> Path:
     return path
 
 
+def write_understated_count(path: Path, frames: int = 12, declared: int = 2) -> Path:
+    """64x64 VP9 of ``frames`` frames whose IVF header declares only ``declared``: a frame cap must
+    hold while decoding, not just on the header."""
+    data = _vp9_ivf(path, n=frames)
+    struct.pack_into("<III", data, 16, 25, 1, declared)
+    path.write_bytes(bytes(data))
+    return path
+
+
 # ---- the corpus
 
 
