@@ -99,8 +99,9 @@ def test_rotated_inputs_come_out_upright(corpus_run):
         pairs = [(frames[i], ref[i + shift]) for i in range(0, n, 10) if 0 <= i + shift < len(ref)]
         upright = np.mean([_psnr(a, b) for a, b in pairs])
         turned = [np.mean([_psnr(np.rot90(a, k), b) for a, b in pairs]) for k in (1, 2, 3)]
-        assert upright > 24.0, f"rotate_{degrees}: crop differs from the upright reference ({upright:.1f} dB)"
-        assert upright > max(turned) + 6.0, f"rotate_{degrees}: upright {upright:.1f} dB, turned {turned}"
+        # measured: 22.7-26.3 dB upright (crop boxes a pixel or two apart), ~11 dB turned any other way
+        assert upright > 20.0, f"rotate_{degrees}: crop differs from the upright reference ({upright:.1f} dB)"
+        assert upright > max(turned) + 8.0, f"rotate_{degrees}: upright {upright:.1f} dB, turned {turned}"
 
 
 @pytest.mark.slow
