@@ -51,11 +51,16 @@ def load_source(real_dir: Path | None, tmp: Path, seconds: float = SECONDS) -> S
     from pipeline.media import decode_audio, iter_frames, slice_audio
 
     src = real_dir / SOURCE_CLIP if real_dir is not None else None
+    window = (slice(None), slice(None))
     if src is None or not src.exists():
         from pipeline.demo import make_talking_head
 
-        src = make_talking_head(tmp / "synthetic_source.mp4", duration_s=seconds + 0.2, size=SIDE, seed=5)
-    frames = [cv2.resize(img, (SIDE, SIDE), interpolation=cv2.INTER_AREA)
+        src = make_talking_head(tmp / "synthetic_source.mp4", duration_s=seconds + 0.2, size=512, seed=5)
+        # BlazeFace finds the astronaut's face at x 174-278, y 68-172 of 512: a 190 px window around it
+        # makes it ~140 px in the 256 px source (filters.face_size_px_min is 128) and its 2x crop pads
+        # little (a 172 px window, a 155 px face, pads past filters.pad_frac_max)
+        window = (slice(25, 215), slice(131, 321))
+    frames = [cv2.resize(img[window], (SIDE, SIDE), interpolation=cv2.INTER_AREA)
               for _, img in iter_frames(str(src), end_s=seconds)]
     audio, t0 = decode_audio(str(src), rate=AUDIO_RATE)
     return Source(frames, slice_audio(audio, t0, AUDIO_RATE, 0.0, len(frames) / 25), src.name)
@@ -323,11 +328,14 @@ def write_corpus(directory: Path, real_dir: Path | None) -> tuple[dict[str, Kind
     write_media(d / "size_odd_275x241.mp4", _scaled(frames, 241, 241, pad_to=(275, 241)),
                 pix_fmt="yuv444p", audio=[mono(audio)])
     kept("size_odd_275x241.mp4", "odd width and height (4:4:4, as 4:2:0 needs even sizes)")
-    # 8K UHD: 2.4 s (a clip needs 2 s) at 12.5 fps, 30 frames; the face upscaled 8x (further, the picture is
-    # so smooth that x264's block edges fail the blockiness rule), windowboxed on black
-    eight_k = _scaled(_resampled(frames[:60], 12.5), 2160, 2160, pad_to=(7680, 4320))
+    # 8K UHD: 2.4 s (a clip needs 2 s) at 12.5 fps, 30 frames; the face upscaled 8x, windowboxed on black,
+    # with sensor-like noise: a noiseless upscale is smoother than any camera picture, and x264's block
+    # edges on it fail the blockiness rule (B/A ~1.3-1.6 without the noise, ~1.0 with it)
+    rng = np.random.default_rng(8)
+    eight_k = [np.clip(f + rng.normal(0, 3, f.shape), 0, 255).astype(np.uint8)
+               for f in _scaled(_resampled(frames[:60], 12.5), 2160, 2160, pad_to=(7680, 4320))]
     write_media(d / "size_8k_7680x4320.mp4", eight_k, fps=12.5, audio=[mono(audio[: AUDIO_RATE * 12 // 5])],
-                options={"crf": "20", "preset": "ultrafast", "x264-params": "deblock=1"})
+                options={"crf": "23", "preset": "ultrafast", "x264-params": "deblock=1"})
     kept("size_8k_7680x4320.mp4", "7680x4320 H.264, 2.4 s at 12.5 fps")
     for rate, layout, name in ((8000, "mono", "audio_8k_mono.mp4"), (11025, "mono", "audio_11025_mono.mp4"),
                                (44100, "stereo", "audio_44100_stereo.mp4"), (48000, "5.1", "audio_48k_5_1.mp4")):
