@@ -11,6 +11,7 @@ synthetic talking head (``pipeline.demo``) when the real clips are absent. Broke
 """
 from __future__ import annotations
 
+import itertools
 import struct
 from dataclasses import dataclass
 from fractions import Fraction
@@ -82,8 +83,11 @@ def mono(x: np.ndarray, rate: int = AUDIO_RATE, **kw) -> Audio:
 def write_media(path: Path, frames, *, fps: float = 25, times=None, codec: str = "libx264",
                 pix_fmt: str = "yuv420p", fmt: str | None = None, options: dict | None = None,
                 audio: list[Audio] = (), container_options: dict | None = None) -> Path:
-    """Frames (RGB arrays, shown at ``times`` seconds, else every 1/fps) and audio streams into one file."""
-    h, w = frames[0].shape[:2]
+    """Frames (RGB arrays, shown at ``times`` seconds, else every 1/fps; any iterable, so 8K frames
+    can be made one at a time) and audio streams into one file."""
+    frames = iter(frames)
+    first = next(frames)
+    h, w = first.shape[:2]
     tb = Fraction(1, 90000) if times is not None else Fraction(1, 1) / Fraction(fps).limit_denominator(1000)
     with av.open(str(path), "w", format=fmt, options=container_options or {}) as out:
         vs = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
@@ -97,7 +101,7 @@ def write_media(path: Path, frames, *, fps: float = 25, times=None, codec: str =
             s.layout = a.layout
             s.time_base = Fraction(1, a.rate)
             streams.append(s)
-        for i, img in enumerate(frames):
+        for i, img in enumerate(itertools.chain([first], frames)):
             vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
             vf.pts = int(round(times[i] / tb)) if times is not None else i
             vf.time_base = tb
@@ -332,8 +336,13 @@ def write_corpus(directory: Path, real_dir: Path | None) -> tuple[dict[str, Kind
     # with sensor-like noise: a noiseless upscale is smoother than any camera picture, and x264's block
     # edges on it fail the blockiness rule (B/A ~1.3-1.6 without the noise, ~1.0 with it)
     rng = np.random.default_rng(8)
-    eight_k = [np.clip(f + rng.normal(0, 3, f.shape), 0, 255).astype(np.uint8)
-               for f in _scaled(_resampled(frames[:60], 12.5), 2160, 2160, pad_to=(7680, 4320))]
+
+    def noisy(img: np.ndarray) -> np.ndarray:
+        return np.clip(img + rng.normal(0, 3, img.shape).astype(np.float32), 0, 255).astype(np.uint8)
+
+    # one frame at a time: 30 frames of 8K RGB would hold 3 GB
+    eight_k = (_scaled([noisy(_scaled([f], 2160, 2160)[0])], 2160, 2160, pad_to=(7680, 4320))[0]
+               for f in _resampled(frames[:60], 12.5))
     write_media(d / "size_8k_7680x4320.mp4", eight_k, fps=12.5, audio=[mono(audio[: AUDIO_RATE * 12 // 5])],
                 options={"crf": "23", "preset": "ultrafast", "x264-params": "deblock=1"})
     kept("size_8k_7680x4320.mp4", "7680x4320 H.264, 2.4 s at 12.5 fps")
