@@ -30,6 +30,20 @@ class ProbeConfig(_Section):
     input_timeout_s: float = Field(300.0, gt=0, description="per-input, per-stage time limit floor (s); also probe's limit")
     input_timeout_per_video_s: float = Field(10.0, ge=0, description="...or this many seconds per second of video")
     read_timeout_s: float = Field(60.0, gt=0, description="a remote (http) read or connect that gets no data for this long fails")
+    # Decompression-bomb caps (media.DecodeLimits): checked on the container's declared picture size and frame
+    # count before any frame is decoded, then by FFmpeg's decoders (max_pixels) and while decoding. 40 MP takes
+    # DCI 8K (8192x4320 = 35.4 MP) with room, and bounds one decoded rgb24 frame to 120 MB; 16K (15360x8640) and
+    # up are refused. 3,000,000 frames is 33 h at 25 fps or 14 h at 60 fps, longer than any real recording we take.
+    max_frame_pixels: int = Field(40_000_000, ge=64 * 64, description="larger pictures are rejected (frame too large)")
+    max_frames: int = Field(3_000_000, ge=1, description="streams with more frames are rejected (too many frames)")
+    # A picture this small holds no usable face (filters.face_size_px_min is 128 px; the output is 512 px): rejected
+    # at probe, before a face detector is run on it and finds noise.
+    min_side_px: int = Field(64, ge=1, description="inputs whose displayed width or height is smaller are rejected")
+
+    def decode_limits(self):
+        from .media import DecodeLimits
+
+        return DecodeLimits(max_frame_pixels=self.max_frame_pixels, max_frames=self.max_frames)
 
 
 class DetectConfig(_Section):

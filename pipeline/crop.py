@@ -58,7 +58,7 @@ def crop_square(img: np.ndarray, x0: float, y0: float, size: float, out: int) ->
 def crop_and_normalize(uri: str, clips: list[CandidateClip], *, rotation: int, audio: AudioTrack | np.ndarray,
                        audio_t0: float = 0.0, size: int = 512, fps: int = 25, audio_rate: int = 16000,
                        crf: int = 18, preset: str = "veryfast", audio_bitrate: int = 96_000,
-                       on_error=None, on_frame=None, on_source_frame=None):
+                       on_error=None, on_frame=None, on_source_frame=None, limits=None):
     """Yield CroppedClip for every clip; a clip that fails yields (clip, MediaError) via ``on_error``.
 
     ``audio``: the source's ``AudioTrack`` at ``audio_rate`` (the curation path): a clip's audio is
@@ -69,7 +69,7 @@ def crop_and_normalize(uri: str, clips: list[CandidateClip], *, rotation: int, a
     and a clip overlapping a damaged range found here fails ("damaged stream").
     ``on_frame(clip, frame)`` sees every output frame (the scoring stage measures on them);
     ``on_source_frame(clip, img)`` the full-resolution source frame each one was cut from (quality
-    measures on the source's coding grid, pipeline/scoring/quality.py).
+    measures on the source's coding grid, pipeline/scoring/quality.py). ``limits``: media.DecodeLimits.
     """
     if isinstance(audio, AudioTrack):
         covered = []
@@ -152,7 +152,7 @@ def crop_and_normalize(uri: str, clips: list[CandidateClip], *, rotation: int, a
 
         try:
             for t, img in iter_frames(uri, start_s=max(0.0, start - 1.0), end_s=end + 1.0, rotation=rotation,
-                                      damage=damage):
+                                      damage=damage, limits=limits):
                 emit_until(t, img)
                 yield from finish_ready()
                 prev = (t, img)

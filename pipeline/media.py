@@ -12,6 +12,7 @@ import errno
 import io
 import math
 import os
+import re
 import stat
 import tempfile
 import threading
@@ -213,19 +214,104 @@ def open_error(uri: str, exc: BaseException) -> MediaError | None:
     return None
 
 
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What decoding one untrusted file may cost (config ``probe.max_frame_pixels``, ``probe.max_frames``).
+
+    ``max_frame_pixels`` goes to FFmpeg's decoders as ``max_pixels``: a picture larger than that is
+    refused before its buffer is allocated, in the trial decode of ``av.open`` and in every later
+    decode. ``probe`` also checks the container's declared size and frame count before decoding.
+    """
+
+    max_frame_pixels: int = 40_000_000
+    max_frames: int = 3_000_000
+
+    def codec_options(self) -> dict[str, str]:
+        return {"max_pixels": str(int(self.max_frame_pixels))}
+
+
 @contextlib.contextmanager
-def open_container(uri: str):
-    """Open a local path or any fsspec URI (s3://, gs://, http://) as a PyAV input container."""
+def open_container(uri: str, limits: DecodeLimits | None = None):
+    """Open a local path or any fsspec URI (s3://, gs://, http://) as a PyAV input container whose
+    video decoders refuse pictures larger than ``limits.max_frame_pixels`` (default DecodeLimits)."""
+    options = (limits or DecodeLimits()).codec_options()
     path = local_path(uri)
     if path is None:
         import fsspec
 
         with fsspec.open(uri, "rb", **_remote_options(uri)) as f:
-            with av.open(f, mode="r") as container:
-                yield container
+            with av.open(f, mode="r", options=options) as container:
+                yield _cap_decoders(container, options)
     else:
-        with av.open(path, mode="r") as container:
-            yield container
+        with av.open(path, mode="r", options=options) as container:
+            yield _cap_decoders(container, options)
+
+
+def _cap_decoders(container, options: dict[str, str]):
+    # av.open's options reach only avformat_find_stream_info's trial decode; the decoders PyAV opens
+    # later take theirs from each stream's codec context.
+    for stream in container.streams.video:
+        stream.codec_context.options = dict(stream.codec_context.options, **options)
+    return container
+
+
+@contextlib.contextmanager
+def _ffmpeg_errors():
+    """FFmpeg's error messages while the block runs (PyAV routes them to Python only while a log
+    level is set; the previous level is restored after)."""
+    previous = av.logging.get_level()
+    av.logging.set_level(av.logging.ERROR)
+    try:
+        with av.logging.Capture(local=False) as logs:
+            yield logs
+    finally:
+        av.logging.set_level(previous)
+
+
+def _refused_size(logs) -> tuple[int, int] | None:
+    """The picture size FFmpeg refused for exceeding max_pixels, from its log message."""
+    for entry in logs:
+        m = re.search(r"Picture size (\d+)x(\d+) exceeds specified max pixel count", str(entry[-1]))
+        if m:
+            return int(m.group(1)), int(m.group(2))
+    return None
+
+
+def frame_too_large(uri: str, width: int, height: int, limits: DecodeLimits, what: str) -> MediaError:
+    return MediaError("frame too large", f"{uri}: {what} {width}x{height} = {width * height:,} pixels, more than "
+                                         f"probe.max_frame_pixels = {limits.max_frame_pixels:,}",
+                      value=float(width * height))
+
+
+def too_many_frames(uri: str, n: int, limits: DecodeLimits, what: str) -> MediaError:
+    return MediaError("too many frames", f"{uri}: {what} {n:,} frames, more than probe.max_frames = "
+                                         f"{limits.max_frames:,}", value=float(n))
+
+
+def check_declared(uri: str, container, stream, limits: DecodeLimits, logs=()) -> None:
+    """Refuse a decompression bomb from what the container declares, before any frame is decoded:
+    the coded picture size (or the size FFmpeg's capped trial decode refused) and the frame count
+    (stated, or duration x frame rate)."""
+    cc = stream.codec_context
+    w, h = int(cc.width or 0), int(cc.height or 0)
+    if not (w and h):
+        refused = _refused_size(logs)
+        if refused:
+            w, h = refused
+    if w * h > limits.max_frame_pixels:
+        raise frame_too_large(uri, w, h, limits, "the video stream declares")
+    n = int(stream.frames or 0)
+    if not n:
+        rate = float(stream.average_rate or stream.guessed_rate or 0)
+        if container.duration is not None:
+            seconds = container.duration / av.time_base
+        elif stream.duration is not None:
+            seconds = float(stream.duration * stream.time_base)
+        else:
+            seconds = 0.0
+        n = int(seconds * rate)
+    if n > limits.max_frames:
+        raise too_many_frames(uri, n, limits, "the video stream declares")
 
 
 @dataclass
@@ -265,17 +351,22 @@ def _rotation_of(stream, first_frame) -> int:
     return int(round(rot)) % 360
 
 
-def probe(uri: str, max_packets: int = 2000) -> ProbeResult:
+def probe(uri: str, max_packets: int = 2000, limits: DecodeLimits | None = None) -> ProbeResult:
     """Container facts. Frame intervals are read from packet timestamps (demux only, no decode).
+
+    A decompression bomb (``limits``: a picture or frame count past the caps) is refused from the
+    container's declared facts before the first frame is decoded (``check_declared``).
 
     Variable frame rate: the frame intervals differ by more than 10% of their median for
     more than 5% of the frames (constant-rate streams have jitter of one time-base tick).
     """
+    limits = limits or DecodeLimits()
     try:
-        with open_container(uri) as c:
+        with _ffmpeg_errors() as logs, open_container(uri, limits) as c:
             if not c.streams.video:
                 raise MediaError("no video stream", f"{uri} has no video stream")
             v = c.streams.video[0]
+            check_declared(uri, c, v, limits, logs)
             audio = list(c.streams.audio)
             a = audio[0] if audio else None
             tb = float(v.time_base)
@@ -294,6 +385,8 @@ def probe(uri: str, max_packets: int = 2000) -> ProbeResult:
                 first = next(c.decode(v))
             if first is None:
                 raise MediaError("undecodable video", f"{uri}: no frame could be decoded")
+            if first.width * first.height > limits.max_frame_pixels:  # a decoder that ignored max_pixels
+                raise frame_too_large(uri, first.width, first.height, limits, "its first frame is")
             pts = np.sort(np.asarray(pts, dtype=np.float64)) * tb
             intervals = np.diff(pts)
             intervals = intervals[intervals > 0]
@@ -452,7 +545,8 @@ def _decode_tolerant(container, stream, log: DecodeLog):
 def iter_frames(uri: str, *, start_s: float = 0.0, end_s: float | None = None, rotation: int = 0,
                 fmt: str = "rgb24", max_side: int | None = None,
                 square_pixels: bool = True,
-                damage: "DecodeLog | None" = None) -> Iterator[tuple[float, np.ndarray]]:
+                damage: "DecodeLog | None" = None,
+                limits: DecodeLimits | None = None) -> Iterator[tuple[float, np.ndarray]]:
     """Yield (time_s, HxWx3 uint8 array) for every decoded frame with time in [start_s, end_s).
 
     Frames come in square pixels (``square_pixels``: resampled by the stream's sample aspect
@@ -462,9 +556,15 @@ def iter_frames(uri: str, *, start_s: float = 0.0, end_s: float | None = None, r
     file and time. With a ``DecodeLog``, decoding goes on past damaged packets: frames that are
     broken or depend on a broken one are not yielded, and their time ranges go to the log (see
     ``_decode_tolerant``); the log's ``end_s`` still tells a truncated file from a damaged one.
+
+    ``limits`` bound the decoding (a stream that holds more frames, or bigger ones, than it
+    declared): MediaError("too many frames") once this call has decoded more than
+    ``max_frames``, MediaError("frame too large") for a frame past ``max_frame_pixels``.
     """
-    with open_container(uri) as c:
+    limits = limits or DecodeLimits()
+    with open_container(uri, limits) as c:
         v = c.streams.video[0]
+        check_declared(uri, c, v, limits)  # as probe does, for callers that did not probe
         v.thread_type = "AUTO"
         tb = float(v.time_base)
         sar = stream_sar(v) if square_pixels else 1
@@ -472,9 +572,15 @@ def iter_frames(uri: str, *, start_s: float = 0.0, end_s: float | None = None, r
             with contextlib.suppress(Exception):
                 c.seek(int(max(0.0, start_s - 1.0) / tb), stream=v, backward=True)
         last_t = None
+        n_decoded = 0
         try:
             for frame in (c.decode(v) if damage is None else _decode_tolerant(c, v, damage)):
                 check_deadline(uri)
+                n_decoded += 1
+                if n_decoded > limits.max_frames:
+                    raise too_many_frames(uri, n_decoded, limits, "decoding reached")
+                if frame.width * frame.height > limits.max_frame_pixels:
+                    raise frame_too_large(uri, frame.width, frame.height, limits, "a decoded frame is")
                 if frame.pts is None:
                     continue
                 t = frame.pts * tb

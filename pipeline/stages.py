@@ -128,7 +128,8 @@ class ProbeStage:
         payload = json.loads(row["payload"])
         def checked_probe():
             check_input(row["uri"])  # missing, unreadable, not a file: said plainly before FFmpeg guesses
-            return probe(row["uri"], max_packets=self.config.probe.max_vfr_probe_packets)
+            return probe(row["uri"], max_packets=self.config.probe.max_vfr_probe_packets,
+                         limits=self.config.probe.decode_limits())
 
         try:  # under the limit too: a stat on a hung network mount blocks like a stalled read
             facts = run_with_deadline(checked_probe, seconds=self.config.probe.input_timeout_s, uri=row["uri"],
@@ -140,6 +141,11 @@ class ProbeStage:
         if facts.audio_streams == 0 and self.config.probe.require_audio:
             return reject_row(row, stage=self.name, reason="no audio stream", rule="probe.require_audio",
                               detail=f"{row['uri']} has no audio stream", duration_s=facts.duration_s)
+        if min(facts.width, facts.height) < self.config.probe.min_side_px:
+            return reject_row(row, stage=self.name, reason="picture too small", rule="probe.min_side_px",
+                              value=min(facts.width, facts.height), threshold=self.config.probe.min_side_px,
+                              detail=f"{row['uri']}: {facts.width}x{facts.height} pixels, smaller than "
+                                     f"probe.min_side_px = {self.config.probe.min_side_px}", duration_s=facts.duration_s)
         if facts.duration_s < self.config.probe.min_duration_s:
             return reject_row(row, stage=self.name, reason="too short", rule="probe.min_duration_s",
                               value=facts.duration_s, threshold=self.config.probe.min_duration_s,
@@ -191,7 +197,8 @@ class DetectTrackStage:
                                      height=p["height"], detect_fps=cfg.detect.detect_fps, max_side=cfg.detect.max_side,
                                      iou_threshold=cfg.track.iou_threshold, max_gap_s=cfg.track.max_gap_s,
                                      shot_detectors=cfg.track.shot_detectors,
-                                     min_shot_frames=cfg.track.min_shot_frames, damage=damage)
+                                     min_shot_frames=cfg.track.min_shot_frames, damage=damage,
+                                     limits=cfg.probe.decode_limits())
             coverage, coverage_record = self._coverage(row["uri"], p, damage)
             video_end = float(analysis.frame_times[-1]) + 1.0 / max(p["fps"], 1.0) if len(analysis.frame_times) else 0.0
             clips, short = segment_tracks(analysis, video_end_s=video_end, detect_fps=cfg.detect.detect_fps,
@@ -398,6 +405,7 @@ class CropScoreStage:
         for cc in crop_and_normalize(row["uri"], clips, rotation=p["rotation"], audio=audio,
                                      size=cfg.size, fps=cfg.fps, audio_rate=cfg.audio_rate, crf=cfg.crf,
                                      preset=cfg.preset, audio_bitrate=cfg.audio_bitrate, on_error=on_error,
+                                     limits=self.config.probe.decode_limits(),
                                      on_frame=lambda c, f: observers[c.clip_index].observe(f),
                                      on_source_frame=lambda c, img: observers[c.clip_index].observe_source(
                                          img, p["rotation"], p.get("sample_aspect_ratio", "1:1"))):
@@ -571,6 +579,7 @@ class CropScoreStage:
         for cc in crop_and_normalize(row["uri"], [clip], rotation=p["rotation"], audio=audio, size=cfg.size,
                                      fps=cfg.fps, audio_rate=cfg.audio_rate, crf=cfg.crf, preset=cfg.preset,
                                      audio_bitrate=cfg.audio_bitrate, on_error=lambda c, e: errors.append(e),
+                                     limits=self.config.probe.decode_limits(),
                                      on_frame=lambda c, f: observer.observe(f),
                                      on_source_frame=lambda c, img: observer.observe_source(
                                          img, p["rotation"], p.get("sample_aspect_ratio", "1:1"))):

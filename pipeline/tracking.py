@@ -82,12 +82,13 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def analyze_video(uri: str, detector: FaceDetector, *, rotation: int, width: int, height: int,
                   detect_fps: float, max_side: int, iou_threshold: float, max_gap_s: float,
-                  shot_detectors: dict[str, float], min_shot_frames: int = 15, damage=None) -> VideoAnalysis:
+                  shot_detectors: dict[str, float], min_shot_frames: int = 15, damage=None,
+                  limits=None) -> VideoAnalysis:
     """Decode once at analysis resolution; find cuts on every frame, faces at ``detect_fps``.
 
     ``damage``: a media.DecodeLog to decode past damaged packets (their frames are skipped and
     their time ranges logged) instead of raising at the first one. ``shot_detectors``: name ->
-    threshold (pipeline.shots), run on the same decoded frames."""
+    threshold (pipeline.shots), run on the same decoded frames. ``limits``: media.DecodeLimits."""
     scale = max(1.0, max(width, height) / max_side)
     times: list[float] = []
     cuts: list[float] = []
@@ -98,7 +99,7 @@ def analyze_video(uri: str, detector: FaceDetector, *, rotation: int, width: int
     active: list[Track] = []
     shot = 0
     bars = ActivePictureTracker()  # cropdetect-style bar detection, reset at every cut
-    frames = iter_frames(uri, rotation=rotation, max_side=max_side, damage=damage)
+    frames = iter_frames(uri, rotation=rotation, max_side=max_side, damage=damage, limits=limits)
     for t, img, new_shot in mark_shots(frames, ShotDetector(shot_detectors, min_shot_frames)):
         if new_shot:
             cuts.append(t)

@@ -173,7 +173,7 @@ class WorkerKiller(threading.Thread):
 
 # ---- 1. a Ray worker process killed by pid
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_worker_killed_mid_input_loses_nothing(job, reference, tmp_path):
     """Three kills: more than one retry of an input allows (it may end as a retryable reject), and
     more restarts than Ray's budget used to allow (2): the pool must get its actor back each time."""
@@ -199,7 +199,7 @@ def test_worker_killed_mid_input_loses_nothing(job, reference, tmp_path):
 
 # ---- 3. the job killed mid-run and started again
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_killed_and_resumed_equals_uninterrupted(job, reference, tmp_path):
     inputs, cfg, curate = job
     out = tmp_path / "out"
@@ -230,7 +230,7 @@ def test_killed_and_resumed_equals_uninterrupted(job, reference, tmp_path):
 
 # ---- 2. a node of a 2-node cluster removed mid-job
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_node_removed_mid_job(job, reference, tmp_path):
     from ray._private import ray_constants
     from ray.cluster_utils import Cluster
@@ -319,7 +319,7 @@ def test_atomic_writers_leave_no_temp_file_when_the_disk_is_full(tmp_path):
         assert sorted(p.name for p in mnt.rglob("*") if p.is_file()) == ["table.parquet"]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_disk_full_mid_shard_stops_cleanly_and_resumes(job, reference, tmp_path, capsys):
     out_mnt = tmp_path / "mnt"
     # A shard (one ~180 KB sample) and the journal fit; the second shard does not.
@@ -370,7 +370,7 @@ def test_clip_bytes_do_not_depend_on_the_cpus_of_the_machine():
     assert len(digests[0]) == 64 and digests[0] == digests[1]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_shard_whose_journal_entry_cannot_be_written_is_not_published(job, reference, tmp_path, monkeypatch, capsys):
     """ENOSPC injected at the one moment a tmpfs cannot target: the shard is renamed into place,
     then its journal entry fails. The shard is removed at once (not left as an orphan)."""
