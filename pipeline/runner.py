@@ -233,11 +233,14 @@ def _write_parquet(path: Path, rows: list[dict], schema: pa.Schema) -> None:
 
 
 def run_curation(items: list[InputItem], output: str | Path, config: CurateConfig, *, force_resume: bool = False,
-                 progress_every_s: float = 5.0, argv: list[str] | None = None, retry_failed: bool = True) -> dict:
+                 progress_every_s: float = 5.0, argv: list[str] | None = None, retry_failed: bool = True,
+                 row_source=None) -> dict:
     """Curate ``items`` into ``output`` (a local or shared-filesystem directory).
 
     ``retry_failed``: inputs whose outcome was a crash, an internal error or a feature failure
     in an earlier run are processed again (their journal entry is replaced).
+    ``row_source``: ``f(todo) -> iterable of rows`` standing in for the Ray Data pipeline (the rows
+    its stages emit): tests and benchmarks/bookkeeping.py drive the driver's bookkeeping with it.
     """
     if "://" in str(output) and not str(output).startswith("file://"):
         raise ValueError(f"--output {output}: write to a local or shared-filesystem directory (object-store "
@@ -248,11 +251,12 @@ def run_curation(items: list[InputItem], output: str | Path, config: CurateConfi
     out.mkdir(parents=True, exist_ok=True)
     journal = Journal(out)
     with journal.lock():
-        return _run_locked(items, out, journal, config, t_start, force_resume, progress_every_s, argv, retry_failed)
+        return _run_locked(items, out, journal, config, t_start, force_resume, progress_every_s, argv, retry_failed,
+                           row_source)
 
 
 def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_start: float, force_resume: bool,
-                progress_every_s: float, argv, retry_failed: bool) -> dict:
+                progress_every_s: float, argv, retry_failed: bool, row_source=None) -> dict:
     cfg_dict = config.model_dump(mode="json")
     journal.check_config(config_fingerprint(cfg_dict), cfg_dict, force=force_resume)
     remove_stale_temp_shards(out)
@@ -298,10 +302,13 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
     nodes_used: set[str] = set()
     written_keys: set[str] = set()
     if todo:
-        ensure_ray(config)
-        ds = build_dataset(todo, config)
+        if row_source is None:
+            ensure_ray(config)
+            rows = build_dataset(todo, config).iter_rows()
+        else:
+            rows = row_source(todo)
         try:
-            for row in ds.iter_rows():
+            for row in rows:
                 st = states.get(row["uri"])
                 if st is None:
                     continue
