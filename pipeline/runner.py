@@ -232,6 +232,72 @@ def _write_parquet(path: Path, rows: list[dict], schema: pa.Schema) -> None:
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
 
 
+class _TableSink:
+    """One output table streamed in batches of rows through a pyarrow ParquetWriter into a temp file,
+    renamed into place when complete: the driver never holds a whole table (100,000s of rows)."""
+
+    BATCH_ROWS = 2048
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.path, self.schema = path, schema
+        self.tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        self.writer = pq.ParquetWriter(self.tmp, schema)
+        self.rows: list[dict] = []
+
+    def add(self, rows: list[dict]) -> None:
+        self.rows += rows
+        if len(self.rows) >= self.BATCH_ROWS:
+            self.writer.write_table(schemas.conform_table(self.rows, self.schema))
+            self.rows = []
+
+    def close(self) -> None:
+        if self.rows:
+            self.writer.write_table(schemas.conform_table(self.rows, self.schema))
+            self.rows = []
+        self.writer.close()
+        with open(self.tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self.writer.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+def _write_tables(out: Path, journal: Journal) -> tuple[dict, list[ShardInfo]]:
+    """manifest, rejects, videos and scores.parquet, streamed from the journal (shards in url order,
+    then inputs); returns the counts of the run summary and the shards of the index."""
+    sinks = {name: _TableSink(out / f"{name}.parquet", schemas.TABLE_SCHEMAS[f"{name}.parquet"])
+             for name in ("manifest", "rejects", "videos", "scores")}
+    counts = {"inputs": 0, "inputs_kept": 0, "clips_kept": 0, "clips_rejected": 0, "kept_s": 0.0, "input_s": 0.0}
+    shard_infos = []
+    try:
+        for e in journal.iter_shards():
+            shard_infos.append(ShardInfo(**e["shard"]))
+            sinks["manifest"].add(e["manifest"])
+            sinks["scores"].add(e.get("scores", []))
+            counts["clips_kept"] += len(e["manifest"])
+            for r in e["manifest"]:
+                counts["kept_s"] += r["duration_s"]
+        for v in journal.iter_videos():
+            sinks["videos"].add([v["video"]])
+            sinks["rejects"].add(v["rejects"])
+            sinks["scores"].add(v.get("scores", []))
+            counts["inputs"] += 1
+            counts["inputs_kept"] += v["video"]["status"] == "kept"
+            counts["clips_rejected"] += sum(1 for r in v["rejects"] if r["clip_index"] >= 0)
+            counts["input_s"] += v["video"]["duration_s"] or 0
+        for sink in sinks.values():
+            sink.close()
+    except BaseException:
+        for sink in sinks.values():
+            sink.abort()
+        raise
+    return counts, shard_infos
+
+
 def run_curation(items: list[InputItem], output: str | Path, config: CurateConfig, *, force_resume: bool = False,
                  progress_every_s: float = 5.0, argv: list[str] | None = None, retry_failed: bool = True,
                  row_source=None) -> dict:
@@ -260,14 +326,24 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
     cfg_dict = config.model_dump(mode="json")
     journal.check_config(config_fingerprint(cfg_dict), cfg_dict, force=force_resume)
     remove_stale_temp_shards(out)
-    journal.remove_orphan_shards()
+    # The journal's small columns only (finished uris, shard index entries), each file read once.
+    shard_entries = journal.shard_entries()
+    journal.remove_orphan_shards(shard_entries)
+    first_shard = journal.next_shard_index(shard_entries)
 
-    done_videos = {v["video"]["uri"] for v in journal.videos() if not (retry_failed and v.get("retryable"))}
-    committed_keys = {k for e in journal.shards() for k in e["shard"]["keys"]}
+    done_videos = {uri for uri, retryable in journal.finished().items() if not (retry_failed and retryable)}
     todo = [it for it in items if it.uri not in done_videos]
+    del done_videos
+    # Published keys matter only for inputs still to do (a key is "{video_id}_{clip:04d}").
+    todo_ids = {it.video_id for it in todo}
+    committed_keys = {k for e in shard_entries for k in e["keys"] if k.rsplit("_", 1)[0] in todo_ids}
+    del shard_entries, todo_ids
     progress = _Progress(total=len(items), already=len(items) - len(todo), every_s=progress_every_s)
 
-    states: dict[str, _InFlight] = {it.uri: _InFlight(it) for it in todo}
+    # An input's state exists from its first row until it is journaled, so the driver holds the
+    # inputs in flight, not every input of the run.
+    waiting = {it.uri: it for it in todo}  # no row received yet
+    states: dict[str, _InFlight] = {}
     open_manifest: dict[str, dict] = {}  # key -> manifest row, for the shard being written
     open_scores: dict[str, dict] = {}  # key -> scores row of a kept clip in that shard
     ready: list[dict] = []
@@ -296,8 +372,7 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
                 finish_if_ready(st)
         journal_ready()
 
-    writer = ShardWriter(out, config.write.shard_max_bytes, first_index=journal.next_shard_index(),
-                         on_close=on_shard_close)
+    writer = ShardWriter(out, config.write.shard_max_bytes, first_index=first_shard, on_close=on_shard_close)
     stage_seconds: dict[str, float] = {}
     nodes_used: set[str] = set()
     written_keys: set[str] = set()
@@ -311,7 +386,9 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
             for row in rows:
                 st = states.get(row["uri"])
                 if st is None:
-                    continue
+                    if row["uri"] not in waiting:
+                        continue  # journaled already
+                    st = states[row["uri"]] = _InFlight(waiting.pop(row["uri"]))
                 payload = json.loads(row["payload"])
                 kind = row["kind"]
                 if kind == "reject" and row["clip_index"] < 0:
@@ -372,7 +449,12 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
             raise
     writer.close()
     journal_ready(force=True)
-    for st in list(states.values()):
+    for it in todo:
+        if it.uri in waiting:  # not one row of it came back
+            states[it.uri] = _InFlight(waiting.pop(it.uri))
+        st = states.get(it.uri)
+        if st is None:
+            continue  # journaled
         # Its block failed in Ray (a worker died: out of memory, a crash in a native decoder)
         # after Ray's retries. Recorded, and retried by the next run.
         st.video_reject = {"uri": st.item.uri, "video_id": st.item.video_id, "clip_index": -1, "key": None,
@@ -386,27 +468,15 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
     journal_ready(force=True)
 
     # ---- tables, run facts, and the index last
-    shard_entries = journal.shards()
-    manifest_rows = [r for e in shard_entries for r in e["manifest"]]
-    videos = journal.videos()
-    reject_rows = [r for v in videos for r in v["rejects"]]
-    video_rows = [v["video"] for v in videos]
-    _write_parquet(out / "manifest.parquet", manifest_rows, schemas.MANIFEST_SCHEMA)
-    _write_parquet(out / "rejects.parquet", reject_rows, schemas.REJECTS_SCHEMA)
-    _write_parquet(out / "videos.parquet", video_rows, schemas.VIDEOS_SCHEMA)
-    score_rows = [r for e in shard_entries for r in e.get("scores", [])] + [r for v in videos for r in v.get("scores", [])]
-    _write_parquet(out / "scores.parquet", score_rows, schemas.SCORES_SCHEMA)
-    progress.done = len(video_rows)
+    tables, shard_infos = _write_tables(out, journal)
+    progress.done = tables["inputs"]
     progress.tick(force=True)
     elapsed = time.time() - t_start
-    kept = [v for v in video_rows if v["status"] == "kept"]
     summary = {
-        "inputs": len(items), "inputs_this_run": len(todo), "inputs_kept": len(kept),
-        "inputs_rejected": len(video_rows) - len(kept), "clips_kept": len(manifest_rows),
-        "clips_rejected": sum(1 for r in reject_rows if r["clip_index"] >= 0),
-        "kept_hours": sum(r["duration_s"] for r in manifest_rows) / 3600,
-        "input_hours": sum((v["duration_s"] or 0) for v in video_rows) / 3600,
-        "shards": len(shard_entries), "elapsed_s": elapsed,
+        "inputs": len(items), "inputs_this_run": len(todo), "inputs_kept": tables["inputs_kept"],
+        "inputs_rejected": tables["inputs"] - tables["inputs_kept"], "clips_kept": tables["clips_kept"],
+        "clips_rejected": tables["clips_rejected"], "kept_hours": tables["kept_s"] / 3600,
+        "input_hours": tables["input_s"] / 3600, "shards": len(shard_infos), "elapsed_s": elapsed,
     }
     run = {
         "pipeline_version": __version__, "schema_version": schemas.SCHEMA_VERSION, "argv": argv or sys.argv,
@@ -420,7 +490,7 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
     atomic_write_json(out / "run.json", run)
     members = ["video.mp4", "meta.json"] + (
         ["latent.npy", "audio.npy", "kps.npy", "motion.npy"] if config.features.enabled else [])
-    index = build_index([ShardInfo(**e["shard"]) for e in shard_entries], profile=config.profile,
+    index = build_index(shard_infos, profile=config.profile,
                         name=config.write.dataset_name, members=members, pipeline_version=__version__)
     write_index(out, index)
     refilter_state = journal.dir / "refilter.json"
