@@ -90,11 +90,12 @@ def measure_resume(work: Path, n: int, mode: str) -> dict:
     rss0 = rss_mb()
     if mode == "start":
         extra = synthetic_items(1, root="/data/new")
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         asked = {}
 
         def first_row(todo):
             asked["s"] = time.perf_counter() - t
+            asked["cpu_s"] = time.process_time() - c
             asked["todo"] = len(todo)
             raise _FirstRow
             yield  # a generator: raises when the driver asks for its first row
@@ -103,11 +104,13 @@ def measure_resume(work: Path, n: int, mode: str) -> dict:
             run_curation(items + extra, out, config, progress_every_s=3600, row_source=first_row)
         except _FirstRow:
             pass
-        return {"resume_start_s": asked["s"], "todo": asked["todo"], "rss_before_mb": rss0,
+        return {"resume_start_s": asked["s"], "resume_start_cpu_s": asked["cpu_s"], "todo": asked["todo"],
+                "rss_before_mb": rss0,
                 "peak_rss_mb": peak_rss_mb()}
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     summary = run_curation(items, out, config, progress_every_s=3600)
-    return {"nothing_to_do_s": time.perf_counter() - t, "summary": summary, "rss_before_mb": rss0,
+    return {"nothing_to_do_s": time.perf_counter() - t, "nothing_to_do_cpu_s": time.process_time() - c,
+            "summary": summary, "rss_before_mb": rss0,
             "peak_rss_mb": peak_rss_mb()}
 
 
@@ -123,24 +126,28 @@ def drive(work: Path, n: int, every: int) -> dict:
     t0 = time.perf_counter()
     marks = {}
 
+    def sample(i, last):
+        now, cpu = time.perf_counter(), time.process_time()
+        samples.append({"inputs": i, "rss_mb": round(rss_mb(), 1), "s_per_10k": (now - last[0]) * 10_000 / every,
+                        "cpu_s_per_10k": (cpu - last[1]) * 10_000 / every})
+        return now, cpu
+
     def rows(todo):
-        last = time.perf_counter()
+        last = time.perf_counter(), time.process_time()
         for i, item in enumerate(todo):
             if i and i % every == 0:
-                now = time.perf_counter()
-                samples.append({"inputs": i, "rss_mb": round(rss_mb(), 1), "s_per_10k": (now - last) * 10_000 / every})
-                last = now
+                last = sample(i, last)
             yield from outcome_rows(i, item)
-        now = time.perf_counter()
-        samples.append({"inputs": len(todo), "rss_mb": round(rss_mb(), 1), "s_per_10k": (now - last) * 10_000 / every})
-        marks["rows_done"] = now
+        sample(len(todo), last)
+        marks["rows_done"] = time.perf_counter(), time.process_time()
 
     rss0 = rss_mb()
     summary = run_curation(items, out, bench_config(), progress_every_s=3600, row_source=rows)
-    end = time.perf_counter()
+    end, end_cpu = time.perf_counter(), time.process_time()
     return {"rss_before_mb": round(rss0, 1), "samples": samples, "rss_after_mb": round(rss_mb(), 1),
-            "peak_rss_mb": round(peak_rss_mb(), 1), "rows_s": marks["rows_done"] - t0,
-            "final_tables_s": end - marks["rows_done"], "summary": summary}
+            "peak_rss_mb": round(peak_rss_mb(), 1), "rows_s": marks["rows_done"][0] - t0,
+            "final_tables_s": end - marks["rows_done"][0], "final_tables_cpu_s": end_cpu - marks["rows_done"][1],
+            "summary": summary}
 
 
 def _child(args: list[str]) -> dict:
@@ -185,6 +192,7 @@ def main() -> None:
             print(f"resume start: {start}", file=sys.stderr)
             full = _child(["nothing", str(work), str(args.inputs)])
             full["final_tables_s"] = full["nothing_to_do_s"] - start["resume_start_s"]
+            full["final_tables_cpu_s"] = full["nothing_to_do_cpu_s"] - start["resume_start_cpu_s"]
             print(f"nothing to do: {full}", file=sys.stderr)
             result["resume"] = {"start": start, "nothing_to_do": full}
         if args.part in ("drive", "all"):

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from schemas import SHARD_DIR
 
-from .shards import ShardInfo, atomic_write_bytes, atomic_write_json
+from .shards import AtomicParquetWriter, ShardInfo, atomic_write_bytes, atomic_write_json
 
 
 class ConfigMismatch(RuntimeError):
@@ -56,6 +56,9 @@ _SEGMENT_SCHEMA = {
                          ("scores", pa.string())]),
 }
 _LIGHT = {"videos": ["uri", "retryable"], "shards": ["url", "shard"]}  # what a resume reads
+# Rows per row group (what a streamed read holds at once): inputs of ~1-30 KB, shards of ~2 MB each
+# (100 samples' manifest and scores rows).
+_ROWS_PER_GROUP = {"videos": 64, "shards": 2}
 
 
 def _segment_row(kind: str, entry: dict) -> dict:
@@ -140,8 +143,8 @@ class Journal:
     # -- shards
     def record_shard(self, info: ShardInfo, manifest_rows: list[dict], score_rows: list[dict] | None = None) -> None:
         name = Path(info.url).stem
-        atomic_write_json(self.dir / "shards" / f"{name}.json",
-                          {"shard": info.as_index_entry(), "manifest": manifest_rows, "scores": score_rows or []})
+        _write_compact_json(self.dir / "shards" / f"{name}.json",
+                            {"shard": info.as_index_entry(), "manifest": manifest_rows, "scores": score_rows or []})
         self._written("shards")
 
     def shard_entries(self) -> list[dict]:
@@ -179,8 +182,8 @@ class Journal:
     # -- videos
     def record_videos(self, videos: list[dict]) -> None:
         if videos:
-            atomic_write_json(self.dir / "videos" / f"part-{os.getpid()}-{uuid.uuid4().hex[:12]}.json",
-                              {"videos": videos})
+            _write_compact_json(self.dir / "videos" / f"part-{os.getpid()}-{uuid.uuid4().hex[:12]}.json",
+                                {"videos": videos})
             self._written("videos")
 
     def finished(self) -> dict[str, bool]:
@@ -224,6 +227,9 @@ class Journal:
         """Journal files not merged into a segment yet, in journal order (a covered file left by a
         kill between a compaction's segment and its deletes is deleted now)."""
         covered = self._covered(kind)
+        if self._locked:  # temp files of a killed run's atomic writes were never journaled
+            for p in (self.dir / kind).glob(".*.tmp*"):
+                p.unlink(missing_ok=True)
         files = []
         for p in (self.dir / kind).glob(_LOOSE[kind]):
             if p.name in covered:
@@ -235,26 +241,30 @@ class Journal:
             return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
         return sorted(files)
 
-    def _compact(self, kind: str, files: list[Path], parsed: dict[Path, dict] | None = None) -> None:
+    def _compact(self, kind: str, files: list[Path]) -> list[dict]:
+        """Merge ``files`` (loose, in journal order) into segments of at most COMPACT_EVERY files, each
+        file parsed once and written out before the next is read; returns their entries' light columns."""
+        light = []
         for start in range(0, len(files), COMPACT_EVERY):
             group = files[start:start + COMPACT_EVERY]
-            rows = [_segment_row(kind, e) for p in group
-                    for e in _file_entries(kind, parsed[p] if parsed else json.loads(p.read_text()))]
             segments = self._segments(kind)
             seq = int(segments[-1].stem.split("-")[1]) + 1 if segments else 0
-            table = pa.Table.from_pylist(rows, schema=_SEGMENT_SCHEMA[kind]).replace_schema_metadata(
-                {"covers": json.dumps([p.name for p in group])})
-            sink = pa.BufferOutputStream()
-            pq.write_table(table, sink, row_group_size=64)
-            atomic_write_bytes(self.dir / kind / f"segment-{seq:06d}.parquet", sink.getvalue().to_pybytes())
+            schema = _SEGMENT_SCHEMA[kind].with_metadata({"covers": json.dumps([p.name for p in group])})
+            with AtomicParquetWriter(self.dir / kind / f"segment-{seq:06d}.parquet", schema,
+                                     batch_rows=_ROWS_PER_GROUP[kind]) as segment:
+                for p in group:
+                    entries = _file_entries(kind, json.loads(p.read_text()))
+                    light += [_light_entry(kind, e) for e in entries]
+                    segment.add([_segment_row(kind, e) for e in entries])
             self._covered(kind).update(p.name for p in group)
             for p in group:
                 p.unlink()
         self._unmerged[kind] = 0
+        return light
 
     def _light_entries(self, kind: str) -> list[dict]:
         """The light columns of every entry, in journal order: segments (those columns only), then
-        loose files, which are parsed once and merged into a segment on the way."""
+        loose files, each parsed once (and merged into a segment on the way by the run holding the lock)."""
         out = []
         covers: set[str] = set()
         for seg in self._segments(kind):
@@ -264,12 +274,11 @@ class Journal:
                 out += [_light_row(kind, r) for r in pf.read(columns=_LIGHT[kind]).to_pylist()]
         self._covers[kind] = covers
         loose = self._loose(kind)
-        for start in range(0, len(loose), COMPACT_EVERY):  # a group at a time: an old journal may hold many
-            group = loose[start:start + COMPACT_EVERY]
-            parsed = {p: json.loads(p.read_text()) for p in group}
-            out += [_light_entry(kind, e) for p in group for e in _file_entries(kind, parsed[p])]
-            if self._locked:  # only the run holding the output merges (a reader without the lock only reads)
-                self._compact(kind, group, parsed)
+        if self._locked:
+            out += self._compact(kind, loose)
+        else:
+            for p in loose:
+                out += [_light_entry(kind, e) for e in _file_entries(kind, json.loads(p.read_text()))]
         return out
 
     def _iter_entries(self, kind: str) -> Iterator[dict]:
@@ -277,7 +286,7 @@ class Journal:
         columns = ["entry"] if kind == "videos" else ["shard", "manifest", "scores"]
         for seg in self._segments(kind):
             with open(seg, "rb") as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=64, columns=columns):
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=_ROWS_PER_GROUP[kind], columns=columns):
                     for r in batch.to_pylist():
                         if kind == "videos":
                             yield json.loads(r["entry"])
@@ -286,6 +295,12 @@ class Journal:
                                    "scores": json.loads(r["scores"])}
         for p in self._loose(kind):
             yield from _file_entries(kind, json.loads(p.read_text()))
+
+
+def _write_compact_json(path: Path, obj) -> None:
+    """A loose journal file: compact JSON (json's C encoder; an indented dump goes through its pure-Python
+    encoder, ~10x slower on scores rows with 512-value embeddings)."""
+    atomic_write_bytes(path, json.dumps(obj).encode())
 
 
 def _covers(metadata) -> list[str]:

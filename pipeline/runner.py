@@ -24,6 +24,7 @@ from .config import CurateConfig
 from .filters import rule_table
 from .inputs import InputItem
 from .journal import Journal, config_fingerprint
+from .shards import AtomicParquetWriter
 from .shards import ShardInfo, ShardWriter, atomic_write_bytes, atomic_write_json, build_index, remove_stale_temp_shards, write_index
 from .stages import SAMPLE_MEMBERS, default_stages, new_row
 
@@ -180,8 +181,11 @@ def _shard_meta(meta: dict) -> dict:
     return dict(meta, scores=scores)
 
 
+_SCORES_COLUMNS = frozenset(schemas.SCORES_SCHEMA.names)  # (Schema.names builds a new list per call)
+
+
 def _kept_scores_row(meta: dict, source: str, features: bool) -> dict:
-    sc = {k: v for k, v in meta.get("scores", {}).items() if k in schemas.SCORES_SCHEMA.names}
+    sc = {k: v for k, v in meta.get("scores", {}).items() if k in _SCORES_COLUMNS}
     return dict(sc, key=meta["key"], video_id=meta["video_id"], clip_index=meta["clip_index"],
                 uri=meta["source"]["uri"], source=source, track_id=meta["clip"]["track_id"],
                 start_s=meta["clip"]["start_s"], duration_s=meta["clip"]["n_frames"] / meta["clip"]["fps"],
@@ -232,44 +236,10 @@ def _write_parquet(path: Path, rows: list[dict], schema: pa.Schema) -> None:
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
 
 
-class _TableSink:
-    """One output table streamed in batches of rows through a pyarrow ParquetWriter into a temp file,
-    renamed into place when complete: the driver never holds a whole table (100,000s of rows)."""
-
-    BATCH_ROWS = 2048
-
-    def __init__(self, path: Path, schema: pa.Schema):
-        self.path, self.schema = path, schema
-        self.tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        self.writer = pq.ParquetWriter(self.tmp, schema)
-        self.rows: list[dict] = []
-
-    def add(self, rows: list[dict]) -> None:
-        self.rows += rows
-        if len(self.rows) >= self.BATCH_ROWS:
-            self.writer.write_table(schemas.conform_table(self.rows, self.schema))
-            self.rows = []
-
-    def close(self) -> None:
-        if self.rows:
-            self.writer.write_table(schemas.conform_table(self.rows, self.schema))
-            self.rows = []
-        self.writer.close()
-        with open(self.tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
-        try:
-            self.writer.close()
-        finally:
-            self.tmp.unlink(missing_ok=True)
-
-
 def _write_tables(out: Path, journal: Journal) -> tuple[dict, list[ShardInfo]]:
     """manifest, rejects, videos and scores.parquet, streamed from the journal (shards in url order,
     then inputs); returns the counts of the run summary and the shards of the index."""
-    sinks = {name: _TableSink(out / f"{name}.parquet", schemas.TABLE_SCHEMAS[f"{name}.parquet"])
+    sinks = {name: AtomicParquetWriter(out / f"{name}.parquet", schemas.TABLE_SCHEMAS[f"{name}.parquet"])
              for name in ("manifest", "rejects", "videos", "scores")}
     counts = {"inputs": 0, "inputs_kept": 0, "clips_kept": 0, "clips_rejected": 0, "kept_s": 0.0, "input_s": 0.0}
     shard_infos = []
