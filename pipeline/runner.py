@@ -340,6 +340,7 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
             if st.pending_keys & closed:
                 st.pending_keys -= closed
                 finish_if_ready(st)
+        writer.closed_shards.clear()  # journaled; the writer's own list of them would grow with the run
         journal_ready()
 
     writer = ShardWriter(out, config.write.shard_max_bytes, first_index=first_shard, on_close=on_shard_close)
