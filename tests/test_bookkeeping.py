@@ -163,6 +163,43 @@ def test_resume_setup_reads_each_journal_file_at_most_once(tmp_path, monkeypatch
     assert {str(p) for p in loose + segments} <= set(opened)  # what it read: each once
 
 
+def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """A run that dies inside an input whose first clip is already in a published shard resumes,
+    over compacted segments, to the tables of an uninterrupted run (that clip is not written again)."""
+    monkeypatch.setattr(journal_mod, "COMPACT_EVERY", 3)
+    items = synthetic_items(80)
+    whole = tmp_path / "whole"
+    run_curation(items, whole, _config(), progress_every_s=3600, row_source=_rows_of)
+
+    out = tmp_path / "out"
+    victim = []
+
+    def dies_inside_an_input(todo):
+        for i, item in enumerate(todo):
+            for row in outcome_rows(i, item):
+                yield row
+                first_clip = f"{item.video_id}_0000"
+                if row["clip_index"] == 1 and row["kind"] == "clip" and \
+                        first_clip in {k for e in Journal(out).shard_entries() for k in e["keys"]}:
+                    victim.append(item)  # clip 1 closed the shard holding clip 0; the rest never comes
+                    raise RuntimeError("killed")
+
+    # 11 samples of 6 KiB per 70,000-byte shard: the shard of input 78's first clip closes on its second
+    with pytest.raises(RuntimeError, match="killed"):
+        run_curation(items, out, _config(**{"write.shard_max_bytes": 70_000}), progress_every_s=3600,
+                     row_source=dies_inside_an_input)
+    assert victim and victim[0].uri not in Journal(out).finished()
+    number = {it.uri: i for i, it in enumerate(items)}
+    summary = run_curation(items, out, _config(**{"write.shard_max_bytes": 70_000}), progress_every_s=3600,
+                           row_source=lambda todo: (r for it in todo for r in outcome_rows(number[it.uri], it)))
+    assert 0 < summary["inputs_this_run"] < 80
+    for name, key in (("manifest", "key"), ("scores", "key"), ("videos", "uri"), ("rejects", "uri")):
+        a, b = (sorted(pq.read_table(o / f"{name}.parquet").drop_columns(["shard"] if name == "manifest" else [])
+                       .to_pylist(), key=lambda r: (r[key] or "", r.get("clip_index", 0))) for o in (whole, out))
+        assert a == b, name
+    assert verify_index(out) == []
+
+
 def test_driver_holds_only_inputs_in_flight_and_resumes_exactly_once(tmp_path, monkeypatch):
     """300 inputs through the real driver with shards of ~7 samples and compaction every 4 files:
     the per-input states live from an input's first row until its clips are in a closed shard."""
