@@ -202,15 +202,16 @@ class Journal:
         return list(self.iter_videos())
 
     # -- compaction
-    def compact(self) -> None:
-        """Merge every loose journal file into segments (at most COMPACT_EVERY files each)."""
-        for kind in _LOOSE:
-            self._compact(kind, self._loose(kind))
-
     def _written(self, kind: str) -> None:
         self._unmerged[kind] += 1
         if self._unmerged[kind] >= COMPACT_EVERY:
-            self._compact(kind, self._loose(kind))
+            try:
+                self._compact(kind, self._loose(kind))
+            except OSError:
+                # The entry just written is durable; a failed merge (no space left for the segment:
+                # its temp file is gone, its files stay loose) must not make the record look failed.
+                # The next write meets the same disk and stops the run.
+                pass
 
     def _segments(self, kind: str) -> list[Path]:
         return sorted((self.dir / kind).glob("segment-*.parquet"))

@@ -7,6 +7,7 @@ also through a temporary file and an atomic rename: its presence commits the dat
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -290,10 +291,9 @@ class AtomicParquetWriter:
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # after a failed write: the first error is the one to report
             self.writer.close()
-        finally:
-            self.tmp.unlink(missing_ok=True)
+        self.tmp.unlink(missing_ok=True)
 
     def __enter__(self):
         return self
