@@ -45,6 +45,7 @@ bench: setup
 	$(BIN)/python benchmarks/feature_stage.py --out benchmarks/results/feature_stage.json
 	$(BIN)/python benchmarks/loader.py --out benchmarks/results/loader.json
 	$(BIN)/python benchmarks/curate.py --out benchmarks/results/curate.json
+	$(BIN)/python benchmarks/bookkeeping.py --out benchmarks/results/bookkeeping.json
 	$(BIN)/python benchmarks/stats_report.py
 	$(BIN)/python benchmarks/train_step.py --out benchmarks/results/train_step.json
 	$(BIN)/python benchmarks/generate.py --out benchmarks/results/generate.json

@@ -141,4 +141,4 @@ def _check_output(out: Path, config: CurateConfig, report: DryRunReport, force_r
                      "matches the output's" if old == now else
                      f"differs from the one {out} was written with ({old} vs {now}); "
                      "use a new output directory, or --force-resume to mix them")
-    return {v["video"]["uri"] for v in journal.videos() if not (retry_failed and v.get("retryable"))}
+    return {uri for uri, retryable in journal.finished().items() if not (retry_failed and retryable)}

@@ -28,6 +28,7 @@ from .filters import rule_table
 from .inputs import InputItem
 from .journal import Journal, config_fingerprint
 from .progress import CurateProgress
+from .shards import AtomicParquetWriter
 from .shards import ShardInfo, ShardWriter, atomic_write_bytes, atomic_write_json, build_index, remove_stale_temp_shards, write_index
 from .stages import SAMPLE_MEMBERS, default_stages, new_row
 
@@ -182,8 +183,11 @@ def _shard_meta(meta: dict) -> dict:
     return dict(meta, scores=scores)
 
 
+_SCORES_COLUMNS = frozenset(schemas.SCORES_SCHEMA.names)  # (Schema.names builds a new list per call)
+
+
 def _kept_scores_row(meta: dict, source: str, features: bool) -> dict:
-    sc = {k: v for k, v in meta.get("scores", {}).items() if k in schemas.SCORES_SCHEMA.names}
+    sc = {k: v for k, v in meta.get("scores", {}).items() if k in _SCORES_COLUMNS}
     return dict(sc, key=meta["key"], video_id=meta["video_id"], clip_index=meta["clip_index"],
                 uri=meta["source"]["uri"], source=source, track_id=meta["clip"]["track_id"],
                 start_s=meta["clip"]["start_s"], duration_s=meta["clip"]["n_frames"] / meta["clip"]["fps"],
@@ -245,14 +249,52 @@ def _write_parquet(path: Path, rows: list[dict], schema: pa.Schema) -> None:
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
 
 
+def _write_tables(out: Path, journal: Journal) -> tuple[dict, list[ShardInfo]]:
+    """manifest, rejects, videos and scores.parquet, streamed from the journal (shards in url order,
+    then inputs); returns the counts of the run summary and the shards of the index."""
+    sinks = {name: AtomicParquetWriter(out / f"{name}.parquet", schemas.TABLE_SCHEMAS[f"{name}.parquet"])
+             for name in ("manifest", "rejects", "videos", "scores")}
+    counts = {"inputs": 0, "inputs_kept": 0, "clips_kept": 0, "clips_rejected": 0, "kept_s": 0.0, "input_s": 0.0,
+              "rejected_by_reason": {}}
+    shard_infos = []
+    try:
+        for e in journal.iter_shards():
+            shard_infos.append(ShardInfo(**e["shard"]))
+            sinks["manifest"].add(e["manifest"])
+            sinks["scores"].add(e.get("scores", []))
+            counts["clips_kept"] += len(e["manifest"])
+            for r in e["manifest"]:
+                counts["kept_s"] += r["duration_s"]
+        for v in journal.iter_videos():
+            sinks["videos"].add([v["video"]])
+            sinks["rejects"].add(v["rejects"])
+            sinks["scores"].add(v.get("scores", []))
+            counts["inputs"] += 1
+            counts["inputs_kept"] += v["video"]["status"] == "kept"
+            if v["video"]["status"] != "kept":
+                reasons = counts["rejected_by_reason"]
+                reasons[v["video"]["reason"]] = reasons.get(v["video"]["reason"], 0) + 1
+            counts["clips_rejected"] += sum(1 for r in v["rejects"] if r["clip_index"] >= 0)
+            counts["input_s"] += v["video"]["duration_s"] or 0
+        for sink in sinks.values():
+            sink.close()
+    except BaseException:
+        for sink in sinks.values():
+            sink.abort()
+        raise
+    return counts, shard_infos
+
+
 def run_curation(items: list[InputItem], output: str | Path, config: CurateConfig, *, force_resume: bool = False,
                  progress_every_s: float = 5.0, argv: list[str] | None = None, retry_failed: bool = True,
-                 input_stats: dict | None = None, verbose: bool = False) -> dict:
+                 input_stats: dict | None = None, verbose: bool = False, row_source=None) -> dict:
     """Curate ``items`` into ``output`` (a local or shared-filesystem directory).
 
     ``retry_failed``: inputs whose outcome was a crash, an internal error or a feature failure
     in an earlier run are processed again (their journal entry is replaced).
     ``input_stats``: what ``expand_inputs`` folded away (duplicates, blank list entries), for the summary.
+    ``row_source``: ``f(todo) -> iterable of rows`` standing in for the Ray Data pipeline (the rows
+    its stages emit): tests and benchmarks/bookkeeping.py drive the driver's bookkeeping with it.
     """
     if "://" in str(output) and not str(output).startswith("file://"):
         raise ValueError(f"--output {output}: write to a local or shared-filesystem directory (object-store "
@@ -265,7 +307,7 @@ def run_curation(items: list[InputItem], output: str | Path, config: CurateConfi
         journal = Journal(out)
         with journal.lock():
             return _run_locked(items, out, journal, config, t_start, force_resume, progress_every_s, argv,
-                               retry_failed, input_stats or {}, verbose)
+                               retry_failed, input_stats or {}, verbose, row_source)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -276,18 +318,29 @@ def run_curation(items: list[InputItem], output: str | Path, config: CurateConfi
 
 
 def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_start: float, force_resume: bool,
-                progress_every_s: float, argv, retry_failed: bool, input_stats: dict, verbose: bool = False) -> dict:
+                progress_every_s: float, argv, retry_failed: bool, input_stats: dict, verbose: bool = False,
+                row_source=None) -> dict:
     cfg_dict = config.model_dump(mode="json")
     journal.check_config(config_fingerprint(cfg_dict), cfg_dict, force=force_resume)
     remove_stale_temp_shards(out)
-    journal.remove_orphan_shards()
+    # The journal's small columns only (finished uris, shard index entries), each file read once.
+    shard_entries = journal.shard_entries()
+    journal.remove_orphan_shards(shard_entries)
+    first_shard = journal.next_shard_index(shard_entries)
 
-    done_videos = {v["video"]["uri"] for v in journal.videos() if not (retry_failed and v.get("retryable"))}
-    committed_keys = {k for e in journal.shards() for k in e["shard"]["keys"]}
+    done_videos = {uri for uri, retryable in journal.finished().items() if not (retry_failed and retryable)}
     todo = [it for it in items if it.uri not in done_videos]
+    del done_videos
+    # Published keys matter only for inputs still to do (a key is "{video_id}_{clip:04d}").
+    todo_ids = {it.video_id for it in todo}
+    committed_keys = {k for e in shard_entries for k in e["keys"] if k.rsplit("_", 1)[0] in todo_ids}
+    del shard_entries, todo_ids
     progress = CurateProgress(total=len(items), already=len(items) - len(todo), every_s=progress_every_s)
 
-    states: dict[str, _InFlight] = {it.uri: _InFlight(it) for it in todo}
+    # An input's state exists from its first row until it is journaled, so the driver holds the
+    # inputs in flight, not every input of the run.
+    waiting = {it.uri: it for it in todo}  # no row received yet
+    states: dict[str, _InFlight] = {}
     open_manifest: dict[str, dict] = {}  # key -> manifest row, for the shard being written
     open_scores: dict[str, dict] = {}  # key -> scores row of a kept clip in that shard
     ready: list[dict] = []
@@ -320,21 +373,26 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
             if st.pending_keys & closed:
                 st.pending_keys -= closed
                 finish_if_ready(st)
+        writer.closed_shards.clear()  # journaled; the writer's own list of them would grow with the run
         journal_ready()
 
-    writer = ShardWriter(out, config.write.shard_max_bytes, first_index=journal.next_shard_index(),
-                         on_close=on_shard_close)
+    writer = ShardWriter(out, config.write.shard_max_bytes, first_index=first_shard, on_close=on_shard_close)
     stage_seconds: dict[str, float] = {}
     nodes_used: set[str] = set()
     written_keys: set[str] = set()
     if todo:
-        ensure_ray(config, verbose)
-        ds = build_dataset(todo, config)
+        if row_source is None:
+            ensure_ray(config, verbose)
+            rows = build_dataset(todo, config).iter_rows()
+        else:
+            rows = row_source(todo)
         try:
-            for row in ds.iter_rows():
+            for row in rows:
                 st = states.get(row["uri"])
                 if st is None:
-                    continue
+                    if row["uri"] not in waiting:
+                        continue  # journaled already
+                    st = states[row["uri"]] = _InFlight(waiting.pop(row["uri"]))
                 payload = json.loads(row["payload"])
                 kind = row["kind"]
                 if kind == "reject" and row["clip_index"] < 0:
@@ -400,7 +458,12 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
         writer.abort()  # e.g. no space left for the last shard's end: it is not published
         raise
     journal_ready(force=True)
-    for st in list(states.values()):
+    for it in todo:
+        if it.uri in waiting:  # not one row of it came back
+            states[it.uri] = _InFlight(waiting.pop(it.uri))
+        st = states.get(it.uri)
+        if st is None:
+            continue  # journaled
         # Its block failed in Ray (a worker died: out of memory, a crash in a native decoder)
         # after Ray's retries. Recorded, and retried by the next run.
         st.video_reject = {"uri": st.item.uri, "video_id": st.item.video_id, "clip_index": -1, "key": None,
@@ -414,29 +477,17 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
     journal_ready(force=True)
 
     # ---- tables, run facts, and the index last
-    shard_entries = journal.shards()
-    manifest_rows = [r for e in shard_entries for r in e["manifest"]]
-    videos = journal.videos()
-    reject_rows = [r for v in videos for r in v["rejects"]]
-    video_rows = [v["video"] for v in videos]
-    _write_parquet(out / "manifest.parquet", manifest_rows, schemas.MANIFEST_SCHEMA)
-    _write_parquet(out / "rejects.parquet", reject_rows, schemas.REJECTS_SCHEMA)
-    _write_parquet(out / "videos.parquet", video_rows, schemas.VIDEOS_SCHEMA)
-    score_rows = [r for e in shard_entries for r in e.get("scores", [])] + [r for v in videos for r in v.get("scores", [])]
-    _write_parquet(out / "scores.parquet", score_rows, schemas.SCORES_SCHEMA)
-    progress.done = len(video_rows)
+    tables, shard_infos = _write_tables(out, journal)
+    progress.done = tables["inputs"]
     progress.close()
     elapsed = time.time() - t_start
-    kept = [v for v in video_rows if v["status"] == "kept"]
     summary = {
-        "inputs": len(items), "inputs_this_run": len(todo), "inputs_kept": len(kept),
-        "inputs_rejected": len(video_rows) - len(kept), "clips_kept": len(manifest_rows),
-        "clips_rejected": sum(1 for r in reject_rows if r["clip_index"] >= 0),
-        "kept_hours": sum(r["duration_s"] for r in manifest_rows) / 3600,
-        "input_hours": sum((v["duration_s"] or 0) for v in video_rows) / 3600,
-        "shards": len(shard_entries), "elapsed_s": elapsed,
+        "inputs": len(items), "inputs_this_run": len(todo), "inputs_kept": tables["inputs_kept"],
+        "inputs_rejected": tables["inputs"] - tables["inputs_kept"], "clips_kept": tables["clips_kept"],
+        "clips_rejected": tables["clips_rejected"], "kept_hours": tables["kept_s"] / 3600,
+        "input_hours": tables["input_s"] / 3600, "shards": len(shard_infos), "elapsed_s": elapsed,
         # every input accounted for: rejected inputs by reason; list entries folded into another
-        "inputs_rejected_by_reason": _count_reasons(v for v in video_rows if v["status"] != "kept"),
+        "inputs_rejected_by_reason": dict(sorted(tables["rejected_by_reason"].items())),
         "input_duplicates": int(input_stats.get("duplicates", 0)),
         "input_blank_entries": int(input_stats.get("blank_entries", 0)),
     }
@@ -452,7 +503,7 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
     atomic_write_json(out / "run.json", run)
     members = ["video.mp4", "meta.json"] + (
         ["latent.npy", "audio.npy", "kps.npy", "motion.npy"] if config.features.enabled else [])
-    index = build_index([ShardInfo(**e["shard"]) for e in shard_entries], profile=config.profile,
+    index = build_index(shard_infos, profile=config.profile,
                         name=config.write.dataset_name, members=members, pipeline_version=__version__)
     write_index(out, index)
     refilter_state = journal.dir / "refilter.json"
@@ -472,13 +523,6 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
           f"kept ({summary['kept_hours']:.3f} h) in {summary['shards']} shards; {summary['inputs_rejected']} inputs and "
           f"{summary['clips_rejected']} clips rejected; {elapsed:.1f} s. Output: {out}", file=sys.stderr, flush=True)
     return summary
-
-
-def _count_reasons(video_rows) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for v in video_rows:
-        counts[v["reason"]] = counts.get(v["reason"], 0) + 1
-    return dict(sorted(counts.items()))
 
 
 def _versions() -> dict:

@@ -266,3 +266,49 @@ def verify_index(root: str | Path) -> list[str]:
         if "keys" in entry and keys != entry["keys"]:
             problems.append(f"{entry['url']}: keys differ from index")
     return problems
+
+
+class AtomicParquetWriter:
+    """A parquet file written in batches of rows (pyarrow ParquetWriter, one row group per batch) to a
+    temp file, renamed into place by ``close``: tables of 100,000s of rows are never held whole, and a
+    reader never sees a partial file (``abort`` or an exception drops it)."""
+
+    def __init__(self, path: str | Path, schema, batch_rows: int = 2048):
+        import pyarrow.parquet as pq
+
+        self.path = Path(path)
+        self.schema, self.batch_rows = schema, batch_rows
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        self.writer = pq.ParquetWriter(self.tmp, schema)
+        self.rows: list[dict] = []
+
+    def add(self, rows: list[dict]) -> None:
+        self.rows += rows
+        if len(self.rows) >= self.batch_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.rows:
+            self.writer.write_table(schemas.conform_table(self.rows, self.schema))
+            self.rows = []
+
+    def close(self) -> None:
+        self._flush()
+        self.writer.close()
+        with open(self.tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):  # after a failed write: the first error is the one to report
+            self.writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

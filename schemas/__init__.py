@@ -107,17 +107,33 @@ def index_json_schema() -> dict:
     return json.loads((Path(__file__).with_name("index.schema.json")).read_text())
 
 
-def validate_meta(meta: dict) -> None:
-    """Raise jsonschema.ValidationError when ``meta`` breaks the contract."""
+@lru_cache(maxsize=None)
+def _validator(name: str):
+    """One checked validator per schema: jsonschema.validate checks the schema itself against its
+    metaschema on every call (~0.1 s), which at one call per kept clip was the driver's main cost."""
     import jsonschema
 
-    jsonschema.validate(meta, meta_json_schema())
+    schema = {"meta": meta_json_schema, "index": index_json_schema}[name]()
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def _validate(name: str, instance: dict) -> None:
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(_validator(name).iter_errors(instance))  # what jsonschema.validate raises
+    if error is not None:
+        raise error
+
+
+def validate_meta(meta: dict) -> None:
+    """Raise jsonschema.ValidationError when ``meta`` breaks the contract."""
+    _validate("meta", meta)
 
 
 def validate_index(index: dict) -> None:
-    import jsonschema
-
-    jsonschema.validate(index, index_json_schema())
+    _validate("index", index)
 
 
 # ---- parquet tables ---------------------------------------------------------------------
