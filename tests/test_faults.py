@@ -217,7 +217,9 @@ def test_killed_and_resumed_equals_uninterrupted(job, reference, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its embedded Ray, one shard in
     proc.wait()
     published = len(list(journal.glob("shard-*.json")))
-    assert 1 <= published < N_TALKING and not (out / "index.json").exists()
+    # Usually one shard in; on a loaded machine the second may land before the kill: still a run
+    # killed before its commit (no index.json), which the resume must finish the same way.
+    assert 1 <= published <= N_TALKING and not (out / "index.json").exists()
 
     assert curate(out) == 0
     run = json.loads((out / "run.json").read_text())
