@@ -143,6 +143,8 @@ class DedupConfig(_Section):
 
 class ScoreConfig(_Section):
     syncnet_model: str = "syncnet_v2.model"
+    # full profile 68x3 landmarks; another file name (registered with fetch_models.py --register) for own weights
+    landmarks3d_model: str = "1k3d68.onnx"
     syncnet_batch_size: int = Field(20, ge=1)
     num_gpus: float = Field(0.0, ge=0, le=8, description="GPUs per crop+score actor (SyncNet)")
     actors: int = Field(1, ge=1)

@@ -286,7 +286,7 @@ class CropScoreStage:
         if config.profile == "full":
             from .faces.landmarks3d import Landmarks3D
 
-            self.landmarks3d = Landmarks3D.from_model_dir(config.model_dir)
+            self.landmarks3d = Landmarks3D.from_model_dir(config.model_dir, config.score.landmarks3d_model)
         # ArcFace identity embeddings (pipeline/faces/arcface.py): the published w600k_r50 in full, a small
         # deterministic random stand-in with its I/O in smoke (plumbing only, like the smoke SyncNet)
         self.identity = None

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.models.registry import FULL_MODELS, require_file, require_model
+from pipeline.models.registry import FULL_MODELS, require_file, verified_file, verified_model_path
 
 SCALING_FACTOR = 0.18215  # SD 1.x VAE config "scaling_factor"
 LATENT_CHANNELS = 4
@@ -59,6 +59,7 @@ def build_smoke_vae():
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    path = verified_file(path, "VAE weights file")  # its recorded sha256, before anything parses it
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -104,8 +105,8 @@ def load_vae_dir(path: str | Path):
     from diffusers import AutoencoderKL
 
     path = Path(path)
-    require_file(path.parent, f"{path.name}/config.json", "sd-vae")
-    require_file(path.parent, f"{path.name}/diffusion_pytorch_model.safetensors", "sd-vae")
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):  # recorded sha256s, before diffusers reads
+        verified_file(require_file(path.parent, f"{path.name}/{name}", "sd-vae"), "sd-vae model file")
     model, info = AutoencoderKL.from_pretrained(path, use_safetensors=True, local_files_only=True,
                                                 output_loading_info=True)
     bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
@@ -125,8 +126,8 @@ def load_vae(profile: str, model_dir: str | Path | None = None):
     single = None if model_dir is None else Path(model_dir) / "sd-vae.safetensors"
     if single is not None and single.is_file() and not single.with_suffix("").is_dir():
         return load_vae_file(single), model_id
-    # require_model raises FileNotFoundError naming the first missing file of the registry entry
-    return load_vae_dir(require_model(model_dir, "sd-vae")), model_id
+    # FileNotFoundError naming the first missing file of the registry entry; UntrustedModelFile for a changed one
+    return load_vae_dir(verified_model_path(model_dir, "sd-vae")), model_id
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype):
