@@ -198,13 +198,15 @@ def cached_sha256(path: str | Path) -> str:
     return digest
 
 
-def pinned_file(relpath: str) -> ModelFile | None:
-    """The registry entry with a pinned sha256 whose path ``relpath`` ends with (``det_10g.onnx``,
-    ``buffalo_l/det_10g.onnx``, ``sd-vae/diffusion_pytorch_model.safetensors``), or None. A file
-    under a pinned name is that file: no lock entry can make another one acceptable."""
+def pinned_file(path: str | Path) -> ModelFile | None:
+    """The registry entry with a pinned sha256 whose path the absolute ``path`` ends with
+    (``.../det_10g.onnx``, ``.../buffalo_l/det_10g.onnx``, ``.../sd-vae/diffusion_pytorch_model.safetensors``),
+    or None. A file under a pinned name is that file wherever it lies and wherever a lock file is:
+    no lock entry can make another one acceptable."""
+    full = Path(path).expanduser().absolute().as_posix()
     for spec in FULL_MODELS.values():
         for f in spec.files:
-            if f.sha256 and (relpath == f.path or relpath.endswith("/" + f.path)):
+            if f.sha256 and full.endswith("/" + f.path):
                 return f
     return None
 
@@ -221,12 +223,12 @@ def expected_sha256(path: str | Path) -> tuple[str | None, str]:
     """(sha256 the file must have or None, where that comes from) for a weights file."""
     path = Path(path).expanduser().absolute()
     root = lock_root(path)
-    rel = path.relative_to(root).as_posix() if root else path.as_posix()
-    pinned = pinned_file(rel)
+    pinned = pinned_file(path)
     if pinned is not None:
         return pinned.sha256, f"pinned in pipeline/models/registry.py for {pinned.path}"
     if root is None:
         return None, f"no {LOCK_FILE} in {path.parent} or any directory above it"
+    rel = path.relative_to(root).as_posix()
     rec = _read_lock(root).get(rel)
     if not rec or not rec.get("sha256"):
         return None, f"no entry {rel!r} in {root / LOCK_FILE}"
@@ -298,7 +300,7 @@ def register_local_files(root: str | Path, relpath: str, log=print) -> dict[str,
     recorded = {}
     for f in files:
         rel = f.relative_to(root).as_posix()
-        pinned = pinned_file(rel)
+        pinned = pinned_file(f)
         if pinned is not None:
             raise UntrustedModelFile(f"{f}: cannot register {rel}: it is the registry's {pinned.path}, pinned to "
                                      f"sha256 {pinned.sha256}; give your own weights another file name and "
