@@ -76,6 +76,10 @@ def required_model_files(config: CurateConfig) -> list[tuple[str, str]]:
             if name != "syncnet" and not (root / rel).is_file() and (root / "buffalo_l" / rel).is_file():
                 rel = f"buffalo_l/{rel}"  # insightface_model_path takes this layout too
             files.append((name, rel))
+        elif name == "sd-vae" and config.features.vae_model != "sd-vae":
+            vae = root / config.features.vae_model  # one's own VAE: a diffusers directory or one file
+            files += ([(name, p.relative_to(root).as_posix()) for p in sorted(vae.rglob("*")) if p.is_file()
+                       and p.name != "models.lock.json"] if vae.is_dir() else [(name, config.features.vae_model)])
         elif name == "sd-vae" and (root / "sd-vae.safetensors").is_file() and not (root / "sd-vae").is_dir():
             files.append((name, "sd-vae.safetensors"))  # load_vae's single-file form
         else:

@@ -47,6 +47,7 @@ SD15_VAE_CONFIG = dict(
 SMOKE_VAE_CONFIG = dict(SD15_VAE_CONFIG, block_out_channels=(4, 4, 4, 4), norm_num_groups=2, layers_per_block=1)
 SMOKE_SEED = 0
 SMOKE_ID = "smoke:tiny-autoencoderkl-seed0"
+REGISTRY_VAE = "sd-vae"  # model_dir/sd-vae: the registry's files (pinned sha256)
 
 
 def build_smoke_vae():
@@ -115,13 +116,19 @@ def load_vae_dir(path: str | Path):
     return model.eval()
 
 
-def load_vae(profile: str, model_dir: str | Path | None = None):
+def load_vae(profile: str, model_dir: str | Path | None = None, vae_model: str = REGISTRY_VAE):
     """(model, model_id) for a profile. ``full``: ``model_dir/sd-vae`` directory, or a single file
-    ``model_dir/sd-vae.safetensors`` when no directory is there."""
+    ``model_dir/sd-vae.safetensors`` when no directory is there. Another ``vae_model`` (config
+    ``features.vae_model``) names one's own VAE in ``model_dir`` (registered: its sha256 recorded), a
+    diffusers directory or one weights file; its model id is ``local:<vae_model>``."""
     if profile == "smoke":
         return build_smoke_vae(), SMOKE_ID
     if profile != "full":
         raise ValueError(f"unknown profile {profile!r}")
+    if vae_model != REGISTRY_VAE:
+        path = require_file(model_dir, vae_model, "vae") if not (Path(model_dir or "") / vae_model).is_dir() \
+            else Path(model_dir) / vae_model
+        return (load_vae_dir(path) if path.is_dir() else load_vae_file(path)), f"local:{vae_model}"
     model_id = FULL_MODELS["sd-vae"].model_id
     single = None if model_dir is None else Path(model_dir) / "sd-vae.safetensors"
     if single is not None and single.is_file() and not single.with_suffix("").is_dir():
