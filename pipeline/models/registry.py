@@ -277,10 +277,10 @@ def verified_tree(directory: str | Path, what: str = "model directory") -> Path:
 
 def verified_model_path(model_dir: str | Path | None, name: str) -> Path:
     """``require_model`` with every file of the registered model verified (``verified_file``)."""
-    spec = FULL_MODELS[name]
-    for f in spec.files:
+    found = require_model(model_dir, name)  # every file present first: a missing one is named as missing
+    for f in FULL_MODELS[name].files:
         verified_file(require_file(model_dir, f.path, name), f"{name} model file")
-    return require_model(model_dir, name)
+    return found
 
 
 def register_local_files(root: str | Path, relpath: str, log=print) -> dict[str, str]:
