@@ -247,11 +247,11 @@ def verified_file(path: str | Path, what: str = "model file") -> Path:
     register = REGISTER_HINT.format(root=root, rel=path.relative_to(root).as_posix())
     if want is None:
         raise UntrustedModelFile(
-            f"{path}: refused to load this {what}: no sha256 on record for it ({source}). Fetch it with "
-            f"`{FETCH_HINT.removeprefix('run ')}`, or, if it is your own file, record its sha256 with `{register}`")
+            f"{path}: refused to load this {what}: no sha256 on record for it ({source}). Fix: {FETCH_HINT}; "
+            f"or, if it is your own file, record its sha256 with `{register}`")
     got = cached_sha256(path)
     if got != want:
-        fix = (f"fetch it again ({FETCH_HINT.removeprefix('run ')}); a pinned name cannot be registered, so "
+        fix = (f"fetch it again ({FETCH_HINT}); a pinned name cannot be registered, so "
                "give your own weights another file name, point the config at it and register that"
                if source.startswith("pinned") else
                f"fetch it again, or, if you replaced it on purpose, record the new sha256 with `{register}`")
