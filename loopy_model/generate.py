@@ -98,6 +98,9 @@ class Generator:
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         model_dir, diffusion = resolve_checkpoint(checkpoint, cfg.use_ema)
+        from loopy_model.train.checkpoint import verified_model_dir
+
+        verified_model_dir(model_dir)  # the sha256s recorded when the checkpoint was written
         try:
             self.model = LoopyModel.from_pretrained(str(model_dir), low_cpu_mem_usage=False).eval().to(self.device)
         except (ValueError, RuntimeError, OSError) as e:

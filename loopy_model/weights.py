@@ -15,18 +15,21 @@ Sources handled:
   AnimateDiff checkpoint (``mm_sd_v15_v2.ckpt``), converted with diffusers' own
   ``convert_animatediff_checkpoint_to_diffusers``.
 
-Pickled checkpoints are only ever read with ``torch.load(weights_only=True)``.
+Pickled checkpoints are only ever read with ``torch.load(weights_only=True)``, and every file is
+checked against its recorded sha256 first (``pipeline.models.registry.verified_file``: register
+downloaded weights once with ``python jobs/fetch_models.py --dir DIR --register PATH``).
 """
 
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from pipeline.models.registry import verified_file, verified_tree
 
 # diffusers.utils.constants: WEIGHTS_NAME / SAFETENSORS_WEIGHTS_NAME and their index files.
 _WEIGHTS_STEM = "diffusion_pytorch_model"
@@ -85,20 +88,23 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"weight file not found: {path}")
     suffix = path.suffix.lower()
+    if suffix not in (".safetensors", *_PICKLE_SUFFIXES):
+        raise ValueError(
+            f"{path}: unsupported weight file type {suffix!r}; expected .safetensors or one of {_PICKLE_SUFFIXES}"
+        )
+    path = verified_file(path, "weight file")  # its recorded sha256, before anything parses it
     if suffix == ".safetensors":
         sd = load_file(str(path), device="cpu")
-    elif suffix in _PICKLE_SUFFIXES:
+    else:
         try:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
+        except Exception as e:  # noqa: BLE001 - name the file; no pickle import just for its error class
+            if type(e).__name__ != "UnpicklingError":  # the weights-only unpickler's refusal
+                raise ValueError(f"{path}: not a readable torch weights file ({type(e).__name__}: {e})") from e
             raise ValueError(
                 f"{path}: refused to load; it holds pickled objects that torch.load(weights_only=True) "
                 f"does not allow. Convert it to .safetensors with a tool you trust. ({e})"
             ) from e
-    else:
-        raise ValueError(
-            f"{path}: unsupported weight file type {suffix!r}; expected .safetensors or one of {_PICKLE_SUFFIXES}"
-        )
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not sd:
@@ -123,7 +129,7 @@ def _diffusers_weight_files(directory: Path) -> list[Path] | None:
                 return [single]
             index = directory / f"{_WEIGHTS_STEM}.{ext}.index{variant}.json"
             if index.is_file():
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = json.loads(verified_file(index, "weight index file").read_text())["weight_map"]
                 return [directory / name for name in sorted(set(weight_map.values()))]
     return None
 
@@ -354,6 +360,7 @@ def empty_prompt_embedding(sd_dir) -> torch.Tensor | None:
     if not (path.is_dir() and tokenizer_dir.is_dir() and encoder_dir.is_dir()):
         return None
 
+    verified_tree(encoder_dir, "CLIP text encoder directory")  # recorded sha256s, before transformers reads
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     full_precision = any((encoder_dir / name).is_file() for name in (
         "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"))

@@ -165,6 +165,8 @@ class DedupConfig(_Section):
 
 class ScoreConfig(_Section):
     syncnet_model: str = "syncnet_v2.model"
+    # full profile 68x3 landmarks; another file name (registered with fetch_models.py --register) for own weights
+    landmarks3d_model: str = "1k3d68.onnx"
     syncnet_batch_size: int = Field(20, ge=1)
     num_gpus: float = Field(0.0, ge=0, le=8, description="GPUs per crop+score actor (SyncNet)")
     actors: int = Field(1, ge=1)
@@ -191,6 +193,8 @@ class FeaturesConfig(_Section):
     num_cpus: float = Field(1.0, gt=0)
     actors: int = Field(1, ge=1, description="max feature actors (the pool scales between 1 and this)")
     motion_window: int = Field(12, ge=2, description="Loopy 3.5: frames per head/expression variance window")
+    # sd-vae/ is the registry's (pinned sha256); another name = one's own VAE, registered with fetch_models.py --register
+    vae_model: str = Field("sd-vae", description="VAE in model_dir: a diffusers directory or one .safetensors file")
     vae_store_std: bool = Field(False, description="latent.npy also stores the posterior std (channels 4..7, "
                                                    "[T,8,64,64]); default: the mean only, [T,4,64,64]")
     motion_score_threshold: float | None = Field(0.3, ge=0, le=1, description="DWPose score below which a keypoint "

@@ -65,27 +65,60 @@ def required_models(config: CurateConfig) -> list[str]:
     return names
 
 
+def required_model_files(config: CurateConfig) -> list[tuple[str, str]]:
+    """(registry name, path relative to model_dir) of every weights file the run's loaders open:
+    the configured file names (``score.syncnet_model``, ``detect.scrfd_model``, ...), insightface's
+    ``buffalo_l/`` layout where the loaders would take it, the single-file VAE when that is used."""
+    from .models.registry import FULL_MODELS
+
+    root = Path(config.model_dir or "")
+    configured = {"syncnet": config.score.syncnet_model, "landmarks3d": config.score.landmarks3d_model,
+                  "scrfd": config.detect.scrfd_model, "arcface": config.score.arcface_model}
+    files = []
+    for name in required_models(config):
+        if name in configured:
+            rel = configured[name]
+            if name != "syncnet" and not (root / rel).is_file() and (root / "buffalo_l" / rel).is_file():
+                rel = f"buffalo_l/{rel}"  # insightface_model_path takes this layout too
+            files.append((name, rel))
+        elif name == "sd-vae" and config.features.vae_model != "sd-vae":
+            vae = root / config.features.vae_model  # one's own VAE: a diffusers directory or one file
+            files += ([(name, p.relative_to(root).as_posix()) for p in sorted(vae.rglob("*")) if p.is_file()
+                       and p.name != "models.lock.json"] if vae.is_dir() else [(name, config.features.vae_model)])
+        elif name == "sd-vae" and (root / "sd-vae.safetensors").is_file() and not (root / "sd-vae").is_dir():
+            files.append((name, "sd-vae.safetensors"))  # load_vae's single-file form
+        else:
+            files += [(name, f.path) for f in FULL_MODELS[name].files]
+    return files
+
+
 def preflight(config: CurateConfig) -> None:
-    """Fail before any work (and before Ray starts) when a needed weights file is missing.
+    """Fail before any work (and before Ray starts) when a needed weights file is missing, or is not
+    the file its recorded sha256 says (``verified_file``: changed, swapped, never fetched or registered).
 
     Checked on the driver; on a cluster the model directory must be the same path on every node
     (a shared volume), which the workers check again when they load.
     """
-    from .models.registry import require_model
+    from .models.registry import UntrustedModelFile, require_file, verified_file
 
-    missing = []
-    for name in required_models(config):
+    missing, untrusted = [], []
+    for name, rel in required_model_files(config):
         try:
-            require_model(config.model_dir, name)
+            verified_file(require_file(config.model_dir, rel, name), f"{name} model file")
         except FileNotFoundError as e:
             missing.append(str(e))
+        except UntrustedModelFile as e:
+            untrusted.append(str(e))
     if missing:
-        raise FileNotFoundError("the full profile cannot start:\n  " + "\n  ".join(missing))
+        raise FileNotFoundError("the full profile cannot start:\n  " + "\n  ".join(missing + untrusted))
+    if untrusted:
+        raise UntrustedModelFile("the full profile cannot start:\n  " + "\n  ".join(untrusted))
     if config.score.learned_iqa:  # optional learned quality model: a local file, never downloaded
         iqa = Path(config.model_dir or "") / config.score.learned_iqa_model
         if not config.model_dir or not iqa.is_file():
             raise FileNotFoundError(f"score.learned_iqa is on but its weights are not at {iqa} "
                                     "(copy pyiqa's file there; the pipeline never downloads)")
+        verified_file(iqa, "learned quality model weights file")
 
 
 def ensure_ray(config: CurateConfig, verbose: bool = False) -> None:

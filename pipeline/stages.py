@@ -317,7 +317,7 @@ class CropScoreStage:
         if config.profile == "full":
             from .faces.landmarks3d import Landmarks3D
 
-            self.landmarks3d = Landmarks3D.from_model_dir(config.model_dir)
+            self.landmarks3d = Landmarks3D.from_model_dir(config.model_dir, config.score.landmarks3d_model)
         # ArcFace identity embeddings (pipeline/faces/arcface.py): the published w600k_r50 in full, a small
         # deterministic random stand-in with its I/O in smoke (plumbing only, like the smoke SyncNet)
         self.identity = None
@@ -642,7 +642,7 @@ class FeatureStage:
         self.extractor = FeatureExtractor(config.profile, config.model_dir, device=f.device, batch_size=f.batch_size,
                                           dtype=f.dtype, motion_window=f.motion_window, vae_store_std=f.vae_store_std,
                                           motion_score_threshold=f.motion_score_threshold,
-                                          motion_min_valid_frac=f.motion_min_valid_frac)
+                                          motion_min_valid_frac=f.motion_min_valid_frac, vae_model=f.vae_model)
 
     def __call__(self, batch: dict) -> dict:
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from conftest import ROOT, read_samples, real_path
+from model_files import register
 
 JOB = ROOT / "jobs" / "evaluate.py"
 SHIFT = 8
@@ -107,7 +108,7 @@ def trained_syncnet(kept_clips, tmp_path_factory):
         torch.set_num_threads(threads)
     path = tmp_path_factory.mktemp("syncnet") / "syncnet_tiny.model"
     torch.save(model.eval().state_dict(), path)
-    return path
+    return register(path)  # loaders refuse weights without a recorded sha256
 
 
 @pytest.fixture(scope="module")
@@ -357,6 +358,7 @@ def fid_weights(tmp_path_factory) -> Path:
     BatchNorm num_batches_tracked, so neither does this one)."""
     p = tmp_path_factory.mktemp("fidw") / "pt_inception-2015-12-05-6726825d.pth"
     torch.save(_random_state_dict(_inception_spec()), p)
+    register(p)
     return p
 
 
@@ -379,7 +381,7 @@ def fvd_weights(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("fvdw") / "i3d_torchscript.pt"
     torch.manual_seed(0)
     torch.jit.save(torch.jit.script(_I3DStub()), str(p))
-    return p
+    return register(p)
 
 
 def test_inception_loads_the_published_layouts_strictly(fid_weights, tmp_path):
@@ -397,6 +399,7 @@ def test_inception_loads_the_published_layouts_strictly(fid_weights, tmp_path):
     bad = dict(sd)
     bad.pop("Mixed_6e.branch_pool.bn.running_mean")
     torch.save(bad, tmp_path / "bad.pth")
+    register(tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="Mixed_6e.branch_pool.bn.running_mean"):
         load_inception(tmp_path / "bad.pth")
     # torchvision's ImageNet file: fc 1000 plus AuxLogits; loads into the standard blocks
@@ -404,9 +407,10 @@ def test_inception_loads_the_published_layouts_strictly(fid_weights, tmp_path):
     tv.update({"fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000),
                "AuxLogits.fc.weight": torch.zeros(1000, 768)})
     torch.save(tv, tmp_path / "inception_v3_google-0cc3c7bd.pth")
-    model, mid = load_inception(tmp_path / "inception_v3_google-0cc3c7bd.pth")
+    model, mid = load_inception(register(tmp_path / "inception_v3_google-0cc3c7bd.pth"))
     assert mid == TORCHVISION_INCEPTION_ID and not model.fid
     torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
+    register(tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not an Inception"):
         load_inception(tmp_path / "other.pth")
 
@@ -469,6 +473,9 @@ def test_i3d_loader_refuses_a_state_dict(tmp_path):
     from loopy_model.evaluation.frechet import load_i3d
 
     torch.save({"Conv3d_1a_7x7.conv3d.weight": torch.zeros(64, 3, 7, 7, 7)}, tmp_path / "rgb_imagenet.pt")
+    with pytest.raises(ValueError, match="rgb_imagenet.pt: refused to load .*no sha256 on record"):
+        load_i3d(tmp_path / "rgb_imagenet.pt")  # TorchScript holds code: nothing unrecorded is opened
+    register(tmp_path / "rgb_imagenet.pt")
     with pytest.raises(ValueError, match="TorchScript"):
         load_i3d(tmp_path / "rgb_imagenet.pt")
 

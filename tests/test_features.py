@@ -15,7 +15,8 @@ from pipeline.features import dwpose as dw
 from pipeline.features import vae as vae_mod
 from pipeline.features import wav2vec as w2v
 from pipeline.features.extractor import FeatureExtractor
-from pipeline.models.registry import FULL_MODELS
+from model_files import register
+from pipeline.models.registry import FULL_MODELS, UntrustedModelFile
 from pipeline.shards import load_npy
 
 # Same key NAMES as SD 1.5's VAE (the channel change pattern 1->2->4->4 keeps every conv_shortcut),
@@ -57,9 +58,16 @@ def test_shrunk_config_has_the_sd15_key_names(shrunk_vae):
 
 
 def test_vae_loads_from_local_diffusers_dir(tmp_path, shrunk_vae):
+    # sd-vae/ holds the registry's VAE (pinned sha256): other weights there are refused whatever the lock says
     shrunk_vae.save_pretrained(tmp_path / "sd-vae", safe_serialization=True)
-    model, model_id = vae_mod.load_vae("full", tmp_path)
-    assert model_id == FULL_MODELS["sd-vae"].model_id
+    register(tmp_path / "sd-vae" / "config.json", root=tmp_path)
+    with pytest.raises(UntrustedModelFile, match=r"sd-vae/diffusion_pytorch_model\.safetensors.*pinned"):
+        vae_mod.load_vae("full", tmp_path)
+    # one's own VAE under another name (config features.vae_model), registered
+    shrunk_vae.save_pretrained(tmp_path / "vae-standin", safe_serialization=True)
+    register(tmp_path / "vae-standin", root=tmp_path)
+    model, model_id = vae_mod.load_vae("full", tmp_path, "vae-standin")
+    assert model_id == "local:vae-standin"
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         assert torch.equal(model.encode(x).latent_dist.mean, shrunk_vae.encode(x).latent_dist.mean)
@@ -97,6 +105,8 @@ def test_vae_loads_single_files_diffusers_and_ldm_names(tmp_path, shrunk_vae):
     save_file(sd, tmp_path / "diffusers.safetensors")
     save_file(ldm, tmp_path / "ldm.safetensors")
     torch.save(sd, tmp_path / "vae.pt")
+    for name in ("diffusers.safetensors", "ldm.safetensors", "vae.pt"):
+        register(tmp_path / name)
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         want = shrunk_vae.encode(x).latent_dist
@@ -104,6 +114,7 @@ def test_vae_loads_single_files_diffusers_and_ldm_names(tmp_path, shrunk_vae):
             got = vae_mod.load_vae_file(tmp_path / name, SHRUNK_SD15).encode(x).latent_dist
             assert torch.equal(got.mean, want.mean) and torch.equal(got.std, want.std), name
     save_file({k: v for k, v in sd.items() if "decoder" not in k}, tmp_path / "partial.safetensors")
+    register(tmp_path / "partial.safetensors")
     with pytest.raises(ValueError, match="missing"):
         vae_mod.load_vae_file(tmp_path / "partial.safetensors", SHRUNK_SD15)
 
@@ -149,12 +160,13 @@ def test_old_bf16_autocast_path_is_far_from_fp32(shrunk_vae):
 def test_partial_vae_dir_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    d = tmp_path / "sd-vae"
+    d = tmp_path / "vae-standin"
     vae_mod.build_smoke_vae().save_pretrained(d, safe_serialization=True)
     f = d / "diffusion_pytorch_model.safetensors"
     save_file({k: v for k, v in load_file(f).items() if not k.startswith("encoder.mid_block")}, f)
+    register(d, root=tmp_path)
     with pytest.raises(ValueError, match="missing_keys"):
-        vae_mod.load_vae("full", tmp_path)
+        vae_mod.load_vae("full", tmp_path, "vae-standin")
 
 
 def test_missing_vae_weights_name_the_file(tmp_path):
@@ -279,6 +291,7 @@ def test_wav2vec2_loads_transformers_ctc_checkpoint_dir(tmp_path):
     ctc = _seeded(lambda: Wav2Vec2ForCTC(Wav2Vec2Config(**w2v.SMOKE_CONFIG)).eval(), seed=3)
     ctc.save_pretrained(d, safe_serialization=True)  # facebook/wav2vec2-base-960h is a ForCTC checkpoint
     Wav2Vec2FeatureExtractor(do_normalize=True).save_pretrained(d)
+    register(d, root=tmp_path)
     model, model_id, normalize = w2v.load_wav2vec2("full", tmp_path)
     assert model_id == "facebook/wav2vec2-base-960h" and normalize is True
     x = torch.randn(1, 4 * 640 + 80)
@@ -460,17 +473,19 @@ def test_full_extractor_from_a_local_model_dir(tmp_path, shrunk_vae):
 
     with pytest.raises(FileNotFoundError, match="sd-vae"):
         FeatureExtractor("full", tmp_path, device="cpu")
-    shrunk_vae.save_pretrained(tmp_path / "sd-vae", safe_serialization=True)
+    shrunk_vae.save_pretrained(tmp_path / "vae-standin", safe_serialization=True)  # sd-vae/ is pinned
     w = tmp_path / "wav2vec2-base-960h"
     _seeded(lambda: Wav2Vec2ForCTC(Wav2Vec2Config(**w2v.SMOKE_CONFIG))).save_pretrained(w)
     Wav2Vec2FeatureExtractor().save_pretrained(w)
+    register(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"dw-ll_ucoco_384\.onnx"):
-        FeatureExtractor("full", tmp_path, device="cpu")
+        FeatureExtractor("full", tmp_path, device="cpu", vae_model="vae-standin")
     (tmp_path / "dw-ll_ucoco_384.onnx").write_bytes(dw.build_smoke_onnx())
+    register(tmp_path / "dw-ll_ucoco_384.onnx")
     before = sorted(p.name for p in tmp_path.rglob("*"))
-    fx = FeatureExtractor("full", tmp_path, device="cpu", batch_size=2)
+    fx = FeatureExtractor("full", tmp_path, device="cpu", batch_size=2, vae_model="vae-standin")
     out = fx(_frames(2), np.zeros(2 * 640, np.float32))
     _check_schema(out, 2)
-    assert out["model_ids"] == {k: FULL_MODELS[n].model_id for k, n in
-                                [("vae", "sd-vae"), ("audio_encoder", "wav2vec2"), ("keypoints", "dwpose")]}
+    assert out["model_ids"] == {"vae": "local:vae-standin", **{k: FULL_MODELS[n].model_id for k, n in
+                                [("audio_encoder", "wav2vec2"), ("keypoints", "dwpose")]}}
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # workers only read model_dir

@@ -3,7 +3,11 @@
 a diffusers directory, a wav2vec2 ForCTC checkpoint directory and an ONNX with DWPose's
 signature. The face detector stays mediapipe (a planted-face SCRFD stand-in finds no real
 faces; tests/test_scrfd.py covers SCRFD decoding). Checks that shards record the full models,
-sync rules are applied, and a missing weights file stops the job before any work."""
+sync rules are applied, and a missing weights file stops the job before any work.
+
+The stand-ins are registered (their sha256 recorded in models.lock.json, tests/model_files.py) as one's own
+weights are; those whose registry name is pinned to the published file's sha256 (sd-vae/, 1k3d68.onnx,
+w600k_r50.onnx) carry their own names, given in the config, as a user's own weights would."""
 from __future__ import annotations
 
 import json
@@ -16,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from model_files import register
 from pipeline.config import load_config
 from pipeline.demo import make_talking_head
 from pipeline.inputs import expand_inputs
@@ -36,7 +41,7 @@ def build_model_dir(d: Path) -> Path:
     torch.save(sd, d / "syncnet_v2.model")  # the published file's layout: a plain state dict
     # SD 1.5 VAE structure (key names) at a reduced width so the test stays small.
     AutoencoderKL(**dict(vae.SD15_VAE_CONFIG, block_out_channels=(8, 16, 32, 32), norm_num_groups=8)) \
-        .save_pretrained(d / "sd-vae", safe_serialization=True)
+        .save_pretrained(d / "vae-standin", safe_serialization=True)
     cfg = Wav2Vec2Config(hidden_size=16, conv_dim=(8,) * 7, conv_stride=(5, 2, 2, 2, 2, 2, 2),
                          conv_kernel=(10, 3, 3, 3, 3, 2, 2), num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=20, vocab_size=32, num_conv_pos_embeddings=16,
@@ -46,7 +51,7 @@ def build_model_dir(d: Path) -> Path:
     (d / "dw-ll_ucoco_384.onnx").write_bytes(dwpose.build_smoke_onnx())
     from pipeline.faces.arcface import smoke_model_bytes
 
-    (d / "w600k_r50.onnx").write_bytes(smoke_model_bytes())  # w600k_r50's signature (input.1 Nx3x112x112 -> [N, 512])
+    (d / "arcface_standin.onnx").write_bytes(smoke_model_bytes())  # w600k_r50's signature (input.1 Nx3x112x112 -> [N, 512])
     # insightface 1k3d68 signature (input "data" 1x3x192x192, output [1, 3309]) returning a 68-point
     # face at a known pose, so the clip's pose scores must come from this model.
     from test_landmarks3d import ANGLES, HALF, planted_crop_points
@@ -62,9 +67,15 @@ def build_model_dir(d: Path) -> Path:
         def forward(self, x):
             return self.out + 0 * x.mean()
 
-    torch.onnx.export(ConstantFace(), (torch.zeros(1, 3, 192, 192),), str(d / "1k3d68.onnx"), input_names=["data"],
-                      output_names=["fc1"], dynamo=False)
+    torch.onnx.export(ConstantFace(), (torch.zeros(1, 3, 192, 192),), str(d / "lmk3d_standin.onnx"),
+                      input_names=["data"], output_names=["fc1"], dynamo=False)
+    register(d)  # every file's sha256 in d/models.lock.json: the loaders refuse unrecorded weights
     return d, ANGLES
+
+
+# the stand-ins of the pinned models, named in the config as one's own weights are
+STANDIN_CONFIG = ("score:\n  arcface_model: arcface_standin.onnx\n  landmarks3d_model: lmk3d_standin.onnx\n"
+                  "features:\n  vae_model: vae-standin\n  batch_size: 8\n")
 
 
 @pytest.mark.slow
@@ -77,7 +88,7 @@ def test_full_profile_end_to_end(tmp_path, ray_local):
     cfg = tmp_path / "full.yaml"
     # random SyncNet weights cannot reach Sync-C 3: that rule is switched off, the offset rule kept
     cfg.write_text(f"profile: full\nmodel_dir: {models}\ndetect:\n  backend: mediapipe\nfilters:\n"
-                   "  sync_conf_min: null\n  sync_offset_abs_max: 15\nfeatures:\n  batch_size: 8\n")
+                   "  sync_conf_min: null\n  sync_offset_abs_max: 15\n" + STANDIN_CONFIG)
     config = load_config(cfg)
     out = tmp_path / "out"
     summary = run_curation(expand_inputs([str(src)]), out, config, progress_every_s=60)
@@ -88,12 +99,12 @@ def test_full_profile_end_to_end(tmp_path, ray_local):
         meta = json.loads(next(tar.extractfile(m) for m in tar.getmembers() if m.name.endswith("meta.json")).read())
     assert meta["profile"] == "full"
     assert meta["models"]["syncnet"] == "syncnet_v2"
-    assert meta["models"]["vae"] == "stable-diffusion-v1-5/stable-diffusion-v1-5:vae"
+    assert meta["models"]["vae"] == "local:vae-standin"
     assert meta["models"]["audio_encoder"] == "facebook/wav2vec2-base-960h"
     assert meta["models"]["keypoints"] == "yzd-v/DWPose:dw-ll_ucoco_384.onnx"
-    assert meta["models"]["pose_landmarks"] == "insightface:1k3d68.onnx"
-    assert meta["score_details"]["pose_source"] == "insightface:1k3d68.onnx+meanshape_68"
-    assert meta["models"]["identity"] == meta["scores"]["identity_model"] == "insightface:w600k_r50.onnx"
+    assert meta["models"]["pose_landmarks"] == "insightface:lmk3d_standin.onnx"
+    assert meta["score_details"]["pose_source"] == "insightface:lmk3d_standin.onnx+meanshape_68"
+    assert meta["models"]["identity"] == meta["scores"]["identity_model"] == "insightface:arcface_standin.onnx"
     for axis in ("yaw", "pitch", "roll"):  # the planted pose, whatever the face in the frames does
         assert meta["scores"][f"{axis}_mean"] == pytest.approx(angles[axis], abs=2.0)
     sc = meta["scores"]
@@ -141,9 +152,9 @@ def test_full_scores_use_scrfd_boxes_for_syncnet_and_1k3d68(tmp_path):
     from test_scrfd import BOX, FakeScrfd
     from test_scrfd import export as export_scrfd
 
-    scrfd = ScrfdDetector(export_scrfd(FakeScrfd(), tmp_path / "det_10g.onnx"))
+    scrfd = ScrfdDetector(export_scrfd(FakeScrfd(), tmp_path / "scrfd_standin.onnx"))  # the real names are pinned
     lmk = Landmarks3D(export_landmarks(FakeLandmark3D(planted_crop_points() / 96 - [1.0, 1.0, 0.0]),
-                                       tmp_path / "1k3d68.onnx"))
+                                       tmp_path / "lmk3d_standin.onnx"))
     with av.open(str(real_path("wda_aoc_000.mp4"))) as c:  # 512 x 512: the crop stage's frames
         frames = [f.to_ndarray(format="rgb24") for _, f in zip(range(16), c.decode(video=0))]
     clip = CandidateClip(clip_index=0, track_id=0, shot_index=0, start_s=0.0, n_frames=16, crop_x0=0.0, crop_y0=0.0,

@@ -23,6 +23,7 @@ import torch
 from diffusers import DDIMScheduler
 
 import loader_fixtures
+from model_files import register
 from loopy_model import temporal_segment as tsm
 from loopy_model.diffusion import Diffusion, DiffusionConfig
 from loopy_model.models import LoopyContext, LoopyModel, processors
@@ -140,7 +141,7 @@ def model_dir(tmp_path_factory) -> Path:
     """A bare model directory (what Generator accepts besides RUN_DIRs and checkpoints)."""
     d = tmp_path_factory.mktemp("tiny_model")
     tiny_stage2().save_pretrained(d)
-    return d
+    return register(d)  # a model dir not written by the trainer is registered (its sha256s recorded)
 
 
 @pytest.fixture(scope="module")
@@ -516,7 +517,7 @@ def _mismatched_checkpoint(model_dir: Path, tmp_path: Path) -> Path:
     config = json.loads((bad / "config.json").read_text())
     config["audio_proj_hidden"] *= 2  # the weights no longer fit the config
     (bad / "config.json").write_text(json.dumps(config))
-    return bad
+    return register(bad)  # recorded as it is: what refuses it is the config mismatch
 
 
 def test_checkpoint_not_matching_its_config_exit_2_named(model_dir, inputs, tmp_path, capsys):

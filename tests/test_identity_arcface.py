@@ -19,6 +19,7 @@ from insightface.model_zoo import model_zoo  # noqa: E402
 from insightface.model_zoo.arcface_onnx import ArcFaceONNX  # noqa: E402
 from insightface.utils import face_align  # noqa: E402
 
+from model_files import register  # noqa: E402
 from pipeline.faces import arcface  # noqa: E402
 from pipeline.faces.arcface import ArcFace, clip_embedding  # noqa: E402
 
@@ -61,17 +62,17 @@ def _export(path, normalise_in_graph=False):
             if node.op_type in ("Sub", "Mul"):
                 node.name = f"{node.op_type}_{node.name.strip('/').replace('/', '_')}"
     onnx.save(model, str(path))
-    return path
+    return register(path)  # loaders refuse weights without a recorded sha256
 
 
 @pytest.fixture(scope="module")
 def w600k_file(tmp_path_factory):
-    return _export(tmp_path_factory.mktemp("arcface") / "w600k_r50.onnx")
+    return _export(tmp_path_factory.mktemp("arcface") / "arcface_standin.onnx")  # w600k_r50.onnx is pinned
 
 
 @pytest.fixture(scope="module")
 def mxnet_style_file(tmp_path_factory):
-    return _export(tmp_path_factory.mktemp("arcface_mx") / "w600k_r50.onnx", normalise_in_graph=True)
+    return _export(tmp_path_factory.mktemp("arcface_mx") / "arcface_standin.onnx", normalise_in_graph=True)
 
 
 def _faces():
@@ -151,11 +152,13 @@ def test_bad_files_and_signatures_name_the_file(tmp_path):
         ArcFace.from_model_dir(tmp_path)
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a model")
-    with pytest.raises(ValueError, match="junk.onnx"):
+    register(junk)  # recorded, so the ONNX parser is what refuses it
+    with pytest.raises(ValueError, match="junk.onnx: could not load it as an ONNX model"):
         ArcFace(junk)
     wrong = tmp_path / "wrong.onnx"  # a 1k3d68-like signature: 192x192 in, 3309 out
     torch.onnx.export(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 3309)),
                       (torch.zeros(1, 3, 192, 192),), str(wrong), input_names=["data"], output_names=["fc1"], dynamo=False)
+    register(wrong)
     with pytest.raises(ValueError, match=r"wrong.onnx.*not an insightface ArcFace.*\[N, 512\]"):
         ArcFace(wrong)
     with pytest.raises(ValueError, match="5 finite"):

@@ -133,7 +133,7 @@ def test_full_profile_aligns_on_scrfd_kps5(tmp_path):
     from test_scrfd import KPS, FakeScrfd
     from test_scrfd import export as export_scrfd
 
-    scrfd = ScrfdDetector(export_scrfd(FakeScrfd(), tmp_path / "det_10g.onnx"))
+    scrfd = ScrfdDetector(export_scrfd(FakeScrfd(), tmp_path / "scrfd_standin.onnx"))  # det_10g.onnx is pinned
     with av.open(str(real_path("wda_aoc_000.mp4"))) as c:  # 512 x 512: the crop stage's frames
         frames = [f.to_ndarray(format="rgb24") for _, f in zip(range(21), c.decode(video=0))]
     clip = CandidateClip(clip_index=0, track_id=0, shot_index=0, start_s=0.0, n_frames=21, crop_x0=0.0, crop_y0=0.0,

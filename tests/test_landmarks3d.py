@@ -11,6 +11,8 @@ known yaw / pitch / roll, at known crop positions, except that
 The returned points must be the planted ones mapped back with the box's transform, written out here from
 insightface's definition (centre = box centre, scale = 192 / (1.5 * max(w, h)); image = centre +
 (crop - 96) / scale, z / scale), not with the module's own helpers.
+
+1k3d68.onnx is pinned to insightface's sha256, so the stand-ins carry their own (registered) name.
 """
 from __future__ import annotations
 
@@ -21,11 +23,13 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+from model_files import register  # noqa: E402
 from pipeline.faces.landmarks3d import Landmarks3D, graph_normalises_input, pose_from_landmarks3d  # noqa: E402
 from pipeline.scoring import pose  # noqa: E402
 
 S = 192
 HALF = S // 2
+STANDIN = "lmk3d_standin.onnx"  # 1k3d68's signature, not its weights
 IMG_H, IMG_W = 360, 500  # non-square image
 BOX = (170.0, 70.0, 350.0, 310.0)  # w 180, h 240 -> centre (260, 190), scale 192 / 360
 RED_AT = (231.3, 152.7)  # image pixels
@@ -121,7 +125,7 @@ def export(module, path, input_shape=(1, 3, S, S)):
         m.graph.node[first["Sub"]].name = "Sub_0"  # named like the converted insightface graphs
         m.graph.node[first["Mul"]].name = "Mul_1"
     onnx.save(m, str(path))
-    return path
+    return register(path)  # loaders refuse weights without a recorded sha256
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +140,8 @@ def models(tmp_path_factory, planted):
     (d / "plain").mkdir()
     (d / "graphnorm").mkdir()
     return {
-        "plain": export(FakeLandmark3D(planted[1]), d / "plain" / "1k3d68.onnx"),
-        "graphnorm": export(FakeLandmark3D(planted[1], normalise_in_graph=True), d / "graphnorm" / "1k3d68.onnx"),
+        "plain": export(FakeLandmark3D(planted[1]), d / "plain" / STANDIN),
+        "graphnorm": export(FakeLandmark3D(planted[1], normalise_in_graph=True), d / "graphnorm" / STANDIN),
         "2d106": export(FakeLandmark3D(planted[1], width=212), d / "2d106det.onnx"),
         "nonsquare": export(FakeLandmark3D(planted[1]), d / "nonsquare.onnx", input_shape=(1, 3, S, 160)),
     }
@@ -153,8 +157,8 @@ def expected_points(planted_crop: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("variant", ["plain", "graphnorm"])
 def test_points_are_the_planted_ones_in_image_pixels(models, planted, variant):
-    lm = Landmarks3D.from_model_dir(models[variant].parent)
-    assert lm.name == "insightface:1k3d68.onnx" and lm.input_size == (S, S)
+    lm = Landmarks3D.from_model_dir(models[variant].parent, STANDIN)
+    assert lm.name == f"insightface:{STANDIN}" and lm.input_size == (S, S)
     assert (lm.input_mean, lm.input_std) == ((0.0, 1.0) if variant == "graphnorm" else (127.5, 128.0))
     assert lm.providers[-1] == "CPUExecutionProvider"
     out = lm(make_image(), np.array(BOX, np.float32))
@@ -168,7 +172,7 @@ def test_points_are_the_planted_ones_in_image_pixels(models, planted, variant):
 
 
 def test_pose_of_the_planted_face(models, planted):
-    lm = Landmarks3D.from_model_dir(models["plain"].parent)
+    lm = Landmarks3D.from_model_dir(models["plain"].parent, STANDIN)
     out = lm(make_image(), BOX)
     # the planted face seen through the box's transform has the planted pose ...
     want = (ANGLES["pitch"], ANGLES["yaw"], ANGLES["roll"])
@@ -213,7 +217,7 @@ def test_graph_normalisation_detection_follows_insightface_node_names(tmp_path):
                               [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1])])
         path = tmp_path / f"{name}.onnx"
         onnx.save(helper.make_model(g), str(path))
-        return path
+        return register(path)
 
     assert graph_normalises_input(graph_file(["_minusscalar0", "_mulscalar0", "conv0"], "mx"))
     assert graph_normalises_input(graph_file(["a", "bn_data", "c"], "bn"))
@@ -240,10 +244,14 @@ def test_wrong_signature_or_not_onnx_is_a_value_error(models, tmp_path):
         Landmarks3D(models["nonsquare"])
     with pytest.raises(ValueError, match=r"2d106det\.onnx"):
         Landmarks3D.from_model_dir(models["2d106"].parent, model_file="2d106det.onnx")
-    junk = tmp_path / "1k3d68.onnx"
-    junk.write_bytes(b"not an onnx file")
-    with pytest.raises(ValueError, match=r"1k3d68\.onnx"):
-        Landmarks3D.from_model_dir(tmp_path)
+    junk = register_bytes(tmp_path / "junk.onnx", b"not an onnx file")  # recorded: the ONNX parser refuses it
+    with pytest.raises(ValueError, match=r"junk\.onnx: could not load it as an ONNX model"):
+        Landmarks3D.from_model_dir(tmp_path, "junk.onnx")
+
+
+def register_bytes(path, data: bytes):
+    path.write_bytes(data)
+    return register(path)
 
 
 def test_bad_inputs(models):

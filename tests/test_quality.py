@@ -14,6 +14,7 @@ from skimage import data
 
 from conftest import real_path
 from derived_clips import write_h264
+from model_files import register
 from pipeline.media import decode_audio, iter_frames, probe, slice_audio
 from pipeline.scoring import quality as q
 
@@ -260,6 +261,7 @@ def test_cnniqa_loads_the_official_layout_and_nothing_else(tmp_path):
     torch.save({"params": sd}, tmp_path / "CNNIQA_koniq10k-e6f14c91.pth")  # pyiqa's file: {'params': ...}
     torch.save({"module." + k: v for k, v in sd.items()}, tmp_path / "dataparallel.pth")
     save_file(sd, str(tmp_path / "w.safetensors"))
+    register(tmp_path)  # loaders refuse weights without a recorded sha256 (tests/model_files.py)
     frames = np.stack([data.astronaut(), cv2.GaussianBlur(data.astronaut(), (0, 0), 3)])
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
     # the network by hand: conv, global max and min pooling, two ReLU layers, one output
@@ -274,11 +276,15 @@ def test_cnniqa_loads_the_official_layout_and_nothing_else(tmp_path):
     missing = dict(sd)
     del missing["fc3.bias"]
     torch.save({"params": missing}, tmp_path / "missing.pth")
+    register(tmp_path / "missing.pth")
     with pytest.raises(ValueError, match="(?s)missing.pth.*fc3.bias"):
         iqa.load_cnniqa(tmp_path / "missing.pth")
     torch.save({"params": sd, "net": iqa.CNNIQA()}, tmp_path / "pickled.pth")  # a pickled module: refused
-    with pytest.raises(ValueError, match="pickled.pth"):
-        iqa.load_cnniqa(tmp_path / "pickled.pth")
+    with pytest.raises(ValueError, match="pickled.pth: refused to load .*no sha256 on record"):
+        iqa.load_cnniqa(tmp_path / "pickled.pth")  # unrecorded: refused before torch reads it
+    register(tmp_path / "pickled.pth")
+    with pytest.raises(ValueError, match="pickled.pth: not a readable weights file"):
+        iqa.load_cnniqa(tmp_path / "pickled.pth")  # recorded: torch.load(weights_only=True) refuses it
     with pytest.raises(FileNotFoundError, match="absent.pth"):
         iqa.load_cnniqa(tmp_path / "absent.pth")
 
@@ -296,6 +302,7 @@ def test_learned_iqa_is_off_by_default_and_loads_only_a_local_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="CNNIQA_koniq10k-e6f14c91.pth"):
         CropScoreStage(on)
     torch.save({"params": _official_cnniqa_state_dict()}, tmp_path / "CNNIQA_koniq10k-e6f14c91.pth")
+    register(tmp_path / "CNNIQA_koniq10k-e6f14c91.pth")
     stage = CropScoreStage(on)
     acc = q.QualityAccumulator(iqa_model=stage.iqa_model)
     frames = [cv2.resize(data.astronaut(), (512, 512))] * 30

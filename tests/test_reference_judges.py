@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from model_files import register
 from pipeline.features import dwpose as dw
 from pipeline.media import decode_audio, iter_frames
 from pipeline.scoring import syncnet as sn
@@ -111,7 +112,7 @@ def test_syncnet_scores_equal_syncnet_python_on_a_real_clip(tmp_path, monkeypatc
 
     weights = tmp_path / "syncnet_v2.model"
     torch.save(_official_layout_state_dict(), weights)
-    ours = sn.SyncNet.from_state_dict_file(weights)
+    ours = sn.SyncNet.from_state_dict_file(register(weights))  # loaders refuse weights without a recorded sha256
     # Their own loader (SyncNetPipeline._load_syncnet: S(), load_state_dict, eval) on the same file.
     theirs = ref_pipeline.SyncNetPipeline._load_syncnet(types.SimpleNamespace(device="cpu"), str(weights))
 
@@ -247,7 +248,7 @@ class _ImageDrivenSimCC(torch.nn.Module):
 def dwpose_onnx(tmp_path_factory):
     path = tmp_path_factory.mktemp("dwpose") / "dw-ll_ucoco_384.onnx"
     path.write_bytes(dw.export_simcc_onnx(_ImageDrivenSimCC()))
-    return path
+    return register(path)
 
 
 def _rtmpose(path):

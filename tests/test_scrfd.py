@@ -16,6 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
+from model_files import register  # noqa: E402
 from pipeline.faces.scrfd import ScrfdDetector, nms  # noqa: E402
 
 INPUT = 640
@@ -58,7 +59,7 @@ def export(module, path, n_out=None):
     torch.onnx.export(module, (torch.zeros(1, 3, INPUT, INPUT),), str(path), input_names=["input.1"],
                       output_names=[f"out{i}" for i in range(n_out)],
                       dynamic_axes={"input.1": {2: "height", 3: "width"}}, dynamo=False)
-    return path
+    return register(path)  # loaders refuse weights without a recorded sha256
 
 
 @pytest.fixture(scope="module")
@@ -150,10 +151,12 @@ def test_missing_model_messages(tmp_path):
 
 
 def test_from_model_dir_finds_buffalo_l_layout(tmp_path, models):
+    # det_10g.onnx is pinned to insightface's sha256: a stand-in gets its own (registered) name
     (tmp_path / "buffalo_l").mkdir()
-    (tmp_path / "buffalo_l" / "det_10g.onnx").write_bytes(models["9"].read_bytes())
-    det = ScrfdDetector.from_model_dir(tmp_path, model_file="det_10g.onnx", input_size=640, min_confidence=0.5)
-    assert det.name == "insightface-scrfd:det_10g.onnx"
+    (tmp_path / "buffalo_l" / "scrfd_standin.onnx").write_bytes(models["9"].read_bytes())
+    register(tmp_path / "buffalo_l", root=tmp_path)
+    det = ScrfdDetector.from_model_dir(tmp_path, model_file="scrfd_standin.onnx", input_size=640, min_confidence=0.5)
+    assert det.name == "insightface-scrfd:scrfd_standin.onnx"
 
 
 class NotScrfd(torch.nn.Module):
@@ -167,5 +170,6 @@ def test_wrong_signature(tmp_path):
         ScrfdDetector(path)
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a protobuf")
-    with pytest.raises(ValueError, match=r"junk\.onnx"):
+    register(junk)  # recorded, so the ONNX parser is what refuses it
+    with pytest.raises(ValueError, match=r"junk\.onnx: could not load it as an ONNX model"):
         ScrfdDetector(junk)

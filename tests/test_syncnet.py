@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from model_files import register
 from pipeline.scoring.syncnet import (SyncNet, align_av, calc_pdist, mfcc, shift_audio, sync_from_features,
                                       sync_scores, syncnet_crop, syncnet_crop_box)
 
@@ -55,6 +56,7 @@ def test_official_format_file_loads_strict(tmp_path):
             sd[k] = sd[k].abs() + 0.5
     path = tmp_path / "syncnet_v2.model"
     torch.save(sd, path)
+    register(path)  # loaders refuse weights without a recorded sha256
     model = SyncNet.from_state_dict_file(path)
     assert model.model_id == "syncnet_v2" and not model.training
     assert torch.equal(model.netcnnlip[18].weight, sd["netcnnlip.18.weight"])
@@ -66,6 +68,7 @@ def test_official_format_file_loads_strict(tmp_path):
     bad = OrderedDict(sd)
     bad.pop("netfclip.3.bias")
     torch.save(bad, path)
+    register(path)
     with pytest.raises(RuntimeError, match="netfclip.3.bias"):
         SyncNet.from_state_dict_file(path)
 
@@ -74,10 +77,10 @@ def test_instance_prefixed_keys_and_small_configs_load(tmp_path):
     tiny = SyncNet(width=1 / 16, embed_dim=32)  # 224 input like the official net, 1/16 width
     path = tmp_path / "s.model"
     torch.save({f"__S__.{k}": v for k, v in tiny.state_dict().items()}, path)
-    loaded = SyncNet.from_state_dict_file(path)
+    loaded = SyncNet.from_state_dict_file(register(path))
     assert loaded.embed_dim == 32 and loaded.width == pytest.approx(1 / 16) and loaded.image_size == 224
     torch.save(SyncNet.tiny().state_dict(), path)  # 64 px input: last lip kernel 1
-    assert SyncNet.from_state_dict_file(path).image_size == 64
+    assert SyncNet.from_state_dict_file(register(path)).image_size == 64
 
 
 def test_mfcc_matches_python_speech_features():

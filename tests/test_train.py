@@ -236,12 +236,15 @@ def test_stage1_from_sd15_directory_loads_unet_and_clip_context(dataset, tmp_pat
     from diffusers import UNet2DConditionModel
     from test_weights import reference_empty_embedding, write_tiny_clip
 
+    from model_files import register
+
     from loopy_model.presets import TINY_UNET
 
     sd_dir = tmp_path / "sd15"
     torch.manual_seed(1)
     unet = UNet2DConditionModel(**TINY_UNET)
     unet.save_pretrained(sd_dir / "unet")
+    register(sd_dir / "unet", root=sd_dir)  # downloaded SD 1.5 weights are registered once (fetch_models --register)
     write_tiny_clip(sd_dir)
     (sd_dir / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     with pytest.raises(ValueError, match="empty-prompt embedding is \\[77, 16\\].*\\[4, 16\\]"):

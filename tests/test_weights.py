@@ -16,6 +16,8 @@ from diffusers import MotionAdapter, UNet2DConditionModel
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 from safetensors.torch import load_file, save_file
 
+from model_files import register
+from pipeline.models.registry import UntrustedModelFile
 from loopy_model.weights import (
     SD15_UNET_CONFIG,
     motion_adapter_state_dict,
@@ -151,6 +153,7 @@ def test_unet_directory(tmp_path, tiny_unet, save_kwargs):
     tiny_unet.save_pretrained(tmp_path / "unet", **save_kwargs)
     if "max_shard_size" in save_kwargs:
         assert len(list((tmp_path / "unet").glob("*-of-*"))) > 1
+    register(tmp_path)  # loaders refuse weights without a recorded sha256 (tests/model_files.py)
     got = sd15_unet_state_dict(tmp_path / "unet")
     assert_same(got, tiny_unet.state_dict())
     fresh = UNet2DConditionModel(**TINY_UNET)
@@ -162,6 +165,7 @@ def test_pipeline_directory(tmp_path, tiny_unet):
         {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
     tiny_unet.save_pretrained(tmp_path / "unet")
     (tmp_path / "vae").mkdir()
+    register(tmp_path)  # loaders refuse weights without a recorded sha256 (tests/model_files.py)
     assert_same(sd15_unet_state_dict(tmp_path), tiny_unet.state_dict())
 
 
@@ -186,7 +190,7 @@ def test_ldm_single_file_converts_back(tmp_path, tiny_unet, suffix):
         save_file({k: v.contiguous() for k, v in ldm.items()}, str(path))
     else:
         torch.save({"state_dict": ldm, "global_step": 7}, path)
-    got = sd15_unet_state_dict(path, config=TINY_UNET)
+    got = sd15_unet_state_dict(register(path), config=TINY_UNET)
     assert_same(got, want)
     fresh = UNet2DConditionModel(**TINY_UNET)
     fresh.load_state_dict(got, strict=True)
@@ -199,6 +203,7 @@ def test_ldm_single_file_converts_back(tmp_path, tiny_unet, suffix):
 def test_ldm_file_with_wrong_config_is_refused(tmp_path, tiny_unet):
     path = tmp_path / "tiny.safetensors"
     save_file(to_ldm(tiny_unet.state_dict(), TINY_UNET), str(path))
+    register(path)
     with pytest.raises(ValueError, match="does not match the UNet config"):
         sd15_unet_state_dict(path)  # SD15_UNET_CONFIG: layers_per_block=2, the file has 1
 
@@ -206,12 +211,13 @@ def test_ldm_file_with_wrong_config_is_refused(tmp_path, tiny_unet):
 def test_diffusers_keyed_single_file_passes_through(tmp_path, tiny_unet):
     path = tmp_path / "unet.safetensors"
     save_file(tiny_unet.state_dict(), str(path))
-    assert_same(sd15_unet_state_dict(path), tiny_unet.state_dict())
+    assert_same(sd15_unet_state_dict(register(path)), tiny_unet.state_dict())
 
 
 def test_unrelated_file_is_a_clear_error(tmp_path):
     path = tmp_path / "other.safetensors"
     save_file({"encoder.weight": torch.zeros(2)}, str(path))
+    register(path)
     with pytest.raises(ValueError, match="other.safetensors.*model.diffusion_model"):
         sd15_unet_state_dict(path)
 
@@ -234,8 +240,11 @@ class Payload:
 def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(2)}, "callback": Payload()}, path)
-    with pytest.raises(ValueError, match="evil.ckpt.*refused"):
-        read_state_dict(path)
+    with pytest.raises(ValueError, match="evil.ckpt: refused to load this weight file: no sha256 on record"):
+        read_state_dict(path)  # unrecorded: refused before torch reads a byte
+    register(path)
+    with pytest.raises(ValueError, match="evil.ckpt: refused to load; it holds pickled objects"):
+        read_state_dict(path)  # recorded: torch.load(weights_only=True) refuses the payload
     assert _SIDE_EFFECT == []  # the payload never ran
 
 
@@ -244,9 +253,11 @@ def test_read_state_dict_formats_and_errors(tmp_path):
     torch.save(w, tmp_path / "plain.pt")
     torch.save({"state_dict": w, "epoch": 1}, tmp_path / "wrapped.pth")
     save_file(w, str(tmp_path / "w.safetensors"))
+    register(tmp_path)  # loaders refuse weights without a recorded sha256 (tests/model_files.py)
     for name in ("plain.pt", "wrapped.pth", "w.safetensors"):
         assert_same(read_state_dict(tmp_path / name), w)
     torch.save({"model": w, "epoch": 1}, tmp_path / "nested.bin")
+    register(tmp_path / "nested.bin")
     with pytest.raises(ValueError, match="nested.bin.*not tensors"):
         read_state_dict(tmp_path / "nested.bin")
     (tmp_path / "w.npz").write_bytes(b"x")
@@ -281,7 +292,7 @@ def to_animatediff(sd: dict) -> dict:
 
 def test_motion_adapter_directory(tmp_path, tiny_adapter):
     tiny_adapter.save_pretrained(tmp_path / "adapter")
-    assert_same(motion_adapter_state_dict(tmp_path / "adapter"), tiny_adapter.state_dict())
+    assert_same(motion_adapter_state_dict(register(tmp_path / "adapter")), tiny_adapter.state_dict())
 
 
 def test_motion_adapter_directory_without_pe_gets_diffusers_pe(tmp_path, tiny_adapter):
@@ -289,7 +300,7 @@ def test_motion_adapter_directory_without_pe_gets_diffusers_pe(tmp_path, tiny_ad
     f = tmp_path / "adapter" / "diffusion_pytorch_model.safetensors"
     stored = load_file(str(f))
     save_file({k: v for k, v in stored.items() if not k.endswith("pos_embed.pe")}, str(f))
-    got = motion_adapter_state_dict(tmp_path / "adapter")
+    got = motion_adapter_state_dict(register(tmp_path / "adapter"))
     assert_same(got, tiny_adapter.state_dict())
     assert got["down_blocks.1.motion_modules.0.transformer_blocks.0.pos_embed.pe"].shape == (1, 32, 16)
 
@@ -304,7 +315,7 @@ def test_original_animatediff_checkpoint(tmp_path, tiny_adapter):
     assert "up_blocks.1.motion_modules.2.temporal_transformer.transformer_blocks.0.ff_norm.weight" in original
     assert infer_diffusers_model_type(original) == "animatediff_v2"
     torch.save({"state_dict": original}, tmp_path / "mm_tiny_v2.ckpt")
-    assert_same(motion_adapter_state_dict(tmp_path / "mm_tiny_v2.ckpt"), want)
+    assert_same(motion_adapter_state_dict(register(tmp_path / "mm_tiny_v2.ckpt")), want)
 
 
 def test_animatediff_training_checkpoint_with_ddp_prefix(tmp_path, tiny_adapter, tiny_unet):
@@ -313,7 +324,7 @@ def test_animatediff_training_checkpoint_with_ddp_prefix(tmp_path, tiny_adapter,
     full = {f"module.{k}": v for k, v in to_animatediff(want).items()}
     full.update({f"module.{k}": v for k, v in tiny_unet.state_dict().items()})
     torch.save({"state_dict": full, "global_step": 3}, tmp_path / "checkpoint.ckpt")
-    assert_same(motion_adapter_state_dict(tmp_path / "checkpoint.ckpt"), want)
+    assert_same(motion_adapter_state_dict(register(tmp_path / "checkpoint.ckpt")), want)
 
 
 def test_animatediff_with_mismatched_pe_copies_is_refused(tmp_path, tiny_adapter):
@@ -321,12 +332,14 @@ def test_animatediff_with_mismatched_pe_copies_is_refused(tmp_path, tiny_adapter
     key = "mid_block.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.1.pos_encoder.pe"
     original[key] = original[key] + 1
     save_file(original, str(tmp_path / "mm.safetensors"))
+    register(tmp_path / "mm.safetensors")
     with pytest.raises(ValueError, match="one PE per block"):
         motion_adapter_state_dict(tmp_path / "mm.safetensors")
 
 
 def test_non_motion_file_is_a_clear_error(tmp_path, tiny_unet):
     save_file(tiny_unet.state_dict(), str(tmp_path / "unet.safetensors"))
+    register(tmp_path / "unet.safetensors")
     with pytest.raises(ValueError, match="unet.safetensors.*motion_modules"):
         motion_adapter_state_dict(tmp_path / "unet.safetensors")
 
@@ -387,6 +400,7 @@ def write_tiny_clip(root, *, seed=0):
         {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}))
     torch.manual_seed(seed)
     CLIPTextModel(CLIPTextConfig(**TINY_CLIP_TEXT)).save_pretrained(root / "text_encoder")
+    register(root / "text_encoder", root=root)  # loaders refuse weights without a recorded sha256
     return root
 
 
@@ -453,6 +467,7 @@ def test_empty_prompt_embedding_reads_fp16_variant_as_fp32(tmp_path):
     sd = load_file(str(enc / "model.safetensors"))
     (enc / "model.safetensors").unlink()
     save_file({k: v.half() for k, v in sd.items()}, str(enc / "model.fp16.safetensors"), metadata={"format": "pt"})
+    register(enc, root=root)
     got = empty_prompt_embedding(root)
     assert got.dtype == torch.float32 and got.shape == (1, 77, 16)
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
@@ -480,6 +495,9 @@ def test_empty_prompt_embedding_runs_no_remote_code_and_no_network(tmp_path, mon
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
+    with pytest.raises(UntrustedModelFile, match=r"text_encoder/config\.json: refused"):  # changed files first
+        empty_prompt_embedding(root)
+    register(root / "text_encoder", root=root)  # even when recorded, the auto_map code never runs
     got = empty_prompt_embedding(root)
     assert not sentinel.exists()
     torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -198,6 +198,9 @@ def load_inception(path: str | Path, device: str | torch.device = "cpu") -> tupl
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Inception weights not found: {path}")
+    from pipeline.models.registry import verified_file
+
+    path = verified_file(path, "Inception weights file")  # its recorded sha256, before torch reads it
     sd = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(sd, dict) or "fc.weight" not in sd:
         raise ValueError(f"{path}: not an Inception v3 state dict (no fc.weight); expected pytorch-fid's "
@@ -223,6 +226,10 @@ def load_i3d(path: str | Path, device: str | torch.device = "cpu") -> tuple[torc
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"I3D weights not found: {path}")
+    from pipeline.models.registry import verified_file
+
+    # TorchScript holds code as well as weights: only a file whose sha256 is on record is opened
+    path = verified_file(path, "I3D TorchScript file")
     try:
         model = torch.jit.load(str(path), map_location=device)
     except (RuntimeError, ValueError) as e:

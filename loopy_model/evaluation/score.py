@@ -134,7 +134,7 @@ class Scorer:
         if cc.profile == "full":
             from pipeline.faces.landmarks3d import Landmarks3D
 
-            self.landmarks3d = Landmarks3D.from_model_dir(cc.model_dir)
+            self.landmarks3d = Landmarks3D.from_model_dir(cc.model_dir, cc.score.landmarks3d_model)
         self.box_detector = None  # SyncNet / 1k3d68 boxes from the profile's detector, as CropScoreStage
         if cc.detector_backend != "mediapipe":
             from pipeline.faces import make_detector

@@ -5,6 +5,9 @@ RUN_DIR/checkpoints/step-00001000/
     ema/            the EMA weights the same way (when EMA is on)
     trainer.pt      optimiser, LR scheduler, EMA counters, loader position, RNG states, step,
                     counters; tensors and plain containers only, read with weights_only=True
+    models.lock.json  the sha256 of every file above, recorded when written; loading verifies
+                    each file against it first (pipeline.models.registry.verified_file), so a
+                    changed or swapped file is refused with both hashes named
 RUN_DIR/checkpoints/latest      the name of the newest complete checkpoint
 
 A checkpoint is written under a temporary name and renamed when complete; ``latest`` is replaced
@@ -21,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.models.registry import register_local_files, verified_file, verified_tree
 from pipeline.shards import atomic_write_bytes
 
 LATEST = "latest"
@@ -93,6 +97,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, trainer_state: dict, 
     if ema_model is not None:
         ema_model.save_pretrained(tmp / "ema", safe_serialization=True)
     torch.save(trainer_state, tmp / "trainer.pt")
+    register_local_files(tmp, ".", log=lambda *_: None)  # the manifest loading verifies against
     _fsync_tree(tmp)
     final = root / name
     if final.exists():
@@ -105,7 +110,15 @@ def save_checkpoint(run_dir: str | Path, step: int, model, trainer_state: dict, 
 
 
 def load_trainer_state(path: Path) -> dict:
-    return torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    state = verified_file(Path(path) / "trainer.pt", "trainer state")  # the sha256 recorded when it was written
+    return torch.load(state, map_location="cpu", weights_only=True)
+
+
+def verified_model_dir(path: str | Path) -> Path:
+    """A Loopy model directory (``model/``, ``ema/`` or one made by ``save_pretrained`` and
+    registered) after checking every file against its recorded sha256; call before
+    ``LoopyModel.from_pretrained``."""
+    return verified_tree(path, "Loopy model directory")
 
 
 def _fsync_tree(root: Path) -> None:

@@ -19,7 +19,7 @@ from loopy_model.data import LoaderConfig, StreamingLoader, StreamingWindowDatas
 from loopy_model.models import LoopyModel
 from loopy_model.presets import preset
 
-from .checkpoint import latest_checkpoint, resolve_model_dir
+from .checkpoint import latest_checkpoint, resolve_model_dir, verified_model_dir
 from .config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def build_model(cfg: TrainConfig, layout: DataLayout) -> tuple[LoopyModel, str]:
 def _build_model(cfg: TrainConfig, layout: DataLayout) -> tuple[LoopyModel, str]:
     if cfg.resume and latest_checkpoint(cfg.out) is not None:
         path = latest_checkpoint(cfg.out) / "model"
-        model = LoopyModel.from_pretrained(str(path), low_cpu_mem_usage=False)
+        model = LoopyModel.from_pretrained(str(verified_model_dir(path)), low_cpu_mem_usage=False)
         check_layout(model, layout, str(path))
         return model, f"resumed from {path}"
     model_cfg = preset(cfg.preset)["model"]
@@ -146,7 +146,7 @@ def _build_model(cfg: TrainConfig, layout: DataLayout) -> tuple[LoopyModel, str]
         return LoopyModel(stage=cfg.stage, **model_cfg), f"random init ({cfg.preset} preset)"
     init_dir = resolve_model_dir(cfg.init)
     if init_dir is not None:  # a Loopy checkpoint (e.g. stage 1 for stage 2)
-        model = LoopyModel.from_pretrained(str(init_dir), low_cpu_mem_usage=False)
+        model = LoopyModel.from_pretrained(str(verified_model_dir(init_dir)), low_cpu_mem_usage=False)
         check_layout(model, layout, str(init_dir))
         if model.config.stage == 1 and cfg.stage == 2:
             return model.to_stage2(), f"stage 1 {init_dir} + fresh stage-2 modules"

@@ -93,9 +93,18 @@ def open_onnx(model: str | bytes, label: str, *, providers=None, intra_op_num_th
               graph_check=None):
     """(onnxruntime session, ``graph_check(onnx graph)`` or None) for a model file path or bytes. A
     file that is not an ONNX model is a ValueError naming ``label`` (onnx's DecodeError,
-    onnxruntime's InvalidProtobuf / Fail are not errors a caller should have to know)."""
+    onnxruntime's InvalidProtobuf / Fail are not errors a caller should have to know).
+
+    A file is checked against its recorded sha256 first (``verified_file``): a changed or unknown
+    file is refused before onnx or onnxruntime parse a byte of it. Bytes are models built in memory
+    (the smoke stand-ins), nothing read from disk."""
     import onnx
     import onnxruntime
+
+    from pipeline.models.registry import verified_file
+
+    if not isinstance(model, bytes):
+        model = str(verified_file(model, "ONNX model"))
 
     options = onnxruntime.SessionOptions()
     if intra_op_num_threads is not None:

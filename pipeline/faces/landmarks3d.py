@@ -57,7 +57,10 @@ def graph_normalises_input(model_path: str | Path) -> bool:
     and one with ``Mul`` or ``_mul``, or a node named ``bn_data`` among the first 3."""
     import onnx
 
-    return graph_normalises(onnx.load(str(model_path), load_external_data=False).graph)
+    from pipeline.models.registry import verified_file
+
+    path = verified_file(model_path, "ONNX model")
+    return graph_normalises(onnx.load(str(path), load_external_data=False).graph)
 
 
 def graph_normalises(graph) -> bool:

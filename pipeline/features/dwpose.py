@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.models.registry import FULL_MODELS, require_file
+from pipeline.models.registry import FULL_MODELS, require_file, verified_file
 
 INPUT_W, INPUT_H = 288, 384  # model input (w, h)
 SIMCC_SPLIT_RATIO = 2.0  # SimCC bins per input pixel: simcc_x has 2 * 288 = 576 bins, simcc_y 2 * 384 = 768
@@ -125,7 +125,9 @@ def make_session(model, device: str = "cpu", threads: int | None = None):
     if str(device).startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
         idx = int(str(device).split(":")[1]) if ":" in str(device) else 0
         providers = [("CUDAExecutionProvider", {"device_id": idx}), "CPUExecutionProvider"]
-    src = str(model) if isinstance(model, Path) else model
+    # a file is checked against its recorded sha256 before onnxruntime parses it; bytes are the
+    # smoke stand-in built in memory
+    src = model if isinstance(model, bytes) else str(verified_file(model, "DWPose ONNX model"))
     return ort.InferenceSession(src, sess_options=opts, providers=providers)
 
 

@@ -57,7 +57,7 @@ class FeatureExtractor:
                  batch_size: int = 16, dtype: str | torch.dtype | None = "float32",
                  motion_window: int = motion_mod.WINDOW, ort_threads: int | None = None, *,
                  vae_store_std: bool = False, motion_score_threshold: float | None = motion_mod.SCORE_THRESHOLD,
-                 motion_min_valid_frac: float = motion_mod.MIN_VALID_FRAC):
+                 motion_min_valid_frac: float = motion_mod.MIN_VALID_FRAC, vae_model: str = vae_mod.REGISTRY_VAE):
         if profile not in schemas.PROFILES:
             raise ValueError(f"unknown profile {profile!r}; expected one of {schemas.PROFILES}")
         if batch_size < 1:
@@ -72,7 +72,7 @@ class FeatureExtractor:
         self.motion_score_threshold = None if motion_score_threshold is None else float(motion_score_threshold)
         self.motion_min_valid_frac = float(motion_min_valid_frac)
 
-        self.vae, vae_id = vae_mod.load_vae(profile, self.model_dir)
+        self.vae, vae_id = vae_mod.load_vae(profile, self.model_dir, vae_model)
         self.vae.to(self.device)
         self.wav2vec, w2v_id, self.audio_normalize = w2v_mod.load_wav2vec2(profile, self.model_dir)
         self.wav2vec.to(self.device)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.models.registry import FULL_MODELS, require_file, require_model
+from pipeline.models.registry import FULL_MODELS, require_file, verified_file, verified_model_path
 
 SCALING_FACTOR = 0.18215  # SD 1.x VAE config "scaling_factor"
 LATENT_CHANNELS = 4
@@ -47,6 +47,7 @@ SD15_VAE_CONFIG = dict(
 SMOKE_VAE_CONFIG = dict(SD15_VAE_CONFIG, block_out_channels=(4, 4, 4, 4), norm_num_groups=2, layers_per_block=1)
 SMOKE_SEED = 0
 SMOKE_ID = "smoke:tiny-autoencoderkl-seed0"
+REGISTRY_VAE = "sd-vae"  # model_dir/sd-vae: the registry's files (pinned sha256)
 
 
 def build_smoke_vae():
@@ -59,6 +60,7 @@ def build_smoke_vae():
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    path = verified_file(path, "VAE weights file")  # its recorded sha256, before anything parses it
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -104,8 +106,8 @@ def load_vae_dir(path: str | Path):
     from diffusers import AutoencoderKL
 
     path = Path(path)
-    require_file(path.parent, f"{path.name}/config.json", "sd-vae")
-    require_file(path.parent, f"{path.name}/diffusion_pytorch_model.safetensors", "sd-vae")
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):  # recorded sha256s, before diffusers reads
+        verified_file(require_file(path.parent, f"{path.name}/{name}", "sd-vae"), "sd-vae model file")
     model, info = AutoencoderKL.from_pretrained(path, use_safetensors=True, local_files_only=True,
                                                 output_loading_info=True)
     bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
@@ -114,19 +116,25 @@ def load_vae_dir(path: str | Path):
     return model.eval()
 
 
-def load_vae(profile: str, model_dir: str | Path | None = None):
+def load_vae(profile: str, model_dir: str | Path | None = None, vae_model: str = REGISTRY_VAE):
     """(model, model_id) for a profile. ``full``: ``model_dir/sd-vae`` directory, or a single file
-    ``model_dir/sd-vae.safetensors`` when no directory is there."""
+    ``model_dir/sd-vae.safetensors`` when no directory is there. Another ``vae_model`` (config
+    ``features.vae_model``) names one's own VAE in ``model_dir`` (registered: its sha256 recorded), a
+    diffusers directory or one weights file; its model id is ``local:<vae_model>``."""
     if profile == "smoke":
         return build_smoke_vae(), SMOKE_ID
     if profile != "full":
         raise ValueError(f"unknown profile {profile!r}")
+    if vae_model != REGISTRY_VAE:
+        path = require_file(model_dir, vae_model, "vae") if not (Path(model_dir or "") / vae_model).is_dir() \
+            else Path(model_dir) / vae_model
+        return (load_vae_dir(path) if path.is_dir() else load_vae_file(path)), f"local:{vae_model}"
     model_id = FULL_MODELS["sd-vae"].model_id
     single = None if model_dir is None else Path(model_dir) / "sd-vae.safetensors"
     if single is not None and single.is_file() and not single.with_suffix("").is_dir():
         return load_vae_file(single), model_id
-    # require_model raises FileNotFoundError naming the first missing file of the registry entry
-    return load_vae_dir(require_model(model_dir, "sd-vae")), model_id
+    # FileNotFoundError naming the first missing file of the registry entry; UntrustedModelFile for a changed one
+    return load_vae_dir(verified_model_path(model_dir, "sd-vae")), model_id
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype):

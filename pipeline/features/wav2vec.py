@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.models.registry import FULL_MODELS, require_model
+from pipeline.models.registry import FULL_MODELS, verified_file, verified_model_path
 
 SAMPLE_RATE = 16_000
 FPS = 25
@@ -146,6 +146,7 @@ def load_wav2vec2_dir(path: str | Path):
     for name in ("config.json", "model.safetensors"):
         if not (path / name).is_file():
             raise FileNotFoundError(f"missing model file {path / name} (model 'wav2vec2')")
+        verified_file(path / name, "wav2vec2 model file")  # recorded sha256, before transformers reads it
     model, info = Wav2Vec2Model.from_pretrained(path, local_files_only=True, use_safetensors=True,
                                                 output_loading_info=True)
     # masked_spec_embed is only used for SpecAugment during training; some checkpoints omit it.
@@ -171,7 +172,7 @@ def load_wav2vec2(profile: str, model_dir: str | Path | None = None):
         return build_smoke_wav2vec2(), SMOKE_ID, True
     if profile != "full":
         raise ValueError(f"unknown profile {profile!r}")
-    d = require_model(model_dir, "wav2vec2")
+    d = verified_model_path(model_dir, "wav2vec2")
     return load_wav2vec2_dir(d), FULL_MODELS["wav2vec2"].model_id, read_do_normalize(d)
 
 

@@ -10,12 +10,21 @@ Checksums. A pinned ``sha256`` is verified on every fetch. Where no trustworthy 
 was found (``sha256=None``) the fetcher is trust-on-first-use: it records the hash it saw in
 ``MODELS/models.lock.json`` and later runs verify the file against that record. The sources of
 the pinned hashes are cited next to them; ``docs/features.md`` lists which entries are TOFU.
+
+Verification before use. Every loader passes a weights file through ``verified_file`` before it
+opens it (ONNX, safetensors, torch files, the trainer's checkpoints): the file's sha256 must equal
+the registry's pinned hash when the file is a pinned one, else the entry of the nearest
+``models.lock.json`` in its directory or above (written by ``fetch_models``, by
+``register_local_files`` for one's own weights, and by the trainer beside each checkpoint). A lock
+entry never overrides a pinned hash. A file with no record, or another hash, is refused before
+anything parses it (``UntrustedModelFile``). Hashes are computed once per file per process.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +35,7 @@ from pipeline.shards import sha256_file
 
 LOCK_FILE = "models.lock.json"
 FETCH_HINT = "run `python jobs/fetch_models.py --profile full --dir MODELS` and pass MODELS as model_dir"
+REGISTER_HINT = "python jobs/fetch_models.py --dir {root} --register {rel}"
 
 
 @dataclass(frozen=True)
@@ -163,6 +173,147 @@ def require_model(model_dir: str | Path | None, name: str) -> Path:
     return paths[0] if len(paths) == 1 else paths[0].parent
 
 
+# ---- verification before use (every loader) ----------------------------------------------
+
+class UntrustedModelFile(ValueError):
+    """A weights file whose sha256 is not the one on record, or that has no record at all."""
+
+
+_hash_cache: dict[tuple, str] = {}
+_hash_cache_lock = threading.Lock()
+
+
+def cached_sha256(path: str | Path) -> str:
+    """sha256 of a file, computed once per process for a given (path, size, mtime, inode): actors
+    that load the same 300 MB file again do not hash it again; a replaced or rewritten file is."""
+    path = Path(path).absolute()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+    with _hash_cache_lock:
+        if key in _hash_cache:
+            return _hash_cache[key]
+    digest = sha256_of(path)
+    with _hash_cache_lock:
+        _hash_cache[key] = digest
+    return digest
+
+
+def pinned_file(path: str | Path) -> ModelFile | None:
+    """The registry entry with a pinned sha256 whose path the absolute ``path`` ends with
+    (``.../det_10g.onnx``, ``.../buffalo_l/det_10g.onnx``, ``.../sd-vae/diffusion_pytorch_model.safetensors``),
+    or None. A file under a pinned name is that file wherever it lies and wherever a lock file is:
+    no lock entry can make another one acceptable."""
+    full = Path(path).expanduser().absolute().as_posix()
+    for spec in FULL_MODELS.values():
+        for f in spec.files:
+            if f.sha256 and full.endswith("/" + f.path):
+                return f
+    return None
+
+
+def lock_root(path: Path) -> Path | None:
+    """The nearest directory at or above ``path``'s directory that holds a ``models.lock.json``."""
+    for d in Path(path).absolute().parents:
+        if (d / LOCK_FILE).is_file():
+            return d
+    return None
+
+
+def expected_sha256(path: str | Path) -> tuple[str | None, str]:
+    """(sha256 the file must have or None, where that comes from) for a weights file."""
+    path = Path(path).expanduser().absolute()
+    root = lock_root(path)
+    pinned = pinned_file(path)
+    if pinned is not None:
+        return pinned.sha256, f"pinned in pipeline/models/registry.py for {pinned.path}"
+    if root is None:
+        return None, f"no {LOCK_FILE} in {path.parent} or any directory above it"
+    rel = path.relative_to(root).as_posix()
+    rec = _read_lock(root).get(rel)
+    if not rec or not rec.get("sha256"):
+        return None, f"no entry {rel!r} in {root / LOCK_FILE}"
+    return rec["sha256"], f"{root / LOCK_FILE} entry {rel!r}"
+
+
+def verified_file(path: str | Path, what: str = "model file") -> Path:
+    """``path`` after checking its sha256 against the record (``expected_sha256``); refuses a file
+    with no record or another hash with an ``UntrustedModelFile`` that names the file, both hashes
+    and the fix. Called by every loader before it opens a weights file."""
+    path = Path(path).expanduser().absolute()
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    want, source = expected_sha256(path)
+    root = lock_root(path) or path.parent
+    register = REGISTER_HINT.format(root=root, rel=path.relative_to(root).as_posix())
+    if want is None:
+        raise UntrustedModelFile(
+            f"{path}: refused to load this {what}: no sha256 on record for it ({source}). Fix: {FETCH_HINT}; "
+            f"or, if it is your own file, record its sha256 with `{register}`")
+    got = cached_sha256(path)
+    if got != want:
+        fix = (f"fetch it again ({FETCH_HINT}); a pinned name cannot be registered, so "
+               "give your own weights another file name, point the config at it and register that"
+               if source.startswith("pinned") else
+               f"fetch it again, or, if you replaced it on purpose, record the new sha256 with `{register}`")
+        raise UntrustedModelFile(f"{path}: refused to load this {what}: sha256 {got} is not the expected {want} "
+                                 f"({source}); the file was changed or replaced. Fix: {fix}")
+    return path
+
+
+def _is_lock_file(path: Path) -> bool:
+    return path.name == LOCK_FILE or path.name.startswith(f".{LOCK_FILE}.tmp")
+
+
+def verified_tree(directory: str | Path, what: str = "model directory") -> Path:
+    """``directory`` after ``verified_file`` on every regular file below it (lock files aside):
+    for loaders that open a whole directory (``from_pretrained``)."""
+    directory = Path(directory).expanduser().absolute()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{what} not found: {directory}")
+    for f in sorted(p for p in directory.rglob("*") if p.is_file() and not _is_lock_file(p)):
+        verified_file(f, f"file of the {what}")
+    return directory
+
+
+def verified_model_path(model_dir: str | Path | None, name: str) -> Path:
+    """``require_model`` with every file of the registered model verified (``verified_file``)."""
+    found = require_model(model_dir, name)  # every file present first: a missing one is named as missing
+    for f in FULL_MODELS[name].files:
+        verified_file(require_file(model_dir, f.path, name), f"{name} model file")
+    return found
+
+
+def register_local_files(root: str | Path, relpath: str, log=print) -> dict[str, str]:
+    """Record the sha256 of ``root/relpath`` (a file, or every file below a directory) in
+    ``root/models.lock.json`` so loaders accept it: for one's own weights, placed deliberately.
+    Pinned registry files cannot be registered (a lock entry never overrides a pinned hash).
+    Returns {relative path: sha256}."""
+    root = Path(root).expanduser().absolute()
+    target = (root / relpath).absolute()
+    if not target.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"{relpath}: not inside {root}")
+    if not target.exists():
+        raise FileNotFoundError(f"nothing to register: {target} does not exist")
+    files = [target] if target.is_file() else sorted(
+        p for p in target.rglob("*") if p.is_file() and not _is_lock_file(p))
+    lock = _read_lock(root)
+    recorded = {}
+    for f in files:
+        rel = f.relative_to(root).as_posix()
+        pinned = pinned_file(f)
+        if pinned is not None:
+            raise UntrustedModelFile(f"{f}: cannot register {rel}: it is the registry's {pinned.path}, pinned to "
+                                     f"sha256 {pinned.sha256}; give your own weights another file name and "
+                                     "point the config at it")
+        digest = cached_sha256(f)
+        lock[rel] = {"sha256": digest, "size": f.stat().st_size, "source": "registered local file",
+                     "registered": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        recorded[rel] = digest
+        log(f"{rel}: registered sha256 {digest}")
+    _write_lock(root, lock)
+    return recorded
+
+
 # ---- fetching (jobs/fetch_models.py) -----------------------------------------------------
 
 class FetchError(RuntimeError):
@@ -175,7 +326,15 @@ def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
 
 def _read_lock(root: Path) -> dict:
     p = root / LOCK_FILE
-    return json.loads(p.read_text()) if p.is_file() else {}
+    if not p.is_file():
+        return {}
+    try:
+        lock = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UntrustedModelFile(f"{p}: not a readable lock file ({e}); fetch or register the models again") from None
+    if not isinstance(lock, dict):
+        raise UntrustedModelFile(f"{p}: not a lock file (expected a JSON object of path -> record)")
+    return lock
 
 
 def _write_lock(root: Path, lock: dict) -> None:

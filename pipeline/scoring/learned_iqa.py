@@ -63,6 +63,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise FileNotFoundError(f"learned quality model weights not found: {path} (copy the file there; "
                                 "the pipeline never downloads)")
+    from pipeline.models.registry import verified_file
+
+    path = verified_file(path, "learned quality model weights file")  # recorded sha256, before any parse
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

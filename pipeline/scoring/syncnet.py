@@ -147,6 +147,9 @@ class SyncNet(nn.Module):
         Keys saved from a ``SyncNetInstance`` (prefix ``__S__.``) are accepted too. Old files
         without BatchNorm ``num_batches_tracked`` load as well (torch fills them in).
         """
+        from pipeline.models.registry import verified_file
+
+        path = verified_file(path, "SyncNet weights file")  # its recorded sha256, before torch reads it
         sd = torch.load(path, map_location=map_location, weights_only=True)
         if not isinstance(sd, dict):
             raise TypeError(f"{path}: expected a state dict, got {type(sd).__name__}")
