@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .config import CurateConfig
 from .inputs import InputItem
-from .journal import Journal, config_fingerprint
+from .journal import Journal, config_differences, config_fingerprint
 
 
 @dataclass
@@ -135,10 +135,11 @@ def _check_output(out: Path, config: CurateConfig, report: DryRunReport, force_r
     if recorded.exists() and not force_resume:
         import json
 
-        old = json.loads(recorded.read_text())["fingerprint"]
-        now = config_fingerprint(cfg_dict)
-        report.check("configuration", old == now,
-                     "matches the output's" if old == now else
-                     f"differs from the one {out} was written with ({old} vs {now}); "
+        old = json.loads(recorded.read_text())
+        changed = ([] if old["fingerprint"] == config_fingerprint(cfg_dict) else
+                   config_differences(old.get("config", {}), cfg_dict, type(config)().model_dump(mode="json")))
+        report.check("configuration", not changed,
+                     "matches the output's" if not changed else
+                     f"differs from the one {out} was written with (in {', '.join(changed[:12])}); "
                      "use a new output directory, or --force-resume to mix them")
     return {uri for uri, retryable in journal.finished().items() if not (retry_failed and retryable)}

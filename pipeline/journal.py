@@ -93,7 +93,7 @@ _RESOURCE_FIELDS = {
 }
 
 
-def config_fingerprint(config_dict: dict) -> str:
+def _relevant(config_dict: dict) -> dict:
     relevant = copy.deepcopy(config_dict)
     for section, fields in _RESOURCE_FIELDS.items():
         if fields is None:
@@ -101,7 +101,40 @@ def config_fingerprint(config_dict: dict) -> str:
         else:
             for f in fields:
                 relevant.get(section, {}).pop(f, None)
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+    return relevant
+
+
+def config_fingerprint(config_dict: dict) -> str:
+    return hashlib.sha256(json.dumps(_relevant(config_dict), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_differences(old: dict, new: dict, defaults: dict | None = None) -> list[str]:
+    """Dotted fields whose value changed between two configs (resource fields ignored).
+
+    A field the old config does not have was added by a newer version of the pipeline: it is no
+    difference while it holds its default (the old run computed what the default computes), so an
+    output resumes across an upgrade that only added fields."""
+    out: list[str] = []
+
+    def walk(a, b, d, path):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                sub_d = d.get(k, _MISSING) if isinstance(d, dict) else _MISSING
+                if k not in a:
+                    if sub_d is _MISSING or b[k] != sub_d:
+                        out.append(f"{path}{k}")
+                elif k not in b:
+                    continue  # removed by a newer version: it cannot change what this one computes
+                else:
+                    walk(a[k], b[k], sub_d, f"{path}{k}.")
+        elif a != b:
+            out.append(path.rstrip("."))
+
+    walk(_relevant(old), _relevant(new), defaults or {}, "")
+    return out
+
+
+_MISSING = object()
 
 
 class Journal:
@@ -130,14 +163,20 @@ class Journal:
             f.close()
 
     # -- config
-    def check_config(self, fingerprint: str, config_dict: dict, force: bool = False) -> None:
+    def check_config(self, fingerprint: str, config_dict: dict, force: bool = False,
+                     defaults: dict | None = None) -> None:
+        """Refuse to resume an output written with another configuration. ``defaults`` (the config
+        class's defaults) lets fields added by a newer pipeline version pass while at their default."""
         path = self.dir / "config.json"
         if path.exists() and not force:
             old = json.loads(path.read_text())
             if old["fingerprint"] != fingerprint:
-                raise ConfigMismatch(
-                    f"{self.root} was written with a different configuration (fingerprint {old['fingerprint']}, "
-                    f"now {fingerprint}); use a new output directory, or --force-resume to mix them")
+                changed = config_differences(old.get("config", {}), config_dict, defaults)
+                if changed or "config" not in old:
+                    raise ConfigMismatch(
+                        f"{self.root} was written with a different configuration (fingerprint {old['fingerprint']}, "
+                        f"now {fingerprint}; differs in: {', '.join(changed[:12]) or 'unknown fields'}); use a new "
+                        "output directory, or --force-resume to mix them")
         atomic_write_json(path, {"fingerprint": fingerprint, "config": config_dict})
 
     # -- shards

@@ -354,7 +354,8 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
                 progress_every_s: float, argv, retry_failed: bool, input_stats: dict, verbose: bool = False,
                 row_source=None) -> dict:
     cfg_dict = config.model_dump(mode="json")
-    journal.check_config(config_fingerprint(cfg_dict), cfg_dict, force=force_resume)
+    journal.check_config(config_fingerprint(cfg_dict), cfg_dict, force=force_resume,
+                         defaults=type(config)().model_dump(mode="json"))
     remove_stale_temp_shards(out)
     # The journal's small columns only (finished uris, shard index entries), each file read once.
     shard_entries = journal.shard_entries()

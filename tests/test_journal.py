@@ -38,3 +38,30 @@ def test_fingerprint_ignores_resources_not_results():
     assert config_fingerprint(base) == config_fingerprint(resized)
     assert config_fingerprint(base) != config_fingerprint(changed)
     assert resized["write"]["dataset_name"] == "other"  # the fingerprint does not mutate the config
+
+
+def test_resume_across_an_upgrade_that_only_added_fields(tmp_path):
+    """An output written before a config field existed resumes while the field holds its default;
+    a changed value is refused, and the error names the field."""
+    import json
+
+    import pytest
+
+    from pipeline.config import CurateConfig, load_config
+    from pipeline.journal import ConfigMismatch
+
+    defaults = CurateConfig().model_dump(mode="json")
+    now = load_config(None).model_dump(mode="json")
+    older = json.loads(json.dumps(now))
+    del older["probe"]["max_frame_pixels"]  # written by a version without the bomb caps
+    journal = Journal(tmp_path / "out")
+    journal.check_config(config_fingerprint(older), older)
+    journal.check_config(config_fingerprint(now), now, defaults=defaults)  # resumes
+
+    journal.check_config(config_fingerprint(older), older, force=True)
+    capped = load_config(None, **{"probe.max_frame_pixels": 10_000_000}).model_dump(mode="json")
+    with pytest.raises(ConfigMismatch, match=r"differs in: probe\.max_frame_pixels"):
+        journal.check_config(config_fingerprint(capped), capped, defaults=defaults)
+    stricter = load_config(None, **{"segment.min_clip_s": 3.0}).model_dump(mode="json")
+    with pytest.raises(ConfigMismatch, match=r"segment\.min_clip_s"):
+        journal.check_config(config_fingerprint(stricter), stricter, defaults=defaults)
