@@ -210,6 +210,11 @@ class RayConfig(_Section):
     detect_actors: int = Field(1, ge=1, description="actor-pool size of the face detection stage (per pool max)")
     cpus_per_task: float = Field(1.0, gt=0)
     object_store_memory: int | None = None
+    # The inputs go to Ray in consecutive datasets of at most this many (one input per block in
+    # each): Ray Data's driver-side state grows ~30 KB per block of a dataset and is freed with it,
+    # so the driver stays flat over any number of inputs. Each dataset's tail idles workers while
+    # its last inputs finish (docs/benchmarks.md: the cost of this size is well under 2%).
+    inputs_per_dataset: int = Field(5000, ge=1, description="inputs per Ray dataset (bounds the driver's memory)")
 
 
 class CurateConfig(_Section):
