@@ -218,7 +218,10 @@ def ray_run(work: Path, n: int, inputs_per_dataset: int | None = None) -> dict:
     if rc != 0:
         raise RuntimeError(f"curate exited {rc}: {''.join(tail)}")
     run = json.loads((out / "run.json").read_text())
+    from machine import loadavg
+
     return {"inputs": n, "inputs_per_dataset": inputs_per_dataset, "wall_s": round(time.perf_counter() - t0, 1),
+            "loadavg_end": loadavg(),
             "rss_at_first_progress_mb": progress[0]["rss_mb"] if progress else None,
             "samples": samples, "peak_rss_mb": round(rss["peak"], 1),
             "kb_per_input_first_to_last_sample": (round((samples[-1]["rss_mb"] - samples[0]["rss_mb"]) * 1024

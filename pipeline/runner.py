@@ -167,8 +167,8 @@ def build_dataset(items: list[InputItem], config: CurateConfig):
 def ray_rows(items: list[InputItem], config: CurateConfig):
     """The pipeline's rows for ``items``, from consecutive datasets of ``ray.inputs_per_dataset`` inputs.
 
-    Each dataset is drained before the next is built, so Ray Data's driver-side state (blocks'
-    metadata, operator and task state: ~30 KB per block) exists for one dataset's inputs at a time
+    Each dataset is drained before the next is built, so Ray Data's driver-side state (the blocks
+    from_items makes up front, operator and task state) exists for one dataset's inputs at a time
     instead of growing with the run; each block still holds one input.
     """
     size = config.ray.inputs_per_dataset

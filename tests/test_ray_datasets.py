@@ -44,3 +44,13 @@ def test_inputs_split_into_datasets_each_come_back_once(tmp_path, monkeypatch, r
     rejects = [r for r in pq.read_table(out / "rejects.parquet").to_pylist() if r["clip_index"] < 0]
     assert Counter(r["uri"] for r in rejects) == Counter(uris)
     assert summary["inputs"] == 3 and summary["inputs_rejected"] == 3
+
+
+def test_inputs_per_dataset_is_a_resource_field():
+    """A run may resume with another dataset size: what is computed does not depend on it."""
+    from pipeline.journal import config_fingerprint
+
+    a = load_config(None).model_dump(mode="json")
+    b = load_config(None, **{"ray.inputs_per_dataset": 7}).model_dump(mode="json")
+    assert a["ray"]["inputs_per_dataset"] != b["ray"]["inputs_per_dataset"]
+    assert config_fingerprint(a) == config_fingerprint(b)
