@@ -1,7 +1,7 @@
 """Scale of the curation driver's bookkeeping at 100,000 inputs (issue 12), without video.
 
-    python benchmarks/bookkeeping.py [--inputs 100000] [--part resume|drive|all] [--work DIR]
-                                     [--out benchmarks/results/bookkeeping-cpu.json]
+    python benchmarks/bookkeeping.py [--inputs 100000] [--part resume|drive|ray|all] [--work DIR]
+                                     [--ray-inputs 2000] [--out benchmarks/results/bookkeeping-cpu.json]
 
 resume: journals N finished inputs through the Journal API (tests/journal_rows.py: realistic
 videos rows, rejects, scores with identity embedding and audio fingerprint, ~1 kept clip per
@@ -15,8 +15,13 @@ drive: runs the real driver (run_curation) over N tiny inputs with the Ray Data 
 replaced by the rows its stages would emit (``row_source``: summary, clip with a 2 KB mp4 and
 its meta.json, rejects with scores rows), so shards, journal and tables are really written; the
 driver's RSS and the time per 10,000 inputs are sampled as the rows are consumed. What this does
-not cover: Ray Data's own driver-side memory (blocks, task state) for 100,000 inputs, which a
-real run adds (measured separately on real Ray runs of zero-byte files, see docs/benchmarks.md).
+not cover: Ray Data's own driver-side memory (blocks, task state), which ``ray`` measures.
+
+ray (not in ``all``: minutes per thousand inputs): the real job (jobs/curate.py, embedded Ray,
+features off) over ``--ray-inputs`` zero-byte files (each a one-block input that becomes an
+"unreadable file" reject), the driver process's RSS polled from /proc/PID/status; sampled at
+every tenth of the inputs (from the job's ``[curate] inputs k/N`` progress lines), plus its
+value at Ray start (first progress line) and its peak.
 """
 from __future__ import annotations
 
@@ -149,6 +154,82 @@ def drive(work: Path, n: int, every: int) -> dict:
             "summary": summary}
 
 
+def _proc_rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def ray_run(work: Path, n: int, inputs_per_dataset: int | None = None) -> dict:
+    """The real job over ``n`` zero-byte files; the driver's RSS at every tenth of the inputs."""
+    import re
+    import threading
+
+    src, out = work / "ray_inputs", work / "ray_out"
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    src.mkdir(parents=True)
+    for i in range(n):
+        (src / f"empty_{i:06d}.mp4").touch()
+    cfg = work / "ray_config.yaml"
+    lines = ["features:", "  enabled: false"]
+    if inputs_per_dataset:
+        lines += ["ray:", f"  inputs_per_dataset: {inputs_per_dataset}"]
+    cfg.write_text("\n".join(lines) + "\n")
+    cmd = [sys.executable, str(ROOT / "jobs" / "curate.py"), "--input", str(src), "--output", str(out),
+           "--config", str(cfg)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    rss = {"now": 0.0, "peak": 0.0}
+    done = threading.Event()
+
+    def poll():
+        while not done.is_set():
+            v = _proc_rss_mb(proc.pid)
+            if v is not None:
+                rss["now"], rss["peak"] = v, max(rss["peak"], v)
+            time.sleep(0.2)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    progress, tail = [], []
+    step = max(1, n // 10)
+    next_mark = step
+    samples = []
+    for line in proc.stdout:
+        tail = (tail + [line])[-40:]
+        m = re.search(r"\[curate\] inputs (\d+)/(\d+)", line)
+        if not m:
+            continue
+        k = int(m.group(1))
+        progress.append({"inputs": k, "s": round(time.perf_counter() - t0, 1), "rss_mb": round(rss["now"], 1)})
+        if k >= next_mark:  # the first progress line at or past each tenth of the inputs
+            samples.append(progress[-1])
+            while next_mark <= k:
+                next_mark += step
+    rc = proc.wait()
+    done.set()
+    poller.join()
+    if rc != 0:
+        raise RuntimeError(f"curate exited {rc}: {''.join(tail)}")
+    run = json.loads((out / "run.json").read_text())
+    from machine import loadavg
+
+    return {"inputs": n, "inputs_per_dataset": inputs_per_dataset, "wall_s": round(time.perf_counter() - t0, 1),
+            "loadavg_end": loadavg(),
+            "rss_at_first_progress_mb": progress[0]["rss_mb"] if progress else None,
+            "samples": samples, "peak_rss_mb": round(rss["peak"], 1),
+            "kb_per_input_first_to_last_sample": (round((samples[-1]["rss_mb"] - samples[0]["rss_mb"]) * 1024
+                                                        / max(1, samples[-1]["inputs"] - samples[0]["inputs"]), 1)
+                                                  if len(samples) > 1 else None),
+            "run_summary": {k: run["summary"].get(k) for k in ("inputs", "inputs_rejected", "inputs_rejected_by_reason")}}
+
+
 def _child(args: list[str]) -> dict:
     r = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
     if r.returncode != 0:
@@ -159,11 +240,15 @@ def _child(args: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--inputs", type=int, default=100_000)
-    ap.add_argument("--part", choices=["resume", "drive", "all"], default="all")
+    ap.add_argument("--part", choices=["resume", "drive", "ray", "all"], default="all")
+    ap.add_argument("--ray-inputs", type=int, default=2000, help="ray: zero-byte files through the real job")
+    ap.add_argument("--inputs-per-dataset", type=int, default=None,
+                    help="ray: override ray.inputs_per_dataset (default: the config's)")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one, removed)")
     ap.add_argument("--keep-journal", action="store_true", help="reuse WORK/resume_out when it exists")
     ap.add_argument("--every", type=int, default=10_000, help="drive: sample RSS every this many inputs")
-    ap.add_argument("--out", default="benchmarks/results/bookkeeping-cpu.json")
+    ap.add_argument("--out", default=None,
+                    help="default benchmarks/results/bookkeeping-cpu.json (ray: bookkeeping-ray-cpu.json)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -197,9 +282,13 @@ def main() -> None:
         if args.part in ("drive", "all"):
             result["drive"] = _child(["drive", str(work), str(args.inputs), str(args.every)])
             print(f"drive: {result['drive']}", file=sys.stderr)
+        if args.part == "ray":
+            result["ray"] = ray_run(work, args.ray_inputs, args.inputs_per_dataset)
+            print(f"ray: {result['ray']}", file=sys.stderr)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
+    args.out = args.out or f"benchmarks/results/bookkeeping{'-ray' if args.part == 'ray' else ''}-cpu.json"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1))

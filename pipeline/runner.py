@@ -197,6 +197,20 @@ def build_dataset(items: list[InputItem], config: CurateConfig):
     return ds
 
 
+def ray_rows(items: list[InputItem], config: CurateConfig):
+    """The pipeline's rows for ``items``, from consecutive datasets of ``ray.inputs_per_dataset`` inputs.
+
+    Each dataset is drained before the next is built, so Ray Data's driver-side state (the blocks
+    from_items makes up front, operator and task state) exists for one dataset's inputs at a time
+    instead of growing with the run; each block still holds one input.
+    """
+    size = config.ray.inputs_per_dataset
+    for start in range(0, len(items), size):
+        ds = build_dataset(items[start:start + size], config)
+        yield from ds.iter_rows()
+        del ds
+
+
 def _manifest_row(meta: dict, shard_url: str, sample_bytes: int) -> dict:
     c, cr = meta["clip"], meta["crop"]
     return {"key": meta["key"], "video_id": meta["video_id"], "clip_index": meta["clip_index"],
@@ -417,7 +431,7 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
     if todo:
         if row_source is None:
             ensure_ray(config, verbose)
-            rows = build_dataset(todo, config).iter_rows()
+            rows = ray_rows(todo, config)
         else:
             rows = row_source(todo)
         try:
