@@ -33,7 +33,8 @@ demo: setup
 	@echo "demo output: $(CURDIR)/demo_output (report: demo_output/report/index.html, Loopy runs: demo_output/train/)"
 
 # `make test` stays under 20 minutes on 2 cores; the reliability runs (whole bad-input corpora,
-# killed workers and nodes, disk full) are marked `long` and run by `make test-long` (CI runs both).
+# killed workers and nodes, disk full) and the real-cluster runs (`ray job submit` to a local head,
+# a 2-node cluster) are marked `long` and run by `make test-long` (CI runs both).
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not long" --durations=15 tests
 

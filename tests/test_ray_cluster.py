@@ -38,7 +38,7 @@ def _check_demo_output(out: Path) -> dict:
     return run
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_ray_job_submit_to_local_head(tmp_path):
     port, dash = _free_port(), _free_port()
     ray_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
@@ -93,7 +93,7 @@ def test_ray_job_submit_to_local_head(tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_two_node_cluster(tmp_path):
     from ray.cluster_utils import Cluster
 
