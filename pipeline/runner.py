@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import platform
+import signal
 import sys
 import time
 import warnings
@@ -29,7 +30,7 @@ from .inputs import InputItem
 from .journal import Journal, config_fingerprint
 from .progress import CurateProgress
 from .shards import AtomicParquetWriter
-from .shards import ShardInfo, ShardWriter, atomic_write_bytes, atomic_write_json, build_index, remove_stale_temp_shards, write_index
+from .shards import ShardInfo, ShardWriter, atomic_write_bytes, atomic_write_json, build_index, remove_stale_temp_files, write_index
 from .stages import SAMPLE_MEMBERS, default_stages, new_row
 
 
@@ -241,6 +242,20 @@ def _kept_scores_row(meta: dict, source: str, features: bool) -> dict:
                 status="kept", reject_stage=None, reject_reason=None, features_computed=features)
 
 
+_shards_journaled_this_process = 0
+
+
+def _fault_kill_after_shard() -> None:
+    """SIGKILL this job's process group (the driver and its embedded Ray) once
+    $CURATE_FAULT_KILL_AFTER_SHARDS shards are journaled: a kill mid-run at a known point, for the
+    tests of kill-and-resume (tests/test_faults.py). Unset in production."""
+    global _shards_journaled_this_process
+    _shards_journaled_this_process += 1
+    limit = os.environ.get("CURATE_FAULT_KILL_AFTER_SHARDS")
+    if limit and _shards_journaled_this_process >= int(limit):
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
 class OutputFullError(RuntimeError):
     """The output filesystem ran out of space (or quota): the run stopped, nothing partial was published."""
 
@@ -370,7 +385,7 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
     cfg_dict = config.model_dump(mode="json")
     journal.check_config(config_fingerprint(cfg_dict), cfg_dict, force=force_resume,
                          defaults=type(config)().model_dump(mode="json"))
-    remove_stale_temp_shards(out)
+    remove_stale_temp_files(out)  # of a killed run: shards, tables, journal entries never published
     # The journal's small columns only (finished uris, shard index entries), each file read once.
     shard_entries = journal.shard_entries()
     journal.remove_orphan_shards(shard_entries)
@@ -416,6 +431,7 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
             # is removed now rather than left for the next run to find as an orphan.
             (out / info.url).unlink(missing_ok=True)
             raise
+        _fault_kill_after_shard()
         closed = set(info.keys)
         for st in list(states.values()):
             if st.pending_keys & closed:

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import time
 from dataclasses import dataclass, field
@@ -195,14 +196,20 @@ class ShardWriter:
         self._keys = []
 
 
-def remove_stale_temp_shards(root: str | Path) -> list[Path]:
-    """Delete temp shards left by a killed run; they were never published."""
-    d = Path(root) / SHARD_DIR
+_TEMP_NAME = re.compile(r"^\..+\.tmp\d*$")  # atomic_write_bytes, AtomicParquetWriter, ShardWriter
+
+
+def remove_stale_temp_files(root: str | Path) -> list[Path]:
+    """Delete the temp files a killed run left (a shard, a table, run.json, a journal entry being
+    written): none was ever published. Called with the output's lock held, so no writer is active."""
+    root = Path(root)
     removed = []
-    if d.is_dir():
-        for p in d.glob(".shard-*.tar.tmp*"):
-            p.unlink()
-            removed.append(p)
+    for d in (root, root / SHARD_DIR, root / "_journal", root / "_journal" / "shards", root / "_journal" / "videos"):
+        if d.is_dir():
+            for p in d.iterdir():
+                if p.is_file() and _TEMP_NAME.match(p.name):
+                    p.unlink()
+                    removed.append(p)
     return removed
 
 

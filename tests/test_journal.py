@@ -65,3 +65,21 @@ def test_resume_across_an_upgrade_that_only_added_fields(tmp_path):
     stricter = load_config(None, **{"segment.min_clip_s": 3.0}).model_dump(mode="json")
     with pytest.raises(ConfigMismatch, match=r"segment\.min_clip_s"):
         journal.check_config(config_fingerprint(stricter), stricter, defaults=defaults)
+
+
+def test_a_resume_removes_every_temp_file_a_killed_run_left(tmp_path):
+    """Killed while writing a shard, a table, run.json or a journal entry: the temp files go, the
+    published files stay (tests/test_faults.py kills a job in its final tables)."""
+    from pipeline.shards import remove_stale_temp_files
+
+    out = tmp_path / "out"
+    Journal(out)
+    (out / "shards").mkdir()
+    stale = [out / ".scores.parquet.tmp14224", out / ".run.json.tmp7", out / "shards" / ".shard-000003.tar.tmp",
+             out / "_journal" / "videos" / ".part-1-ab.json.tmp99", out / "_journal" / "shards" / ".shard-000001.json.tmp5"]
+    kept = [out / "scores.parquet", out / "shards" / "shard-000000.tar", out / "_journal" / "config.json",
+            out / ".hidden-notes.txt"]
+    for p in stale + kept:
+        p.write_bytes(b"x")
+    assert sorted(remove_stale_temp_files(out)) == sorted(stale)
+    assert all(p.exists() for p in kept) and not any(p.exists() for p in stale)
