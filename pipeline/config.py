@@ -6,7 +6,7 @@ errors raised before any work starts (pydantic ``extra="forbid"``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -206,6 +206,13 @@ class FeaturesConfig(_Section):
 class WriteConfig(_Section):
     shard_max_bytes: int = Field(512 * 1024 * 1024, ge=64 * 1024, description="a shard is closed before it would exceed this")
     dataset_name: str = "talking-heads"
+    # Shards are written on the Ray workers, each writer its own shards (names unique per run and
+    # writer), straight to the output store; the driver sees small records only (docs/pipeline.md).
+    writers: int | None = Field(None, ge=1, description="concurrent shard writers (None: one per Ray node)")
+    # The single-writer lock of an object-store output is a lease (a lock object created if absent,
+    # renewed every lease/4): a killed run's successor takes it over once it has not been renewed
+    # for this long. A local output uses flock, which the kernel releases when the run dies.
+    lock_lease_s: float = Field(120.0, ge=1, description="lease of an object-store output's lock (s)")
 
 
 class RayConfig(_Section):
@@ -236,6 +243,10 @@ class CurateConfig(_Section):
     features: FeaturesConfig = FeaturesConfig()
     write: WriteConfig = WriteConfig()
     ray: RayConfig = RayConfig()
+    # fsspec options of an object-store output and inputs (endpoint, region, profile, ...), e.g.
+    # {"client_kwargs": {"endpoint_url": ...}}; credentials belong in the environment
+    # (AWS_ACCESS_KEY_ID, ...). Excluded from dumps: never in run.json or the config fingerprint.
+    storage_options: dict[str, Any] = Field(default_factory=dict, exclude=True)
 
     @property
     def detector_backend(self) -> str:
