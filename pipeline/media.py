@@ -902,6 +902,9 @@ def read_clip(data: bytes) -> tuple[np.ndarray, np.ndarray, dict]:
     """Decode an MP4 (bytes) into frames [T,H,W,3] uint8, audio float32 mono and stream facts."""
     with av.open(io.BytesIO(data)) as c:
         v = c.streams.video[0]
+        # Frame+slice threading: 2.4x faster on an H200 node's CPU (5.5 -> 2.3 ms per 512x512 frame,
+        # benchmarks/gpu_features.py); H.264 threading gives the same frames as a single thread.
+        v.thread_type = "AUTO"
         info = {"fps": float(v.average_rate), "width": v.codec_context.width, "height": v.codec_context.height,
                 "audio_rate": c.streams.audio[0].rate if c.streams.audio else None,
                 "audio_channels": c.streams.audio[0].channels if c.streams.audio else None}

@@ -642,7 +642,8 @@ class FeatureStage:
         self.extractor = FeatureExtractor(config.profile, config.model_dir, device=f.device, batch_size=f.batch_size,
                                           dtype=f.dtype, motion_window=f.motion_window, vae_store_std=f.vae_store_std,
                                           motion_score_threshold=f.motion_score_threshold,
-                                          motion_min_valid_frac=f.motion_min_valid_frac, vae_model=f.vae_model)
+                                          motion_min_valid_frac=f.motion_min_valid_frac, vae_model=f.vae_model,
+                                          tf32=f.tf32)
 
     def __call__(self, batch: dict) -> dict:
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]

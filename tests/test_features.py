@@ -489,3 +489,37 @@ def test_full_extractor_from_a_local_model_dir(tmp_path, shrunk_vae):
     assert out["model_ids"] == {"vae": "local:vae-standin", **{k: FULL_MODELS[n].model_id for k, n in
                                 [("audio_encoder", "wav2vec2"), ("keypoints", "dwpose")]}}
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # workers only read model_dir
+
+
+def test_tf32_is_a_recorded_choice_not_a_process_default(shrunk_vae):
+    """precision.tf32_mode sets cuDNN's and matmul's TF32 flags for its block only; the VAE encode
+    runs under the config's choice and wav2vec2 under strict fp32, whatever the process default;
+    meta says whether TF32 ran (never on CPU)."""
+    from pipeline.features.precision import tf32_mode
+
+    flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731
+    before = flags()
+    seen = []
+    with tf32_mode(False):
+        assert flags() == (False, False)
+        with tf32_mode(True):
+            assert flags() == (True, True)
+        assert flags() == (False, False)
+    assert flags() == before
+    hook = shrunk_vae.encoder.register_forward_hook(lambda *_: seen.append(flags()))
+    frames = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    try:
+        vae_mod.encode_frames(shrunk_vae, frames, batch_size=2, tf32=False)
+        vae_mod.encode_frames(shrunk_vae, frames, batch_size=2, tf32=True)
+    finally:
+        hook.remove()
+    assert seen == [(False, False), (True, True)] and flags() == before
+    model = w2v.build_smoke_wav2vec2()
+    w2v_seen = []
+    h = model.feature_extractor.register_forward_hook(lambda *_: w2v_seen.append(flags()))
+    with tf32_mode(True):
+        w2v.encode_audio(model, np.zeros(3 * 640, np.float32), 3)
+    h.remove()
+    assert w2v_seen == [(False, False)]
+    fx = FeatureExtractor("smoke", device="cpu", batch_size=4, tf32=True)
+    assert fx.meta["vae_tf32"] is False  # CPU: no TF32 whatever the config says

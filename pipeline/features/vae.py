@@ -30,6 +30,8 @@ import torch
 
 from pipeline.models.registry import FULL_MODELS, require_file, verified_file, verified_model_path
 
+from .precision import tf32_mode
+
 SCALING_FACTOR = 0.18215  # SD 1.x VAE config "scaling_factor"
 LATENT_CHANNELS = 4
 DOWNSAMPLE = 8
@@ -151,9 +153,10 @@ def frames_to_input(frames: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def encode_frames(vae, frames: np.ndarray, *, batch_size: int = 16, device: torch.device | str = "cpu",
-                  dtype: torch.dtype = torch.float32, store_std: bool = False) -> np.ndarray:
+                  dtype: torch.dtype = torch.float32, store_std: bool = False, tf32: bool = False) -> np.ndarray:
     """uint8 [T,H,W,3] -> float16 [T,4,H/8,W/8] posterior mean (``store_std``: [T,8,...], mean ++ std),
-    ``batch_size`` frames at a time, computed in ``dtype`` (fp32 unless asked otherwise on CUDA).
+    ``batch_size`` frames at a time, computed in ``dtype`` (fp32 unless asked otherwise on CUDA);
+    ``tf32``: float32 convolutions/matmuls on CUDA in TF32 (precision.py), else strict fp32.
 
     Frames travel to the device as uint8 (4x less transfer than float) and are converted there.
     """
@@ -165,7 +168,7 @@ def encode_frames(vae, frames: np.ndarray, *, batch_size: int = 16, device: torc
     out = np.empty((T, channels, H // DOWNSAMPLE, W // DOWNSAMPLE), dtype=np.float16)
     for i in range(0, T, batch_size):
         x = torch.from_numpy(np.ascontiguousarray(frames[i:i + batch_size])).to(device, non_blocking=True)
-        with autocast_context(device, dtype):
+        with autocast_context(device, dtype), tf32_mode(tf32):
             post = vae.encode(frames_to_input(x)).latent_dist
         z = torch.cat([post.mean, post.std], dim=1) if store_std else post.mean
         out[i:i + len(x)] = z.float().to(torch.float16).cpu().numpy()

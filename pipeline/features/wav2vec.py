@@ -42,6 +42,8 @@ import torch
 
 from pipeline.models.registry import FULL_MODELS, verified_file, verified_model_path
 
+from .precision import tf32_mode
+
 SAMPLE_RATE = 16_000
 FPS = 25
 SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
@@ -195,8 +197,9 @@ def encode_audio(model, audio16k: np.ndarray, n_frames: int, *, device: torch.de
     if rows != 2 * n_frames:
         raise ValueError(f"model conv stack gives {rows} rows for {n_frames} frames; the alignment needs "
                          f"stride {FEATURE_STRIDE} and receptive field {RECEPTIVE_FIELD} (wav2vec2 geometry)")
-    # an enclosing autocast (e.g. a caller's) must not lower the precision: fp32 like Hallo
-    with torch.autocast(device.type, enabled=False):
+    # an enclosing autocast (e.g. a caller's) must not lower the precision: fp32 like Hallo; and on
+    # CUDA strict fp32, not cuDNN's default TF32 for the conv feature encoder (precision.py)
+    with torch.autocast(device.type, enabled=False), tf32_mode(False):
         out = model(torch.from_numpy(x)[None].to(device), output_hidden_states=True)
     h = torch.stack(out.hidden_states, dim=2)[0].float()  # [2T, L, D]
     return h.view(n_frames, 2, L, D).mean(dim=1).to(torch.float16).cpu().numpy()
