@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from pipeline.refilter import refilter
+    from pipeline.finalize import refilter
 
     try:
         report = refilter(args.dir, config.filters)
