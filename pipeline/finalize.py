@@ -82,22 +82,30 @@ class TableWriter:
 
     def add(self, rows: Iterable[dict]) -> None:
         self._rows.extend(rows)
-        if len(self._rows) >= self.batch_rows:
-            self._flush()
+        while len(self._rows) >= self.batch_rows:  # one row group per batch, however many rows came at once
+            batch, self._rows = self._rows[:self.batch_rows], self._rows[self.batch_rows:]
+            self._writer.write_table(schemas.conform_table(batch, self.schema))
 
     def _flush(self) -> None:
         if self._rows:
             self._writer.write_table(schemas.conform_table(self._rows, self.schema))
             self._rows = []
 
-    def close(self) -> None:
+    def finish(self) -> None:
+        """Write the last rows and the footer; the table is published by ``commit``."""
         try:
             self._flush()
             self._writer.close()
         except BaseException:
             self.abort()
             raise
+
+    def commit(self) -> None:
         self.upload.commit()
+
+    def close(self) -> None:
+        self.finish()
+        self.commit()
 
     def abort(self) -> None:
         try:
@@ -120,6 +128,23 @@ def write_table(store: OutputStore, name: str, rows: Iterable[dict], schema: pa.
     """``rows`` as the parquet table ``name`` (columns exactly ``schema``'s, missing fields null)."""
     with TableWriter(store, name, schema) as table:
         table.add(rows)
+
+
+def write_tables(store: OutputStore, tables: dict[str, tuple[Iterable[dict], pa.Schema]]) -> None:
+    """Several tables (name -> (rows, schema)), each complete before any is published."""
+    sinks = []
+    try:
+        for name, (rows, schema) in tables.items():
+            sinks.append(TableWriter(store, name, schema))
+            sinks[-1].add(rows)
+        for sink in sinks:
+            sink.finish()
+        for sink in sinks:
+            sink.commit()
+    except BaseException:
+        for sink in sinks:
+            sink.abort()
+        raise
 
 
 def read_table(store: OutputStore, name: str, columns: list[str] | None = None) -> pa.Table:
@@ -226,8 +251,11 @@ def stream_tables(store: OutputStore, journal: Journal, *, write: bool = True) -
                 sinks["videos"].add([entry["video"]])
                 sinks["rejects"].add(entry["rejects"])
                 sinks["scores"].add(entry.get("scores", []))
+        # every table complete before any is published: a bad row leaves none of them half-replaced
         for sink in sinks.values():
-            sink.close()
+            sink.finish()
+        for sink in sinks.values():
+            sink.commit()
     except BaseException:
         for sink in sinks.values():
             sink.abort()
@@ -256,11 +284,11 @@ def _write_selection(store: OutputStore, journal: Journal, filters: FilterConfig
     if before is None:
         before = {r["key"] for e in shard_entries for r in e["manifest"]}
     selection = select(shard_entries, journal.videos(), filters, duplicates=read_duplicates(store), before=before)
-    write_table(store, "manifest.parquet", selection.manifest, schemas.MANIFEST_SCHEMA)
-    write_table(store, "rejects.parquet", selection.rejects, schemas.REJECTS_SCHEMA)
-    write_table(store, "scores.parquet", selection.scores, schemas.SCORES_SCHEMA)
-    write_table(store, "videos.parquet", selection.videos, schemas.VIDEOS_SCHEMA)
-    write_table(store, "needs_rerun.parquet", selection.needs_rerun, NEEDS_RERUN_SCHEMA)
+    write_tables(store, {"manifest.parquet": (selection.manifest, schemas.MANIFEST_SCHEMA),
+                         "rejects.parquet": (selection.rejects, schemas.REJECTS_SCHEMA),
+                         "scores.parquet": (selection.scores, schemas.SCORES_SCHEMA),
+                         "videos.parquet": (selection.videos, schemas.VIDEOS_SCHEMA),
+                         "needs_rerun.parquet": (selection.needs_rerun, NEEDS_RERUN_SCHEMA)})
     return selection, shard_entries
 
 
