@@ -253,3 +253,25 @@ def test_run_json_counts_shards_by_node_and_tail_shards():
         counts.add_shard(e)
     assert counts.shards_by_node == {"n1": 2, "n2": 1} and counts.tail_shards == 2
     assert [s.as_index_entry().keys() for s in counts.shards][2] == {"url", "nsamples", "filesize", "sha256", "keys"}
+
+
+def test_a_full_disk_publishes_nothing_and_leaves_no_temp_file(tmp_path):
+    """No space left while the tables stream (a 64 KiB tmpfs): the error is the OSError the runner turns
+    into OutputFullError, and not a byte of any table, run.json or index.json remains."""
+    import errno
+    import os
+
+    from test_faults import small_tmpfs
+
+    journal = Journal(tmp_path / "journal")
+    journal.record_videos([{"video": _video(f"v{i}", "rejected", "no face detected", 0, 0, 0), "retryable": False,
+                            "rejects": [records.input_reject(uri=f"/in/v{i}.mp4", video_id=f"v{i}", source="/in",
+                                                             stage="detect", reason="no face detected", retryable=False,
+                                                             detail=os.urandom(1000).hex())], "scores": []}
+                           for i in range(200)])  # ~400 KB of incompressible details
+    with small_tmpfs(tmp_path / "mnt", "64k") as mnt:
+        store = open_store(mnt / "out")
+        with pytest.raises(OSError) as e:
+            finalize_curation(store, journal, load_config(None), _facts())
+        assert e.value.errno == errno.ENOSPC
+        assert [p for p in mnt.rglob("*") if p.is_file()] == []
