@@ -82,3 +82,17 @@ def test_one_member_list():
     assert records.sample_members(False) == ["video.mp4", "meta.json"]
     assert records.sample_members(True) == list(schemas.MEMBERS)
     assert set(SAMPLE_MEMBERS.values()) | {"meta.json"} == set(schemas.MEMBERS)
+
+
+def test_a_feature_failure_is_a_retryable_clip_reject_with_its_scores():
+    """FeatureStage on a clip whose video cannot be decoded (the extractor is never reached)."""
+    from pipeline.stages import FeatureStage
+
+    stage = FeatureStage.__new__(FeatureStage)  # no models: decoding fails before they would run
+    clip = new_row("vid", "/in/vid.mp4", "/in", "clip", dict(META, models={}), clip_index=3, mp4=b"not an mp4")
+    out = stage._one(clip)
+    payload = json.loads(out["payload"])
+    assert (out["kind"], out["clip_index"], payload["stage"], payload["key"]) == ("reject", 3, "features", "vid_0003")
+    assert payload["retryable"] is True and records.is_retryable(payload)
+    assert payload["duration_s"] == payload["scores"]["duration_s"] == 2.0  # 60 frames at the clip's 30 fps
+    assert payload["scores"]["status"] == "rejected" and payload["scores"]["reject_stage"] == "features"
