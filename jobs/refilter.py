@@ -3,7 +3,8 @@
 
     python jobs/refilter.py DIR --config FILE
 
-Only the `filters:` section of FILE is used. No video is decoded and no model runs; the
+Only the `filters:` and `storage_options:` sections of FILE are used (DIR may be an object-store
+URL such as s3://bucket/out, credentials from the environment or storage_options). No video is decoded and no model runs; the
 manifest, rejects, videos and scores tables and the index selection are rewritten, and the
 clips entering or leaving the kept set are reported. Clips that would now pass but were
 rejected before their features were computed are listed in DIR/needs_rerun.parquet.
@@ -29,10 +30,10 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from pipeline.refilter import refilter
+    from pipeline.finalize import refilter
 
     try:
-        report = refilter(args.dir, config.filters)
+        report = refilter(args.dir, config.filters, config.storage_options)  # an s3:// output: its storage_options
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -316,17 +316,21 @@ def duplicate_rows(groups: list[list[str]], edges: list[dict], scores: dict[str,
     return sorted(rows, key=lambda r: (r["group_id"], r["rank"]))
 
 
-def read_duplicates(root: str | Path) -> list[dict]:
-    path = Path(root) / "duplicates.parquet"
-    if not path.exists():
-        return []
-    table = pq.read_table(path)
+def read_duplicates(root) -> list[dict]:
+    """The rows of duplicates.parquet of the output at ``root`` (a path, URL or OutputStore); [] when
+    jobs/dedup.py never ran on it."""
     from schemas import check_table
 
+    from .store import OutputStore, open_store
+
+    store = root if isinstance(root, OutputStore) else open_store(root)
+    if not store.exists("duplicates.parquet"):
+        return []
+    table = pq.read_table(pa.BufferReader(store.read_bytes("duplicates.parquet")))
     try:
         check_table(table, DUPLICATES_SCHEMA)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise ValueError(f"{store.uri('duplicates.parquet')}: {e}") from None
     return table.to_pylist()
 
 
@@ -346,7 +350,8 @@ def select_kept(duplicates: list[dict], passing: set[str]) -> dict[str, str]:
 
 def run_dedup(root: str | Path, cfg: DedupConfig) -> dict:
     """Find the groups of the output at ``root`` and write duplicates.parquet (atomically)."""
-    from .runner import _write_parquet
+    from .finalize import write_table
+    from .store import open_store
 
     root = Path(root)
     path = root / "scores.parquet"
@@ -366,7 +371,7 @@ def run_dedup(root: str | Path, cfg: DedupConfig) -> dict:
     rank_cols = [c for c in cfg.rank_by if c in table.column_names]
     scores = {r["key"]: r for r in table.select(["key"] + [c for c in rank_cols if c != "key"]).to_pylist()}
     rows = duplicate_rows(groups, edges, scores, rank_cols)
-    _write_parquet(root / "duplicates.parquet", rows, DUPLICATES_SCHEMA)
+    write_table(open_store(root), "duplicates.parquet", rows, DUPLICATES_SCHEMA)
     return {"clips": table.num_rows, "candidate_pairs": stats.get("candidate_pairs", 0),
             "verified_duplicate_pairs": sum(e["duplicate"] for e in edges), "groups": len(groups),
             "duplicates": sum(len(g) - 1 for g in groups), "rank_by": rank_cols,
@@ -390,10 +395,10 @@ def filters_in_effect(root: Path):
 def dedup_output(root: str | Path, config) -> dict:
     """jobs/dedup.py: groups -> duplicates.parquet, then the output's filters with dedup on (under
     the output's lock, so no curation or refilter writes it meanwhile)."""
+    from .finalize import apply_filters, save_filters
     from .journal import Journal
-    from .refilter import REFILTER_STATE, apply_filters
     from .runner import ensure_ray
-    from .shards import atomic_write_json
+    from .store import open_store
 
     root = Path(root)
     if not (root / "index.json").exists():
@@ -403,7 +408,7 @@ def dedup_output(root: str | Path, config) -> dict:
         filters = filters_in_effect(root).model_copy(update={"dedup": True})
         ensure_ray(config)
         found = run_dedup(root, config.dedup)
-        applied = apply_filters(root, filters)
-        # a later curation into this output re-applies these filters, dedup included (runner.py)
-        atomic_write_json(journal.dir / REFILTER_STATE, {"filters": filters.model_dump(mode="json")})
+        applied = apply_filters(open_store(root), filters, journal=journal)
+        # a later curation into this output re-applies these filters, dedup included (finalize.py)
+        save_filters(open_store(root), filters)
     return {"found": found, "refilter": applied}

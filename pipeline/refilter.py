@@ -7,24 +7,22 @@ features were computed), it is listed in ``needs_rerun.parquet`` instead of vani
 kept clip that now fails leaves the manifest (its bytes stay in the shard, unused: the
 manifest is the selection the trainer reads) and gets a rejects row with stage "refilter".
 Speaking-face decisions are kept as the curation made them.
+
+This module only decides (``select``: journal outcomes and thresholds in, new table rows out);
+pipeline/finalize.py reads the output and writes the result, for jobs/refilter.py
+(``finalize.refilter``) and for a curation run into an output whose thresholds were refiltered.
 """
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-import schemas
-from . import __version__
+from schemas import records
 from .config import FilterConfig
-from .dedup import read_duplicates, select_kept
+from .dedup import select_kept
 from .filters import evaluate, rule_table, unstored_rules
-from .journal import Journal
-from .runner import _write_parquet
-from .shards import ShardInfo, atomic_write_json, build_index, read_index, write_index
 
 NEEDS_RERUN_SCHEMA = pa.schema([("key", pa.string()), ("uri", pa.string()), ("video_id", pa.string()),
                                 ("clip_index", pa.int32()), ("previous_reason", pa.string())])
@@ -33,35 +31,35 @@ NEEDS_RERUN_SCHEMA = pa.schema([("key", pa.string()), ("uri", pa.string()), ("vi
 REFILTER_STATE = "refilter.json"  # under _journal/: the thresholds a later curate run re-applies
 
 
-def refilter(root: str | Path, filters: FilterConfig) -> dict:
-    """Apply ``filters`` to the output at ``root`` (holding its lock) and remember them, so a later
-    curation run into the same output (adding inputs) applies them too instead of undoing them."""
-    journal = Journal(root)
-    with journal.lock():
-        report = apply_filters(root, filters)
-        atomic_write_json(journal.dir / REFILTER_STATE, {"filters": filters.model_dump(mode="json")})
-    return report
+@dataclass
+class Selection:
+    """What ``filters`` keep of an output: its new tables' rows and the report of what moved."""
+
+    manifest: list[dict] = field(default_factory=list)
+    rejects: list[dict] = field(default_factory=list)
+    scores: list[dict] = field(default_factory=list)
+    videos: list[dict] = field(default_factory=list)
+    needs_rerun: list[dict] = field(default_factory=list)
+    report: dict = field(default_factory=dict)
+    duplicates_found: bool = False
+    duplicates_rejected: int = 0
 
 
-def apply_filters(root: str | Path, filters: FilterConfig) -> dict:
-    root = Path(root)
-    index = read_index(root)  # refuses unknown schema versions
-    journal = Journal(root)
-    shard_entries = journal.shards()
-    videos = journal.videos()
-    if not (root / "scores.parquet").exists():
-        raise FileNotFoundError(f"{root}/scores.parquet is missing: this output has no stored scores to refilter")
+def select(shard_entries: list[dict], videos: list[dict], filters: FilterConfig, *, duplicates: list[dict],
+           before: set[str]) -> Selection:
+    """Apply ``filters`` to the journal's outcomes (``shard_entries``: journaled shards with their
+    manifest and scores rows; ``videos``: the latest entry of every input) and ``duplicates``
+    (duplicates.parquet rows); ``before``: the keys the output's manifest held until now, for the
+    report. Reads and writes nothing: pipeline/finalize.py writes the result."""
     # The journal holds every score as the curation measured it; scores.parquet may already carry
     # an earlier refilter's statuses, so successive refilters always start from the same base.
     # Everything physically in the shards, and the curation's own outcomes.
     present = {r["key"]: r for e in shard_entries for r in e["manifest"]}
     base_rejects = [r for v in videos for r in v["rejects"]]
     scores = [r for e in shard_entries for r in e.get("scores", [])] + [r for v in videos for r in v.get("scores", [])]
-    before = set(pq.read_table(root / "manifest.parquet", columns=["key"]).column("key").to_pylist())
 
     kept, dropped, rerun = [], [], []
     new_scores = []
-    sync_real = index["profile"] == "full"
     evaluated = []
     # An output written before a score existed (an older 2.x minor version) never recorded it:
     # its rule is skipped, not failed by every clip.
@@ -77,7 +75,6 @@ def apply_filters(root: str | Path, filters: FilterConfig) -> dict:
         failed += evaluate(s, filters, stored_columns)
         evaluated.append((s, failed))
     # near-duplicates (jobs/dedup.py): of each group, the best-ranked clip passing every other rule stays
-    duplicates = read_duplicates(root)
     evidence_of = {r["key"]: r["evidence"] for r in duplicates}
     duplicate_of = select_kept(duplicates, {s["key"] for s, f in evaluated if not f and s["key"] in present})
     for s, failed in evaluated:
@@ -107,13 +104,15 @@ def apply_filters(root: str | Path, filters: FilterConfig) -> dict:
     rerun_keys = {r["key"] for r in rerun}
     rejects = [r for r in base_rejects if r.get("key") not in kept_set]
     for s, first, failed in dropped:
-        rejects.append({"uri": s["uri"], "video_id": s["video_id"], "clip_index": s["clip_index"], "key": s["key"],
-                        "stage": s["reject_stage"], "reason": first["reason"], "rule": first["rule"],
-                        "value": s.get(first["column"]) if isinstance(s.get(first["column"]), (int, float)) else None,
-                        "threshold": first["value"] if isinstance(first["value"], (int, float)) else None,
-                        "detail": "; ".join(f"{f['rule']} ({f['column']} {f['op']} {f['value']})" for f in failed)
-                        + (f"; evidence: {evidence_of.get(s['key'])}" if first["rule"] == "filters.dedup" else ""),
-                        "duration_s": s["duration_s"], "source": s["source"]})
+        value = s.get(first["column"])
+        rejects.append(records.clip_reject(
+            uri=s["uri"], video_id=s["video_id"], source=s["source"], clip_index=s["clip_index"], key=s["key"],
+            stage=s["reject_stage"], reason=first["reason"], rule=first["rule"], retryable=False,
+            value=value if isinstance(value, (int, float)) else None,
+            threshold=first["value"] if isinstance(first["value"], (int, float)) else None,
+            detail="; ".join(f"{f['rule']} ({f['column']} {f['op']} {f['value']})" for f in failed)
+            + (f"; evidence: {evidence_of.get(s['key'])}" if first["rule"] == "filters.dedup" else ""),
+            duration_s=s["duration_s"]))
     manifest = [present[k] for e in shard_entries for k in e["shard"]["keys"] if k in kept_set]
     video_rows = []
     kept_by_uri: dict[str, int] = {}
@@ -130,27 +129,18 @@ def apply_filters(root: str | Path, filters: FilterConfig) -> dict:
                 row.update(status="rejected", stage="refilter", reason="all clips rejected by refilter")
         video_rows.append(row)
 
-    _write_parquet(root / "manifest.parquet", manifest, schemas.MANIFEST_SCHEMA)
-    _write_parquet(root / "rejects.parquet", rejects, schemas.REJECTS_SCHEMA)
-    _write_parquet(root / "scores.parquet", new_scores, schemas.SCORES_SCHEMA)
-    _write_parquet(root / "videos.parquet", video_rows, schemas.VIDEOS_SCHEMA)
-    _write_parquet(root / "needs_rerun.parquet", rerun, NEEDS_RERUN_SCHEMA)
-    entered = sorted(kept_set - before)
-    left = sorted(before - kept_set)
     report = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "filters": filters.model_dump(mode="json"),
-              "kept": len(kept_set), "entered": entered, "left": left, "needs_rerun": sorted(rerun_keys),
-              "rules_not_applied_unstored": unstored_rules(filters, stored_columns)}
-    run_path = root / "run.json"
-    run = json.loads(run_path.read_text())
-    run.setdefault("refilters", []).append({k: v for k, v in report.items()})
+              "kept": len(kept_set), "entered": sorted(kept_set - before), "left": sorted(before - kept_set),
+              "needs_rerun": sorted(rerun_keys), "rules_not_applied_unstored": unstored_rules(filters, stored_columns)}
+    return Selection(manifest=manifest, rejects=rejects, scores=new_scores, videos=video_rows, needs_rerun=rerun,
+                     report=report, duplicates_found=bool(duplicates),
+                     duplicates_rejected=sum(1 for _, f, _ in dropped if f["rule"] == "filters.dedup"))
+
+
+def record_in_run(run: dict, selection: Selection, filters: FilterConfig, *, sync_real: bool) -> None:
+    """Note a refilter in ``run`` (run.json): its report, the rules and filters now in effect, dedup."""
+    run.setdefault("refilters", []).append(dict(selection.report))
     run["filter_rules"] = rule_table(filters, sync_real=sync_real)
-    run["dedup"] = {"applied": bool(filters.dedup and duplicates), "duplicates_rejected":
-                    sum(1 for _, f, _ in dropped if f["rule"] == "filters.dedup")}
+    run["dedup"] = {"applied": bool(filters.dedup and selection.duplicates_found),
+                    "duplicates_rejected": selection.duplicates_rejected}
     run["config"]["filters"] = filters.model_dump(mode="json")
-    atomic_write_json(run_path, run)
-    new_index = build_index([ShardInfo(**e["shard"]) for e in shard_entries], profile=index["profile"],
-                            name=index.get("name", ""), members=index.get("members", []),
-                            pipeline_version=__version__)
-    new_index["selection"] = {"manifest": "manifest.parquet", "nsamples": len(manifest), "refiltered": report["time"]}
-    write_index(root, new_index)  # last: commits the new selection
-    return report

@@ -11,27 +11,21 @@ import contextlib
 import errno
 import json
 import os
-import platform
 import signal
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 import schemas
-from . import __version__
 from .config import CurateConfig
-from .filters import rule_table
+from .finalize import RunFacts, finalize_curation
 from .inputs import InputItem
 from .journal import Journal, config_fingerprint
 from .progress import CurateProgress
-from .shards import AtomicParquetWriter
-from .shards import ShardInfo, ShardWriter, atomic_write_bytes, atomic_write_json, build_index, remove_stale_temp_files, write_index
+from .shards import ShardInfo, ShardWriter, remove_stale_temp_files
 from .stages import SAMPLE_MEMBERS, default_stages, new_row
+from .store import open_store
 
 
 @dataclass
@@ -304,49 +298,6 @@ def _coverage_json(st: _InFlight) -> str | None:
 
 
 
-def _write_parquet(path: Path, rows: list[dict], schema: pa.Schema) -> None:
-    table = schemas.conform_table(rows, schema)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    atomic_write_bytes(path, sink.getvalue().to_pybytes())
-
-
-def _write_tables(out: Path, journal: Journal) -> tuple[dict, list[ShardInfo]]:
-    """manifest, rejects, videos and scores.parquet, streamed from the journal (shards in url order,
-    then inputs); returns the counts of the run summary and the shards of the index."""
-    sinks = {name: AtomicParquetWriter(out / f"{name}.parquet", schemas.TABLE_SCHEMAS[f"{name}.parquet"])
-             for name in ("manifest", "rejects", "videos", "scores")}
-    counts = {"inputs": 0, "inputs_kept": 0, "clips_kept": 0, "clips_rejected": 0, "kept_s": 0.0, "input_s": 0.0,
-              "rejected_by_reason": {}}
-    shard_infos = []
-    try:
-        for e in journal.iter_shards():
-            shard_infos.append(ShardInfo(**e["shard"]))
-            sinks["manifest"].add(e["manifest"])
-            sinks["scores"].add(e.get("scores", []))
-            counts["clips_kept"] += len(e["manifest"])
-            for r in e["manifest"]:
-                counts["kept_s"] += r["duration_s"]
-        for v in journal.iter_videos():
-            sinks["videos"].add([v["video"]])
-            sinks["rejects"].add(v["rejects"])
-            sinks["scores"].add(v.get("scores", []))
-            counts["inputs"] += 1
-            counts["inputs_kept"] += v["video"]["status"] == "kept"
-            if v["video"]["status"] != "kept":
-                reasons = counts["rejected_by_reason"]
-                reasons[v["video"]["reason"]] = reasons.get(v["video"]["reason"], 0) + 1
-            counts["clips_rejected"] += sum(1 for r in v["rejects"] if r["clip_index"] >= 0)
-            counts["input_s"] += v["video"]["duration_s"] or 0
-        for sink in sinks.values():
-            sink.close()
-    except BaseException:
-        for sink in sinks.values():
-            sink.abort()
-        raise
-    return counts, shard_infos
-
-
 def run_curation(items: list[InputItem], output: str | Path, config: CurateConfig, *, force_resume: bool = False,
                  progress_every_s: float = 5.0, argv: list[str] | None = None, retry_failed: bool = True,
                  input_stats: dict | None = None, verbose: bool = False, row_source=None) -> dict:
@@ -541,61 +492,6 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
     journal_ready(force=True)
 
     # ---- tables, run facts, and the index last
-    tables, shard_infos = _write_tables(out, journal)
-    progress.done = tables["inputs"]
-    progress.close()
-    elapsed = time.time() - t_start
-    summary = {
-        "inputs": len(items), "inputs_this_run": len(todo), "inputs_kept": tables["inputs_kept"],
-        "inputs_rejected": tables["inputs"] - tables["inputs_kept"], "clips_kept": tables["clips_kept"],
-        "clips_rejected": tables["clips_rejected"], "kept_hours": tables["kept_s"] / 3600,
-        "input_hours": tables["input_s"] / 3600, "shards": len(shard_infos), "elapsed_s": elapsed,
-        # every input accounted for: rejected inputs by reason; list entries folded into another
-        "inputs_rejected_by_reason": dict(sorted(tables["rejected_by_reason"].items())),
-        "input_duplicates": int(input_stats.get("duplicates", 0)),
-        "input_blank_entries": int(input_stats.get("blank_entries", 0)),
-    }
-    run = {
-        "pipeline_version": __version__, "schema_version": schemas.SCHEMA_VERSION, "argv": argv or sys.argv,
-        "config": cfg_dict, "config_fingerprint": config_fingerprint(cfg_dict), "summary": summary,
-        "timings": {"wall_s": elapsed, "stage_cpu_s": stage_seconds,
-                    "inputs_per_s": len(todo) / elapsed if elapsed > 0 else None},
-        "filter_rules": rule_table(config.filters, sync_real=config.profile == "full"),
-        "sync_rules_applied": config.profile == "full",
-        "nodes_used": sorted(nodes_used), "versions": _versions(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    atomic_write_json(out / "run.json", run)
-    members = ["video.mp4", "meta.json"] + (
-        ["latent.npy", "audio.npy", "kps.npy", "motion.npy"] if config.features.enabled else [])
-    index = build_index(shard_infos, profile=config.profile,
-                        name=config.write.dataset_name, members=members, pipeline_version=__version__)
-    write_index(out, index)
-    refilter_state = journal.dir / "refilter.json"
-    if refilter_state.exists():
-        # jobs/refilter.py changed the thresholds of this output earlier: keep them for the new inputs.
-        from .config import FilterConfig
-        from .refilter import apply_filters
-
-        report = apply_filters(out, FilterConfig(**json.loads(refilter_state.read_text())["filters"]))
-        print(f"[curate] re-applied the refilter thresholds of {refilter_state}: {report['kept']} clips kept",
-              file=sys.stderr, flush=True)
-    if config.profile == "smoke":
-        print("[curate] note: smoke profile: SyncNet has random weights, so the lip-sync rules "
-              "(filters.sync_conf_min, filters.sync_offset_abs_max) were not applied; scores are still recorded",
-              file=sys.stderr, flush=True)
-    print(f"[curate] done: {summary['inputs']} inputs ({summary['input_hours']:.3f} h) -> {summary['clips_kept']} clips "
-          f"kept ({summary['kept_hours']:.3f} h) in {summary['shards']} shards; {summary['inputs_rejected']} inputs and "
-          f"{summary['clips_rejected']} clips rejected; {elapsed:.1f} s. Output: {out}", file=sys.stderr, flush=True)
-    return summary
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in ("ray", "av", "numpy", "pyarrow", "mediapipe", "onnxruntime", "webdataset", "torch"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    facts = RunFacts(started=t_start, inputs=len(items), inputs_this_run=len(todo), argv=argv,
+                     stage_seconds=stage_seconds, nodes_used=nodes_used, input_stats=input_stats)
+    return finalize_curation(open_store(out), journal, config, facts, progress=progress)

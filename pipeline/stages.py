@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 import schemas
+from schemas import records
 from . import __version__
 from .config import CurateConfig
 from .media import (DecodeLog, MediaError, check_input, decode_audio_track, merge_ranges, probe, run_with_deadline,
@@ -66,10 +67,13 @@ def new_row(video_id: str, uri: str, source: str, kind: str, payload: dict, clip
 
 def reject_row(row: dict, *, stage: str, reason: str, clip_index: int = -1, key: str | None = None,
                rule: str | None = None, value: float | None = None, threshold: float | None = None,
-               detail: str = "", duration_s: float | None = None) -> dict:
-    payload = {"uri": row["uri"], "video_id": row["video_id"], "clip_index": clip_index, "key": key,
-               "stage": stage, "reason": reason, "rule": rule, "value": None if value is None else float(value),
-               "threshold": threshold, "detail": detail[:2000], "duration_s": duration_s, "source": row["source"]}
+               detail: str = "", duration_s: float | None = None, retryable: bool = False) -> dict:
+    """A ``reject`` row: its payload is the rejects row (schemas.records). ``retryable``: the cause is
+    the machine, not the video (a crash, an internal error), so the next run tries the input again."""
+    fields = dict(uri=row["uri"], video_id=row["video_id"], source=row["source"], stage=stage, reason=reason,
+                  retryable=retryable, rule=rule, value=value, threshold=threshold, detail=detail, duration_s=duration_s)
+    payload = (records.input_reject(**fields) if clip_index < 0
+               else records.clip_reject(clip_index=clip_index, key=key, **fields))
     return new_row(row["video_id"], row["uri"], row["source"], "reject", payload, clip_index=clip_index)
 
 
@@ -79,9 +83,12 @@ def _crash_reject(row: dict, stage: str, exc: BaseException, payload: dict | Non
     # any other OSError (a full local disk) stays an internal error, retried by the next run
     exc = transport_error(row["uri"], exc) or exc
     if isinstance(exc, MediaError):
-        return reject_row(row, stage=stage, reason=exc.reason, detail=str(exc), value=exc.value, duration_s=dur)
+        # final, except a server error (HTTP 5xx): the server failed, not the file
+        return reject_row(row, stage=stage, reason=exc.reason, detail=str(exc), value=exc.value, duration_s=dur,
+                          retryable=exc.reason.startswith("HTTP 5"))
     tb = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-    return reject_row(row, stage=stage, reason="internal error", detail=f"{row['uri']}: {tb}", duration_s=dur)
+    return reject_row(row, stage=stage, reason="internal error", detail=f"{row['uri']}: {tb}", duration_s=dur,
+                      retryable=True)
 
 
 def _node_id() -> str | None:
@@ -445,7 +452,7 @@ class CropScoreStage:
                     rp = json.loads(fix["payload"])
                     if "scores" not in rp:  # rejected before a new measurement: the scores it had
                         rp["scores"] = _scores_row(row, c, key, dict(sc, audio_shift_s=0.0), "rejected", rp["stage"],
-                                                   rp["reason"])
+                                                   rp["reason"], fps=cfg.fps)
                         fix["payload"] = dumps(rp)
                     out_rows.append(fix)
                     path.unlink(missing_ok=True)
@@ -469,7 +476,7 @@ class CropScoreStage:
                                  detail=f"{row['uri']} clip {ci} ({c.start_s:.2f}-{c.end_s:.2f} s): fails "
                                         + "; ".join(f"{f['rule']} ({f['column']} {f['op']} {f['value']})" for f in failed))
                 rp = json.loads(rej["payload"])
-                rp["scores"] = _scores_row(row, c, key, sc, "rejected", "score", first["reason"])
+                rp["scores"] = _scores_row(row, c, key, sc, "rejected", "score", first["reason"], fps=cfg.fps)
                 rej["payload"] = dumps(rp)
                 out_rows.append(rej)
                 path.unlink()
@@ -552,7 +559,8 @@ class CropScoreStage:
                                     f"for its {offset}-frame offset fails "
                                     + "; ".join(f"{x['rule']} ({x['column']} {x['op']} {x['value']})" for x in failed))
             rp = json.loads(rej["payload"])
-            rp["scores"] = _scores_row(row, trimmed, key, dict(sc, audio_shift_s=0.0), "rejected", "score", f["reason"])
+            rp["scores"] = _scores_row(row, trimmed, key, dict(sc, audio_shift_s=0.0), "rejected", "score", f["reason"],
+                                       fps=cfg.fps)
             rej["payload"] = dumps(rp)
             return rej
         detail["offset_trim"] = {"frames": trim, "end": "start" if offset > 0 else "end", "from_start_s": c.start_s,
@@ -612,17 +620,18 @@ class CropScoreStage:
                            **({"score_boxes": self.box_detector.name} if self.box_detector is not None else {}),
                            **({"identity": self.identity.name} if self.identity is not None else {}),
                            **({"learned_iqa": self.iqa_model.model_id} if self.iqa_model is not None else {})),
-            "members": ["video.mp4", "meta.json"],
+            "members": list(records.REQUIRED_MEMBERS),
             "scores": dict(sc, max_faces=c.max_faces),
             "score_details": detail,
         }
 
 
 def _scores_row(row: dict, c: CandidateClip, key: str, sc: dict, status: str, stage: str | None,
-                reason: str | None) -> dict:
-    return dict(sc, key=key, video_id=row["video_id"], clip_index=c.clip_index, uri=row["uri"], source=row["source"],
-                track_id=c.track_id, start_s=c.start_s, duration_s=c.n_frames / 25.0, status=status,
-                reject_stage=stage, reject_reason=reason, features_computed=False)
+                reason: str | None, *, fps: float) -> dict:
+    return records.scores_row(scores=sc, key=key, video_id=row["video_id"], clip_index=c.clip_index, uri=row["uri"],
+                              source=row["source"], track_id=c.track_id, start_s=c.start_s, n_frames=c.n_frames,
+                              fps=fps, status=status, reject_stage=stage, reject_reason=reason,
+                              features_computed=False)
 
 
 class FeatureStage:
@@ -664,13 +673,14 @@ class FeatureStage:
         except Exception as e:  # noqa: BLE001
             rej = _crash_reject(row, self.name, e)
             payload = json.loads(rej["payload"])
-            payload.update(clip_index=row["clip_index"], key=meta["key"],
+            # a feature failure is the machine's (GPU memory, a model bug): retried by the next run
+            payload.update(clip_index=row["clip_index"], key=meta["key"], retryable=True,
                            duration_s=meta["clip"]["n_frames"] / meta["clip"]["fps"])
-            payload["scores"] = dict(meta["scores"], key=meta["key"], video_id=row["video_id"],
-                                     clip_index=row["clip_index"], uri=row["uri"], source=row["source"],
-                                     track_id=meta["clip"]["track_id"], start_s=meta["clip"]["start_s"],
-                                     duration_s=payload["duration_s"], status="rejected", reject_stage=self.name,
-                                     reject_reason=payload["reason"], features_computed=False)
+            payload["scores"] = records.scores_row(
+                scores=meta["scores"], key=meta["key"], video_id=row["video_id"], clip_index=row["clip_index"],
+                uri=row["uri"], source=row["source"], track_id=meta["clip"]["track_id"],
+                start_s=meta["clip"]["start_s"], n_frames=meta["clip"]["n_frames"], fps=meta["clip"]["fps"],
+                status="rejected", reject_stage=self.name, reject_reason=payload["reason"], features_computed=False)
             rej["payload"], rej["clip_index"] = dumps(payload), row["clip_index"]
             return rej
         meta["models"].update(feats["model_ids"])

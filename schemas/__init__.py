@@ -3,6 +3,8 @@
 Everything a reader may rely on is declared here: the sample members of a shard, the JSON
 Schema of ``meta.json``, the layout of ``index.json`` and the Arrow schemas of the parquet
 tables. Every output records ``SCHEMA_VERSION``; readers refuse versions they do not know.
+The rows of the tables and the member lists are built by the constructors of
+``schemas/records.py``, checked against these schemas.
 
 Version rules: the major number changes when a reader written for the old version would
 misread the new data (renamed/removed member or column, changed dtype or units); the minor

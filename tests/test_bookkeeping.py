@@ -15,8 +15,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+import pipeline.finalize as finalize_mod
 import pipeline.journal as journal_mod
-import pipeline.runner as runner_mod
 import schemas
 from journal_rows import build_journal, outcome_rows, plan, synthetic_items
 from pipeline.config import load_config
@@ -78,8 +78,8 @@ def test_final_tables_equal_the_full_read_of_an_uncompacted_journal(tmp_path, mo
     assert not list(journal.dir.rglob("segment-*"))
     expected = _old_tables(journal.dir)
     monkeypatch.setattr(journal_mod, "COMPACT_EVERY", 4)
-    real_writer = runner_mod.AtomicParquetWriter
-    monkeypatch.setattr(runner_mod, "AtomicParquetWriter", lambda path, schema: real_writer(path, schema, 16))
+    real_writer = finalize_mod.TableWriter  # row groups of 16 rows: the streamed writes, many times over
+    monkeypatch.setattr(finalize_mod, "TableWriter", lambda store, name, schema: real_writer(store, name, schema, 16))
     summary = run_curation(synthetic_items(120), out, _config(), progress_every_s=3600)
     for name, rows in expected.items():
         table = pq.read_table(out / f"{name}.parquet")

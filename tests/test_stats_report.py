@@ -356,7 +356,7 @@ def test_page_in_headless_chromium(real_out, real_report, syn_out, fewer_out, tm
 
 def test_compare_after_refilter(real_out, tmp_path):
     """The use the comparison is for: a stricter threshold applied with jobs/refilter.py."""
-    refilter = pytest.importorskip("pipeline.refilter").refilter
+    refilter = pytest.importorskip("pipeline.finalize").refilter
     from pipeline.config import load_config
     from pipeline.report import compute_stats, load_run
     from pipeline.report.compare import compare
