@@ -123,6 +123,10 @@ class OutputStore:
     def read_bytes(self, name: str) -> bytes:
         raise NotImplementedError
 
+    def open_read(self, name: str):
+        """A seekable binary file of ``name`` (a parquet reader fetches only the columns it reads)."""
+        raise NotImplementedError
+
     def exists(self, name: str) -> bool:
         raise NotImplementedError
 
@@ -189,24 +193,28 @@ class LocalStore(OutputStore):
         return _LocalUpload(self._file(name), name)
 
     def put_if_absent(self, name: str, data: bytes) -> bool:
+        # Written whole to a temp file, then hard-linked to the name (link fails if it exists): a
+        # reader, or a run killed half-way, never sees a partial object under the name.
         path = self._file(name)
         path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}{_TMP_SUFFIX}{os.getpid()}")
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
         except FileExistsError:
             return False
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            raise
-        os.close(fd)
+        finally:
+            tmp.unlink(missing_ok=True)
         return True
 
     def read_bytes(self, name: str) -> bytes:
         return self._file(name).read_bytes()
+
+    def open_read(self, name: str):
+        return open(self._file(name), "rb")
 
     def exists(self, name: str) -> bool:
         return self._file(name).exists()
@@ -290,6 +298,9 @@ class FsspecStore(OutputStore):
 
     def read_bytes(self, name: str) -> bytes:
         return self.fs.cat_file(self._path(name))
+
+    def open_read(self, name: str):
+        return self.fs.open(self._path(name), "rb")
 
     def exists(self, name: str) -> bool:
         self.fs.invalidate_cache(self._path(name))
