@@ -220,6 +220,28 @@ class Journal:
             self._locked, self._lease = False, None
             lease.release()
 
+    def holder(self) -> dict | None:
+        """Who holds the output's lock now ({"host", "pid", ...}), or None when it is free (a stale
+        lease counts as free): what ``--dry-run`` reports, without taking the lock."""
+        if self.store.is_local:
+            path = self.dir / "lock"
+            if not path.exists():
+                return None
+            with open(path, "rb") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    try:
+                        return json.loads(f.read())
+                    except ValueError:
+                        return {}
+                fcntl.flock(f, fcntl.LOCK_UN)
+            return None
+        held = self._read_json(f"{JOURNAL_DIR}/lock.json")
+        if held is None or time.time() - float(held.get("renewed", 0.0)) >= float(held.get("lease_s", 0.0)):
+            return None
+        return held
+
     def check_lock(self) -> None:
         """Raise ``LockLost`` when this run's lease was taken over or has run out unrenewed (object
         stores; a no-op on a local output). Every journal write calls it first."""

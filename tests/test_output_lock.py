@@ -89,6 +89,7 @@ def test_a_second_run_is_refused_while_the_first_holds_the_output(output):
         with pytest.raises(OutputLocked, match=rf"is being written by another run.*pid {os.getpid()}") as refused:
             with Journal(open_store(url, options)).lock(lease_s=LEASE_S):
                 pass
+        assert Journal(open_store(url, options)).holder()["pid"] == os.getpid()  # what --dry-run reports
         if not url.startswith("/"):
             assert "lease ends at" in str(refused.value)
             time.sleep(LEASE_S * 1.5)  # longer than a lease: the holder's renewals keep it
@@ -101,6 +102,7 @@ def test_a_second_run_is_refused_while_the_first_holds_the_output(output):
     with Journal(open_store(url, options)).lock(lease_s=LEASE_S):  # released on exit
         pass
     assert not [n for n in first.store.list("_journal") if n.endswith("lock.json")]
+    assert Journal(open_store(url, options)).holder() is None
 
 
 def test_a_killed_runs_lock_is_free_at_once_or_after_its_lease(output, capfd):
