@@ -75,9 +75,10 @@ class OutputLocked(ConfigMismatch):
     """Another run holds the output's lock (a ConfigMismatch: the job refuses to start, exit 2)."""
 
 
-class LockLost(RuntimeError):
+class LockLost(OutputLocked):
     """This run's lease on an object-store output was taken over, or could not be renewed for a whole
-    lease: another run may be writing, so this one stops before its next journal write."""
+    lease: another run may be writing, so this one stops before its next journal write (the job
+    exits 2 with this message, like a run refused at the start)."""
 
 
 JOURNAL_DIR = "_journal"
