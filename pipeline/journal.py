@@ -12,8 +12,8 @@ store. Layout under ``_journal/``:
   entry (killed in between) is an orphan and is deleted on restart;
 - ``videos/part-SSSSSSSSSSSS.json``: inputs that are finished: their videos.parquet row and rejects
   rows. An input is journaled only once all its kept clips are in published shards;
-- ``lock`` (local output: ``flock``, released by the kernel when the run dies) or ``lock.json``
-  (object store: a lease object, see ``LeaseLock``).
+- ``lock`` (local output: ``flock``, released by the kernel when the run dies) or
+  ``lock/GGGGGG.json`` (object store: a lease object, see ``LeaseLock``).
 
 ``S`` is a sequence number, zero-padded, assigned by the run holding the lock (the largest number
 in the kind's names + 1, kept in memory after that). Every order the journal promises comes from
@@ -212,7 +212,7 @@ class Journal:
                 finally:
                     self._locked = False
             return
-        lease = LeaseLock(self.store, f"{JOURNAL_DIR}/lock.json", lease_s)
+        lease = LeaseLock(self.store, f"{JOURNAL_DIR}/lock", lease_s)
         lease.acquire()
         self._lease, self._locked = lease, True
         try:
@@ -238,10 +238,7 @@ class Journal:
                         return {}
                 fcntl.flock(f, fcntl.LOCK_UN)
             return None
-        held = self._read_json(f"{JOURNAL_DIR}/lock.json")
-        if held is None or time.time() - float(held.get("renewed", 0.0)) >= float(held.get("lease_s", 0.0)):
-            return None
-        return held
+        return LeaseLock(self.store, f"{JOURNAL_DIR}/lock").current()
 
     def check_lock(self) -> None:
         """Raise ``LockLost`` when this run's lease was taken over or has run out unrenewed (object
@@ -632,35 +629,44 @@ def _flock(path: Path, root) -> Iterator[None]:
 
 
 class LeaseLock:
-    """The single-writer lock of an object-store output: a lock object created if absent
-    (conditional PUT) holding {owner, host, pid, acquired, renewed, lease_s} (times: seconds since
-    the epoch, so the hosts' clocks must agree to well within a lease, as NTP keeps them).
+    """The single-writer lock of an object-store output: a lease object created if absent
+    (conditional PUT), ``_journal/lock/GGGGGG.json``, holding {owner, host, pid, acquired, renewed,
+    lease_s} (times: seconds since the epoch, so the hosts' clocks must agree to well within a lease,
+    as NTP keeps them). The lock is the object of the highest generation G.
 
-    - A daemon thread renews it every lease/4, after re-reading it to check it is still ours; if it
-      is not (taken over) or could not be renewed for a whole lease, ``check`` raises ``LockLost``,
-      and the journal calls ``check`` before every write.
     - A second run finds it fresh and is refused at once, told who holds it and when the lease ends.
-    - One not renewed for its lease (its run was killed) is taken over: deleted if it is still the
-      record read, then created anew; a re-read confirms this run won any race.
+    - One not renewed for its lease (its run was killed) is taken over by creating the next
+      generation: of runs racing for it exactly one creates it (nothing is deleted before the race
+      is won), and the winner then deletes the older generations.
+    - A daemon thread renews it every lease/4 after checking it is still ours (no higher generation,
+      our record in ours); if it is not, or could not be renewed for a whole lease, ``check`` raises
+      ``LockLost``, and the journal calls ``check`` before every write.
     - Released (deleted, if still ours) on exit."""
 
-    def __init__(self, store: OutputStore, name: str, lease_s: float = DEFAULT_LEASE_S):
-        self.store, self.name, self.lease_s = store, name, float(lease_s)
+    def __init__(self, store: OutputStore, prefix: str = f"{JOURNAL_DIR}/lock", lease_s: float = DEFAULT_LEASE_S):
+        self.store, self.prefix, self.lease_s = store, prefix, float(lease_s)
         self.owner = uuid.uuid4().hex
+        self.name: str | None = None  # our generation's object, once acquired
+        self.generation = 0
         self.acquired: float | None = None
-        self._confirmed = 0.0  # monotonic time of the last write or read showing the lock ours
+        self._confirmed = 0.0  # monotonic time of the last renewal showing the lock ours
         self._lost: str | None = None
         self._last_error: BaseException | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _record(self, now: float) -> bytes:
-        return json.dumps(dict(_holder(), owner=self.owner, acquired=self.acquired, renewed=now,
-                               lease_s=self.lease_s)).encode()
+        return json.dumps(dict(_holder(), owner=self.owner, generation=self.generation, acquired=self.acquired,
+                               renewed=now, lease_s=self.lease_s)).encode()
 
-    def _read(self) -> dict | None:
+    def generations(self) -> list[tuple[int, str]]:
+        """(generation, name) of every lock object, lowest first."""
+        return sorted((int(m.group(1)), name) for name in self.store.list(self.prefix)
+                      if (m := re.fullmatch(r"(\d+)\.json", name.rsplit("/", 1)[-1])))
+
+    def _read(self, name: str) -> dict | None:
         try:
-            data = self.store.read_bytes(self.name)
+            data = self.store.read_bytes(name)
         except FileNotFoundError:
             return None
         try:
@@ -668,44 +674,64 @@ class LeaseLock:
         except ValueError:
             return {"renewed": 0.0, "note": "unreadable lock object"}  # not a lease anyone holds: stale
 
+    def current(self) -> dict | None:
+        """The record of the highest generation while its lease runs, else None (free or stale)."""
+        gens = self.generations()
+        held = self._read(gens[-1][1]) if gens else None
+        if held is None or time.time() - float(held.get("renewed", 0.0)) >= float(held.get("lease_s", 0.0)):
+            return None
+        return held
+
     def acquire(self, tries: int = 5) -> None:
-        where = self.store.uri(self.name)
         for _ in range(tries):
-            self.acquired = time.time()
-            if self.store.put_if_absent(self.name, self._record(self.acquired)):
-                held = self._read()
-                if held is not None and held.get("owner") == self.owner:
-                    self._confirmed = time.monotonic()
-                    self._thread = threading.Thread(target=self._renew_until_stopped, daemon=True,
-                                                    name=f"lease-{self.name}")
-                    self._thread.start()
-                    return
-                continue  # another run replaced it right after: refused below unless it is stale
-            held = self._read()
-            if held is None:
-                continue  # released in between: try again
-            renewed, lease = float(held.get("renewed", 0.0)), float(held.get("lease_s", self.lease_s))
-            age = time.time() - renewed
-            if age < lease:
-                raise OutputLocked(
-                    f"{self.store.url} is being written by another run ({_describe(held)}, since "
-                    f"{_utc(float(held.get('acquired') or renewed))}; lock {where}, renewed {age:.0f} s ago, its lease "
-                    f"ends at {_utc(renewed + lease)} unless renewed): wait for that run to finish; if it was killed, "
-                    f"run again after the lease ends and this run takes the lock over")
-            print(f"[curate] note: taking over the lock {where}: held by {_describe(held)}, not renewed for "
-                  f"{age:.0f} s (lease {lease:.0f} s), so that run is taken to be dead", file=sys.stderr, flush=True)
-            if self._read() == held:  # not renewed or taken by a third run meanwhile
-                self.store.delete(self.name)
-        raise OutputLocked(f"{self.store.url}: could not take the lock {where} in {tries} tries (other runs "
-                           "are starting on this output at the same time)")
+            gens = self.generations()
+            top = gens[-1] if gens else (0, None)
+            if top[1] is not None:
+                held = self._read(top[1])
+                if held is None:
+                    continue  # released in between: look again
+                renewed, lease = float(held.get("renewed", 0.0)), float(held.get("lease_s", self.lease_s))
+                age = time.time() - renewed
+                if age < lease:
+                    raise OutputLocked(
+                        f"{self.store.url} is being written by another run ({_describe(held)}, since "
+                        f"{_utc(float(held.get('acquired') or renewed))}; lock {self.store.uri(top[1])}, renewed "
+                        f"{age:.0f} s ago, its lease ends at {_utc(renewed + lease)} unless renewed): wait for that run "
+                        "to finish; if it was killed, run again after the lease ends and this run takes the lock over")
+            self.generation, self.acquired = top[0] + 1, time.time()
+            name = f"{self.prefix}/{self.generation:06d}.json"
+            if not self.store.put_if_absent(name, self._record(self.acquired)):
+                continue  # another run created this generation first: look again
+            self.name, self._confirmed = name, time.monotonic()
+            if top[1] is not None:
+                print(f"[curate] note: took over the lock {self.store.uri(top[1])}: held by {_describe(held)}, not "
+                      f"renewed for {age:.0f} s (lease {lease:.0f} s), so that run is taken to be dead",
+                      file=sys.stderr, flush=True)
+            for _, older in gens:
+                self.store.delete(older)
+            self._thread = threading.Thread(target=self._renew_until_stopped, daemon=True, name=f"lease-{name}")
+            self._thread.start()
+            return
+        raise OutputLocked(f"{self.store.url}: could not take the lock {self.store.uri(self.prefix)} in {tries} tries "
+                           "(other runs are starting on this output at the same time)")
+
+    def _still_ours(self) -> str | None:
+        """Why the lock is no longer ours, or None while it is."""
+        gens = self.generations()
+        if gens and gens[-1][0] > self.generation:
+            held = self._read(gens[-1][1]) or {}
+            return f"taken over by {_describe(held)} at {_utc(float(held.get('acquired') or 0))}"
+        held = self._read(self.name)
+        if held is None or held.get("owner") != self.owner:
+            return "the lock object was deleted or replaced"
+        return None
 
     def _renew_until_stopped(self) -> None:
         while not self._stop.wait(self.lease_s / 4):
             try:
-                held = self._read()
-                if held is None or held.get("owner") != self.owner:
-                    self._lost = (f"taken over by {_describe(held)} at {_utc(float(held.get('acquired') or 0))}"
-                                  if held else "the lock object was deleted")
+                lost = self._still_ours()
+                if lost:
+                    self._lost = lost
                     return
                 self.store.put_bytes(self.name, self._record(time.time()))
                 self._confirmed = time.monotonic()
@@ -713,7 +739,7 @@ class LeaseLock:
                 self._last_error = e
 
     def check(self) -> None:
-        where = self.store.uri(self.name)
+        where = self.store.uri(self.name) if self.name else self.store.uri(self.prefix)
         if self._lost:
             raise LockLost(f"{self.store.url}: this run lost the output lock {where} ({self._lost}); it stops "
                            "rather than write beside another run")
@@ -727,9 +753,8 @@ class LeaseLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        if self._lost:
+        if self._lost or self.name is None:
             return
         with contextlib.suppress(Exception):  # a lock left behind is taken over after its lease
-            held = self._read()
-            if held is not None and held.get("owner") == self.owner:
+            if self._still_ours() is None:
                 self.store.delete(self.name)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def test_a_second_run_is_refused_while_the_first_holds_the_output(output):
         if not url.startswith("/"):
             assert "lease ends at" in str(refused.value)
             time.sleep(LEASE_S + 0.5)  # longer than a lease: the holder's renewals keep it
-            record = json.loads(first.store.read_bytes("_journal/lock.json"))
+            record = json.loads(first.store.read_bytes(first._lease.name))
             assert record["renewed"] > record["acquired"] and record["pid"] == os.getpid()
             with pytest.raises(OutputLocked):
                 with Journal(open_store(url, options)).lock(lease_s=LEASE_S):
@@ -101,7 +102,7 @@ def test_a_second_run_is_refused_while_the_first_holds_the_output(output):
         first.record_videos([{"video": {"uri": "/in/a.mp4"}, "retryable": False}])  # still the holder
     with Journal(open_store(url, options)).lock(lease_s=LEASE_S):  # released on exit
         pass
-    assert not [n for n in first.store.list("_journal") if n.endswith("lock.json")]
+    assert first.store.list("_journal/lock") == []
     assert Journal(open_store(url, options)).holder() is None
 
 
@@ -120,10 +121,11 @@ def test_a_killed_runs_lock_is_free_at_once_or_after_its_lease(output, capfd):
             pass
     time.sleep(LEASE_S + 0.2)
     with successor.lock(lease_s=LEASE_S):
-        record = json.loads(successor.store.read_bytes("_journal/lock.json"))
+        assert successor.store.list("_journal/lock") == ["_journal/lock/000002.json"]  # the dead run's is gone
+        record = json.loads(successor.store.read_bytes("_journal/lock/000002.json"))
         assert record["pid"] == os.getpid() and record["owner"] == successor._lease.owner
         successor.record_videos([{"video": {"uri": "/in/successor.mp4"}, "retryable": False}])
-    assert f"taking over the lock {successor.store.uri('_journal/lock.json')}: held by pid {holder.pid}" in \
+    assert f"took over the lock {successor.store.uri('_journal/lock/000001.json')}: held by pid {holder.pid}" in \
         capfd.readouterr().err
     assert "/in/successor.mp4" in successor.finished()
 
@@ -144,7 +146,7 @@ def test_a_run_whose_lease_was_taken_over_stops(s3_output):
             assert "LockLost" in out and "stops" in out
             written = len(successor.finished())  # the holder wrote nothing after the takeover
             successor.check_lock()
-            record = json.loads(successor.store.read_bytes("_journal/lock.json"))
+            record = json.loads(successor.store.read_bytes(successor._lease.name))
             assert record["owner"] == successor._lease.owner  # the stopped run did not delete it
             successor.record_videos([{"video": {"uri": "/in/successor.mp4"}, "retryable": False}])
         assert len(Journal(open_store(url, options)).finished()) == written + 1
@@ -155,20 +157,52 @@ def test_a_run_whose_lease_was_taken_over_stops(s3_output):
             holder.wait()
 
 
-def test_the_lease_holder_stops_when_its_lock_object_is_replaced(s3_output):
-    """In-process: another run's record replaces the lock object; the renewal thread sees it within
-    lease/4 and the next journal write raises LockLost."""
+def test_the_lease_holder_stops_when_a_newer_generation_appears(s3_output):
+    """In-process: another run creates the next generation of the lock (a takeover); the renewal
+    thread sees it within lease/4 and the next journal write raises LockLost."""
     url, options = s3_output
     journal = Journal(open_store(url, options))
     with journal.lock(lease_s=1.0):
         journal.record_videos([{"video": {"uri": "/in/a.mp4"}, "retryable": False}])
+        assert journal._lease.name == "_journal/lock/000001.json"
         other = {"owner": "another-run", "host": "elsewhere", "pid": 1, "acquired": time.time(),
                  "renewed": time.time(), "lease_s": 1.0}
-        journal.store.put_bytes("_journal/lock.json", json.dumps(other).encode())
+        journal.store.put_bytes("_journal/lock/000002.json", json.dumps(other).encode())
         deadline = time.monotonic() + 10
         while journal._lease._lost is None and time.monotonic() < deadline:
             time.sleep(0.05)
         with pytest.raises(LockLost, match="taken over by pid 1 on elsewhere"):
             journal.record_videos([{"video": {"uri": "/in/b.mp4"}, "retryable": False}])
-    assert json.loads(journal.store.read_bytes("_journal/lock.json"))["owner"] == "another-run"
+    assert journal.store.list("_journal/lock") == ["_journal/lock/000001.json", "_journal/lock/000002.json"]
     assert set(Journal(open_store(url, options)).finished()) == {"/in/a.mp4"}
+
+
+def test_runs_racing_for_a_stale_lock_take_it_exactly_once(s3_output):
+    """Four runs start at once on an output whose lock a killed run left long ago: one takes it
+    over, the others are refused (none deletes anything before it has won)."""
+    url, options = s3_output
+    store = open_store(url, options)
+    dead = {"owner": "killed-run", "host": "gone", "pid": 7, "acquired": time.time() - 600,
+            "renewed": time.time() - 500, "lease_s": 120.0}
+    store.put_bytes("_journal/lock/000004.json", json.dumps(dead).encode())
+    attempted = threading.Barrier(4)
+    outcomes = []
+
+    def start_a_run():
+        journal = Journal(open_store(url, options))
+        try:
+            with journal.lock(lease_s=60):
+                outcomes.append("took it")
+                attempted.wait(timeout=60)  # hold it until every run has tried
+        except OutputLocked as e:
+            outcomes.append(str(e))
+            attempted.wait(timeout=60)
+
+    runs = [threading.Thread(target=start_a_run) for _ in range(4)]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join(timeout=120)
+    assert outcomes.count("took it") == 1, outcomes
+    assert all("is being written by another run" in o for o in outcomes if o != "took it")
+    assert store.list("_journal/lock") == []  # the winner deleted the dead run's lock, then released its own
