@@ -318,7 +318,7 @@ def run_curation(items: list[InputItem], output: str | Path, config: CurateConfi
     try:
         out.mkdir(parents=True, exist_ok=True)
         journal = Journal(out)
-        with journal.lock():
+        with journal.lock(lease_s=config.write.lock_lease_s):
             return _run_locked(items, out, journal, config, t_start, force_resume, progress_every_s, argv,
                                retry_failed, input_stats or {}, verbose, row_source)
     except OSError as e:

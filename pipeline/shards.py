@@ -199,12 +199,19 @@ class ShardWriter:
 _TEMP_NAME = re.compile(r"^\..+\.tmp\d*$")  # atomic_write_bytes, AtomicParquetWriter, ShardWriter
 
 
-def remove_stale_temp_files(root: str | Path) -> list[Path]:
+def remove_stale_temp_files(root) -> list[Path]:
     """Delete the temp files a killed run left (a shard, a table, run.json, a journal entry being
-    written): none was ever published. Called with the output's lock held, so no writer is active."""
+    written): none was ever published. Called with the output's lock held, so no writer is active.
+    ``root``: the output directory, or its OutputStore; an object store has no temp files (an upload
+    never completed is no object: Journal.abort_incomplete_uploads aborts those)."""
+    if not isinstance(root, (str, Path)):
+        if not root.is_local:
+            return []
+        root = root.local_path()
     root = Path(root)
     removed = []
-    for d in (root, root / SHARD_DIR, root / "_journal", root / "_journal" / "shards", root / "_journal" / "videos"):
+    journal = root / "_journal"
+    for d in (root, root / SHARD_DIR, journal, journal / "shards", journal / "videos", journal / "runs"):
         if d.is_dir():
             for p in d.iterdir():
                 if p.is_file() and _TEMP_NAME.match(p.name):

@@ -21,6 +21,7 @@ gcsfs themselves) or from ``storage_options`` (the config's ``storage_options:``
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -123,6 +124,10 @@ class OutputStore:
     def read_bytes(self, name: str) -> bytes:
         raise NotImplementedError
 
+    def open_read(self, name: str):
+        """A seekable binary file of ``name`` (a parquet reader fetches only the columns it reads)."""
+        raise NotImplementedError
+
     def exists(self, name: str) -> bool:
         raise NotImplementedError
 
@@ -189,8 +194,30 @@ class LocalStore(OutputStore):
         return _LocalUpload(self._file(name), name)
 
     def put_if_absent(self, name: str, data: bytes) -> bool:
+        # Written whole to a temp file, then hard-linked to the name (link fails if it exists): a
+        # reader, or a run killed half-way, never sees a partial object under the name.
         path = self._file(name)
         path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}{_TMP_SUFFIX}{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                return self._create_exclusive(path, data)  # no hard links here (SMB, some FUSE mounts)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
+
+    @staticmethod
+    def _create_exclusive(path: Path, data: bytes) -> bool:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
@@ -207,6 +234,9 @@ class LocalStore(OutputStore):
 
     def read_bytes(self, name: str) -> bytes:
         return self._file(name).read_bytes()
+
+    def open_read(self, name: str):
+        return open(self._file(name), "rb")
 
     def exists(self, name: str) -> bool:
         return self._file(name).exists()
@@ -290,6 +320,9 @@ class FsspecStore(OutputStore):
 
     def read_bytes(self, name: str) -> bytes:
         return self.fs.cat_file(self._path(name))
+
+    def open_read(self, name: str):
+        return self.fs.open(self._path(name), "rb")
 
     def exists(self, name: str) -> bool:
         self.fs.invalidate_cache(self._path(name))

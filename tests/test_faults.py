@@ -328,7 +328,8 @@ def test_disk_full_mid_shard_stops_cleanly_and_resumes(job, reference, tmp_path,
         assert "no space left on device" in err.lower() and str(out) in err and "Traceback" not in err
         assert not (out / "index.json").exists()
         shards = sorted(p.name for p in (out / "shards").iterdir())
-        journaled = sorted(Path(p).stem + ".tar" for p in (out / "_journal" / "shards").glob("shard-*.json"))
+        journaled = sorted(Path(json.loads(p.read_text())["shard"]["url"]).name
+                           for p in (out / "_journal" / "shards").glob("shard-*.json"))
         assert shards == journaled and len(shards) < N_TALKING, "a shard is published without its journal entry"
         assert [p for p in out.rglob("*") if ".tmp" in p.name] == []
         for entry in (json.loads(p.read_text())["shard"] for p in (out / "_journal" / "shards").glob("*.json")):
