@@ -182,8 +182,8 @@ def publish_index(store: OutputStore, shards: list[ShardInfo], *, profile: str, 
 
 
 def open_journal(store: OutputStore) -> Journal:
-    """The output's journal: its directory for a local output, the store itself otherwise."""
-    return Journal(store.local_path() if store.is_local else store)
+    """The output's journal, on the same store."""
+    return Journal(store)
 
 
 # ---- the tables of a curation run ---------------------------------------------------------------
