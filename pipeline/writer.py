@@ -297,9 +297,14 @@ def add_write_stage(ds, writers: list[RayWriter], committed_keys, features: bool
     No CPU reserved (the tasks wait on their writer; reserving one could starve it behind the
     stages' actor pools on a small node); no retry: a retried task would write its samples twice
     (a failed one's inputs end as "worker failed", retried by the next run)."""
-    return ds.map_batches(_write_batch, fn_kwargs={"writers": writers, "committed_keys": committed_keys,
-                                                   "features": features},
-                          batch_size=None, batch_format="pyarrow", num_cpus=0, max_retries=0)
+    import warnings
+
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for max_retries yet (runner.build_dataset says the same).
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(_write_batch, fn_kwargs={"writers": writers, "committed_keys": committed_keys,
+                                                       "features": features},
+                              batch_size=None, batch_format="pyarrow", num_cpus=0, max_retries=0)
 
 
 def close_writers(writers: list) -> tuple[list[dict], list[str]]:
