@@ -196,14 +196,15 @@ def write_rows(rows: Iterable[dict], writers: list, *, committed_keys=frozenset(
 
 
 def preferred_order(writers: list, node_id: str | None, key: str = "") -> list:
-    """The writers on ``node_id`` first (their samples never leave the node), then the others
-    starting at one picked by ``key`` (nodes without a writer spread their samples)."""
+    """The writers on ``node_id`` first (their samples never leave the node), then the others; in
+    each group starting at one picked by ``key``, so that a node's samples spread over its writers
+    and nodes without a writer spread theirs."""
+    def rotated(ws: list) -> list:
+        start = zlib.crc32(key.encode()) % len(ws) if ws else 0
+        return ws[start:] + ws[:start]
+
     local = [w for w in writers if w.node_id is not None and w.node_id == node_id]
-    others = [w for w in writers if w not in local]
-    if others:
-        start = zlib.crc32(key.encode()) % len(others)
-        others = others[start:] + others[:start]
-    return local + others
+    return rotated(local) + rotated([w for w in writers if w not in local])
 
 
 # ---- Ray: writer actors and the stage
@@ -294,17 +295,22 @@ def RECORD_SCHEMA():  # noqa: N802 - a constant, built lazily (pyarrow import)
 def add_write_stage(ds, writers: list[RayWriter], committed_keys, features: bool):
     """The dataset's last stage: samples to the writers, small records on.
 
-    No CPU reserved (the tasks wait on their writer; reserving one could starve it behind the
-    stages' actor pools on a small node); no retry: a retried task would write its samples twice
-    (a failed one's inputs end as "worker failed", retried by the next run)."""
+    No CPU reserved (the tasks wait on their writer; reserving one could starve them behind the
+    stages' actor pools on a small node), hence a bounded number of tasks at once (two per writer:
+    one waiting on its writer, one being scheduled; each is a worker process); no retry: a retried
+    task would write its samples twice (a failed one's inputs end as "worker failed", redone by the
+    next run)."""
     import warnings
+
+    from ray.data import TaskPoolStrategy
 
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameter for max_retries yet (runner.build_dataset says the same).
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         return ds.map_batches(_write_batch, fn_kwargs={"writers": writers, "committed_keys": committed_keys,
                                                        "features": features},
-                              batch_size=None, batch_format="pyarrow", num_cpus=0, max_retries=0)
+                              batch_size=None, batch_format="pyarrow", num_cpus=0,
+                              compute=TaskPoolStrategy(size=2 * len(writers)), max_retries=0)
 
 
 def close_writers(writers: list) -> tuple[list[dict], list[str]]:
