@@ -1,9 +1,10 @@
 """The curation driver: Ray Data stages in, shards + tables + run facts out.
 
-The driver builds the Ray Data pipeline from the stage list, streams its output rows
-(``iter_rows``: execution is streaming, nothing waits for a full stage) and is the single
-writer of shards and journal, which makes exactly-once accounting simple: a row is an
-outcome, and the driver decides when an input is finished.
+The driver builds the Ray Data pipeline from the stage list, ending in the write stage (the
+shards are written on the workers: pipeline/writer.py), streams its small records (``iter_rows``:
+execution is streaming, nothing waits for a full stage) into the Bookkeeper
+(pipeline/bookkeeper.py), the single writer of the journal, which makes exactly-once accounting
+simple: a record is an outcome, and the driver decides when an input is finished.
 """
 from __future__ import annotations
 

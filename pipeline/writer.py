@@ -304,13 +304,18 @@ def add_write_stage(ds, writers: list[RayWriter], committed_keys, features: bool
 
     from ray.data import TaskPoolStrategy
 
+    # Ray Data warns at execution when a dataset has fewer blocks than the tasks allowed (a few inputs).
+    warnings.filterwarnings("ignore", message=r"The maximum number of concurrent tasks for 'MapBatches\(_write_batch\)'")
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameter for max_retries yet (runner.build_dataset says the same).
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         return ds.map_batches(_write_batch, fn_kwargs={"writers": writers, "committed_keys": committed_keys,
                                                        "features": features},
                               batch_size=None, batch_format="pyarrow", num_cpus=0,
-                              compute=TaskPoolStrategy(size=2 * len(writers)), max_retries=0)
+                              compute=TaskPoolStrategy(size=2 * len(writers)), max_retries=0,
+                              # where the block is (Ray's locality-aware default), not Ray Data's SPREAD:
+                              # then its node's writer takes the samples, which never cross the network again
+                              scheduling_strategy="DEFAULT")
 
 
 def close_writers(writers: list) -> tuple[list[dict], list[str]]:
