@@ -48,9 +48,11 @@ class ShardSink:
     """One writer's shards for one run: samples in, ``shard`` records out.
 
     ``write(sample)`` takes {"key", "members": {member: bytes}, "manifest": row, "scores": row} and
-    returns {"shard": url, "closed": [records of shards closed at the cap]}, or {"error": payload}
-    when the output could not be written (the open shard is then dropped: its samples' inputs
-    become "worker failed" at the end of the run).
+    returns {"shard": url, "closed": [records of the shards it closed at the cap]}; when the write
+    failed, {"error": payload} (the output could not be written: no space left, the run stops) or
+    {"failed": {"message"}} (another error: the sample may go to another writer), with "closed" as
+    well. A failed write drops the open shard, unpublished: its samples' inputs become "worker
+    failed" at the end of the run.
     """
 
     def __init__(self, store: OutputStore | str, max_bytes: int, run: int, writer: int, *,
@@ -268,7 +270,13 @@ def start_writers(store_url: str, storage_options: dict | None, max_bytes: int, 
         strategies = ["SPREAD"] * count
     handles = [actor_cls.options(scheduling_strategy=s).remote(store_url, storage_options or {}, max_bytes, run, i)
                for i, s in enumerate(strategies)]
-    nodes = ray.get([h.node.remote() for h in handles])
+    try:
+        nodes = ray.get([h.node.remote() for h in handles], timeout=300)
+    except ray.exceptions.GetTimeoutError:
+        for h in handles:
+            ray.kill(h, no_restart=True)
+        raise RuntimeError(f"the {len(handles)} shard writer actors did not start within 300 s (a node gone, or "
+                           "no room for an actor on it); see the Ray dashboard") from None
     return [RayWriter(h, node) for h, node in zip(handles, nodes)]
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from journal_rows import outcome_rows, plan, synthetic_items
-from pipeline.bookkeeper import SHARD, WRITE_ERROR, WRITTEN, Bookkeeper
+from pipeline.bookkeeper import WRITTEN, Bookkeeper
 from pipeline.journal import Journal
 from pipeline.store import open_store
 from pipeline.writer import (RECORD_COLUMNS, LocalWriter, ShardSink, WriterUnavailable, close_writers, write_rows)
