@@ -197,8 +197,7 @@ class Bookkeeper:
             self.add_shard(payload)
             return
         if kind == WRITE_ERROR:
-            code = payload.get("errno")
-            raise OSError(code, payload["message"], payload.get("filename")) if code else OSError(payload["message"])
+            raise write_error(payload)
         st = self.states.get(row["uri"])
         if st is None:
             if row["uri"] not in self.waiting:
@@ -332,6 +331,12 @@ class Bookkeeper:
     @property
     def in_flight(self) -> int:
         return len(self.states)
+
+
+def write_error(payload: dict) -> OSError:
+    """The OSError a ``write error`` record stands for (the driver raises it: the run stops)."""
+    code = payload.get("errno")
+    return OSError(code, payload["message"], payload.get("filename")) if code else OSError(payload["message"])
 
 
 def write_error_payload(error: OSError, where: str) -> dict:

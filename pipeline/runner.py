@@ -31,7 +31,7 @@ from .inputs import InputItem
 from .journal import Journal, config_fingerprint
 from .progress import CurateProgress
 from .shards import AtomicParquetWriter
-from .bookkeeper import Bookkeeper
+from .bookkeeper import Bookkeeper, write_error
 from .shards import ShardInfo, atomic_write_bytes, atomic_write_json, build_index, remove_stale_temp_files, write_index
 from .stages import default_stages, new_row
 from .store import open_store
@@ -347,9 +347,11 @@ def _run_locked(items, store, journal: Journal, config: CurateConfig, t_start: f
                 books.add(row)
                 progress.tick()
             # End of the stream: every writer closes its open shard (a tail shard).
-            records, failed = close_writers(writers)
+            records, failed, error = close_writers(writers)
             for record in records:
                 books.add_shard(record)
+            if error is not None:
+                raise write_error(error)  # e.g. no space left for a tail shard: it is not published
             for line in failed:
                 print(f"[curate] a shard writer failed at the end of the run: {line}; the inputs of its open shard "
                       "are journaled as \"worker failed\" and redone by the next run", file=sys.stderr, flush=True)

@@ -93,12 +93,18 @@ class ShardSink:
         closed, self._closed_records = self._closed_records, []
         return closed
 
-    def close(self) -> list[dict]:
-        """Close the open shard (a tail shard, "closed_by": "end"); no write is taken after."""
+    def close(self) -> dict:
+        """Close the open shard (a tail shard, "closed_by": "end"); no write is taken after.
+        Returns {"closed": records}, with "error" when the tail shard could not be written."""
         if not self._done:
             self._done = True
-            self._shards.close()
-        return self._take_closed()
+            try:
+                self._shards.close()
+            except OSError as e:
+                where = self.store.uri(self._shards.current_url or "shards")
+                self._shards.abort()
+                return {"closed": self._take_closed(), "error": write_error_payload(e, where)}
+        return {"closed": self._take_closed()}
 
     def abort(self) -> None:
         """Drop the open shard, unpublished; no write is taken after."""
@@ -116,7 +122,7 @@ class LocalWriter:
     def write(self, sample: dict) -> dict:
         return self.sink.write(sample)
 
-    def close(self) -> list[dict]:
+    def close(self) -> dict:
         return self.sink.close()
 
     def abort(self) -> None:
@@ -227,7 +233,7 @@ class RayWriter:
         except ray.exceptions.RayTaskError as e:  # a closed writer refuses writes
             raise WriterUnavailable(f"writer {self.index} on node {self.node_ip}: {e.cause or e}") from e
 
-    def close(self) -> list[dict]:
+    def close(self) -> dict:
         import ray
 
         return ray.get(self.handle.close.remote())
@@ -326,16 +332,21 @@ def add_write_stage(ds, writers: list[RayWriter], committed_keys, features: bool
                               scheduling_strategy="DEFAULT")
 
 
-def close_writers(writers: list) -> tuple[list[dict], list[str]]:
-    """Close every writer: the records of their tail shards, and a line per writer that failed
-    (its open shard is lost: the inputs of its samples end as "worker failed")."""
-    records, failed = [], []
+def close_writers(writers: list) -> tuple[list[dict], list[str], dict | None]:
+    """Close every writer: the records of their tail shards, a line per writer that failed (its
+    open shard is lost: the inputs of its samples end as "worker failed"), and the first
+    ``write error`` (the output could not be written: the driver stops the run once the records
+    are journaled)."""
+    records, failed, error = [], [], None
     for w in writers:
         try:
-            records += w.close()
+            result = w.close()
         except Exception as e:  # noqa: BLE001 - one lost writer does not lose the others' shards
             failed.append(f"writer {w.index}: {type(e).__name__}: {e}")
-    return records, failed
+            continue
+        records += result["closed"]
+        error = error or result.get("error")
+    return records, failed, error
 
 
 def abort_writers(writers: list) -> None:

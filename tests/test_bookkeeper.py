@@ -207,8 +207,8 @@ def test_records_of_the_synthetic_stage_rows_through_the_real_writer(tmp_path):
     for record in write_rows(rows, writers):
         assert set(record) == {"video_id", "uri", "source", "kind", "clip_index", "payload"}
         books.add(record)
-    records, failed = close_writers(writers)
-    assert failed == [] and len(records) == 1
+    records, failed, error = close_writers(writers)
+    assert failed == [] and error is None and len(records) == 1
     books.add_shard(records[0])
     books.finish()
     assert books.worker_failed == []

@@ -66,7 +66,7 @@ def test_two_writers_write_whole_shards_under_unique_names(store_url):
         records += result["closed"]
     assert not store.exists(written["vid013_0000"][0])  # the open shards are not visible
     for sink in sinks:
-        records += sink.close()
+        records += sink.close()["closed"]
     names = [r["shard"]["url"] for r in records]
     assert len(names) == len(set(names)) == 6  # 7 samples per writer: 3 + 3 (at the cap) + 1 (the tail)
     assert sorted(store.list("shards")) == sorted(names + ["shards/shard-r0001-w000-000000.tar"])
@@ -148,7 +148,7 @@ def test_write_rows_sends_samples_on_and_passes_small_records(tmp_path):
     assert {w["shard"] for w in written if w["shard"]} == {"shards/shard-r0001-w001-000000.tar"}
     assert all(w["sample_bytes"] > 2048 for w in written if w["shard"])
     assert [r["kind"] for r in records if r["kind"] not in (WRITTEN, "summary", "reject")] == []
-    (tail,) = live.close()
+    (tail,) = live.close()["closed"]
     assert tail["shard"]["closed_by"] == "end" and committed.isdisjoint(tail["shard"]["keys"])
     assert len(tail["manifest"]) == len(written) - 1
 
@@ -176,6 +176,17 @@ def test_a_full_disk_stops_the_run_and_leaves_no_temp_file(tmp_path):
         writer.abort()
         assert [p for p in mnt.rglob("*") if p.is_file()] == []
 
+        # the disk fills up before the tail shard's end: close reports it, and nothing is published
+        writer = LocalWriter(ShardSink(store, 1 << 20, run=2, writer=0))
+        assert "shard" in writer.write(_sample("vid000_0000", 20_000, 0))
+        with open(mnt / "filler", "wb", buffering=0) as f, pytest.raises(OSError):
+            while True:
+                f.write(b"x" * 4096)
+        records, failed, error = close_writers([writer])
+        assert (records, failed, error["errno"]) == ([], [], errno.ENOSPC)
+        assert "shard-r0002-w000-000000.tar" in error["message"]
+        assert [p.name for p in mnt.rglob("*") if p.is_file()] == ["filler"]
+
 
 def test_write_stage_on_ray_two_writers_and_a_dead_one(tmp_path, ray_local):
     """The write stage on embedded Ray with 2 writer actors: shards from both, records of a few
@@ -202,13 +213,13 @@ def test_write_stage_on_ray_two_writers_and_a_dead_one(tmp_path, ray_local):
     for row in ds.iter_rows():
         driver_bytes += sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in row.values())
         books.add(row)
-    records, failed = close_writers(writers)
+    records, failed, error = close_writers(writers)
     for record in records:
         books.add_shard(record)
     books.finish()
     stop_writers(writers)
     kept = sum(plan(i)[0] for i in range(24))
-    assert failed == [] and books.worker_failed == []
+    assert failed == [] and error is None and books.worker_failed == []
     entries = journal.shard_entries()
     assert {e["writer"]["writer"] for e in entries} == {0, 1}
     assert sorted(k for e in entries for k in e["keys"]) == sorted(f"{it.video_id}_{c:04d}" for i, it in
@@ -231,8 +242,8 @@ def test_write_stage_on_ray_two_writers_and_a_dead_one(tmp_path, ray_local):
             ray.kill(victim.handle, no_restart=True)
         for record in write_rows(outcome_rows(i, it), [victim, survivor]):
             books.add(record)
-    records, failed = close_writers([victim, survivor])
-    assert len(failed) == 1 and failed[0].startswith("writer 0")
+    records, failed, error = close_writers([victim, survivor])
+    assert len(failed) == 1 and failed[0].startswith("writer 0") and error is None
     for record in records:
         books.add_shard(record)
     books.finish()
