@@ -308,6 +308,17 @@ def _begin_run(journal: Journal, store) -> int:
     return max(runs, default=0) + 1
 
 
+def _remove_unjournaled_shards(store, run_number: int, journaled: set[str]) -> list[str]:
+    """Delete this run's shard objects that have no journal entry, once its writers are stopped: a
+    shard whose record was lost with its write task, or closed while the run was stopping, and the
+    temp file of a writer that died. Other runs' objects are left to the next run's orphan cleanup."""
+    tag = f"shard-r{run_number:04d}-"
+    removed = [n for n in store.list(SHARD_DIR) if tag in n.rsplit("/", 1)[-1] and n not in journaled]
+    for name in removed:
+        store.delete(name)
+    return removed
+
+
 def _row_nbytes(row: dict) -> int:
     """Bytes of one row the driver receives: its strings and binary columns (8 per other value)."""
     return sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in row.values())
@@ -363,6 +374,8 @@ def _run_locked(items, store, journal: Journal, config: CurateConfig, t_start: f
             raise
         finally:
             stop_writers(writers)
+            with contextlib.suppress(OSError):  # best effort: the next run deletes orphans too
+                _remove_unjournaled_shards(store, run_number, {s.url for s in books.shards})
     books.finish()  # inputs without every outcome: "worker failed", retried by the next run
 
     # ---- tables, run facts, and the index last

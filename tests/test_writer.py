@@ -263,3 +263,19 @@ def test_write_stage_on_ray_two_writers_and_a_dead_one(tmp_path, ray_local):
 
     remove_stale_temp_files(out2.local_path())
     assert out2.list("shards") == [entry["url"]]
+
+
+def test_the_end_of_a_run_deletes_its_unjournaled_shards_only(tmp_path):
+    """A shard whose record was lost with its write task, or closed while the run was stopping, and a
+    dead writer's temp file: this run's, without a journal entry, deleted once its writers are stopped."""
+    from pipeline.runner import _remove_unjournaled_shards
+
+    store = open_store(tmp_path / "out")
+    names = ["shards/shard-000007.tar", "shards/shard-r0001-w000-000000.tar",  # earlier runs'
+             "shards/shard-r0002-w000-000000.tar", "shards/shard-r0002-w001-000000.tar",  # this run's
+             "shards/.shard-r0002-w001-000001.tar.tmp4242"]  # a dead writer's open shard
+    for name in names:
+        store.put_bytes(name, b"x")
+    removed = _remove_unjournaled_shards(store, 2, {"shards/shard-r0002-w000-000000.tar"})
+    assert sorted(removed) == ["shards/.shard-r0002-w001-000001.tar.tmp4242", "shards/shard-r0002-w001-000000.tar"]
+    assert store.list("shards") == sorted(names[:3])
