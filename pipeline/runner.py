@@ -451,7 +451,7 @@ def _writers_facts(writers: list, books: Bookkeeper) -> dict:
         w["shards"] += 1
         w["tail_shards"] += info.closed_by == "end"
         w["bytes"] += info.filesize
-    return {"count": len(writers), "nodes": sorted({w.node_ip or "local" for w in writers}),
+    return {"count": len(writers), "node_ids": sorted({w.node_id or "local" for w in writers}),
             "shards_this_run": len(books.shards), "tail_shards_this_run": sum(w["tail_shards"] for w in by_writer.values()),
             "by_writer": {str(k): v for k, v in sorted(by_writer.items())},
             "worker_failed_this_run": len(books.worker_failed)}
