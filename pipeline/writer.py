@@ -151,10 +151,10 @@ def _sample(row: dict, meta: dict, features: bool) -> dict:
             "scores": _kept_scores_row(meta, row["source"], features), "sample_bytes": size}
 
 
-def _write_failed(row: dict, meta: dict, detail: str) -> dict:
-    """A clip whose sample no writer could take: a retryable reject of the clip."""
+def _write_failed(row: dict, meta: dict, detail: str, reason: str = "worker failed") -> dict:
+    """A clip whose sample was not written: a retryable reject of the clip (its input is redone)."""
     payload = {"uri": row["uri"], "video_id": row["video_id"], "clip_index": int(row["clip_index"]),
-               "key": meta.get("key"), "stage": "write", "reason": "worker failed", "rule": None, "value": None,
+               "key": meta.get("key"), "stage": "write", "reason": reason, "rule": None, "value": None,
                "threshold": None, "detail": f"{row['uri']}: {detail}; it is retried by the next run",
                "duration_s": None, "source": row["source"], "retryable": True}
     return _record("reject", payload, row)
@@ -180,7 +180,8 @@ def write_rows(rows: Iterable[dict], writers: list, *, committed_keys=frozenset(
         try:
             sample = _sample(row, meta, features)
         except Exception as e:  # noqa: BLE001 - a bad record is the clip's outcome, not the job's end
-            yield _write_failed(row, meta, f"its sample could not be built ({type(e).__name__}: {e})")
+            yield _write_failed(row, meta, f"its sample could not be built ({type(e).__name__}: {e})",
+                                "internal error")
             continue
         result, failures = None, []
         for writer in writers:
