@@ -159,6 +159,13 @@ def test_write_rows_sends_samples_on_and_passes_small_records(tmp_path):
     assert [(p["stage"], p["reason"], p["retryable"]) for p in rejects] == [("write", "worker failed", True)]
     assert "no shard writer could take its sample" in rejects[0]["detail"]
 
+    # a meta.json off its schema (a bug upstream): an internal error of that clip, not the job's end
+    rows = outcome_rows(3, items[3])
+    meta = json.loads(rows[1]["payload"])
+    rows[1] = dict(rows[1], payload=json.dumps(dict(meta, schema_version=2)))
+    (reject,) = [json.loads(r["payload"]) for r in write_rows(rows, [live]) if r["kind"] == "reject"]
+    assert (reject["reason"], reject["retryable"]) == ("internal error", True) and "could not be built" in reject["detail"]
+
 
 def test_a_full_disk_stops_the_run_and_leaves_no_temp_file(tmp_path):
     from test_faults import small_tmpfs
