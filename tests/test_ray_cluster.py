@@ -115,8 +115,10 @@ def test_two_node_cluster(tmp_path):
         assert set(run["nodes_used"]) <= node_ids and run["nodes_used"]
         # a shard writer on each node; every shard written by one of them, on its node
         assert run["writers"]["count"] == 2 and set(run["writers"]["node_ids"]) == node_ids
-        index = json.loads((out / "index.json").read_text())
-        assert {e["writer"]["node_id"] for e in index["shardlist"]} <= node_ids
-        assert sum(e["nsamples"] for e in index["shardlist"]) == run["summary"]["clips_kept"]
+        from pipeline.journal import Journal
+
+        entries = Journal(out).shard_entries()
+        assert entries and {e["writer"]["node_id"] for e in entries} <= node_ids
+        assert sum(e["nsamples"] for e in entries) == run["summary"]["clips_kept"]
     finally:
         cluster.shutdown()
