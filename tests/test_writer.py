@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from journal_rows import outcome_rows, plan, synthetic_items
-from pipeline.bookkeeper import WRITTEN, Bookkeeper
+from pipeline.bookkeeper import SHARD, WRITTEN, Bookkeeper
 from pipeline.journal import Journal
 from pipeline.store import open_store
 from pipeline.writer import (RECORD_COLUMNS, LocalWriter, ShardSink, WriterUnavailable, close_writers, write_rows)
@@ -286,3 +286,32 @@ def test_the_end_of_a_run_deletes_its_unjournaled_shards_only(tmp_path):
     removed = _remove_unjournaled_shards(store, 2, {"shards/shard-r0002-w000-000000.tar"})
     assert sorted(removed) == ["shards/.shard-r0002-w001-000001.tar.tmp4242", "shards/shard-r0002-w001-000000.tar"]
     assert store.list("shards") == sorted(names[:3])
+
+
+def test_writer_actors_write_to_the_s3_api(s3_endpoint, ray_local):  # noqa: F811 - the fixture
+    """Writer actors open the store themselves from (url, storage_options): shards land on the S3 API,
+    whole, sha256 and size as recorded."""
+    from pipeline.writer import start_writers, stop_writers
+
+    url, options = "s3://out/writer-actors", _s3_options(s3_endpoint)
+    writers = start_writers(url, options, 40_000, run=5, count=2)
+    items = synthetic_items(12)
+    records = []
+    try:
+        for i, it in enumerate(items):
+            order = writers if i % 2 else writers[::-1]
+            records += [json.loads(r["payload"]) for r in write_rows(outcome_rows(i, it), order) if r["kind"] == SHARD]
+        tails, failed, error = close_writers(writers)
+    finally:
+        stop_writers(writers)
+    assert failed == [] and error is None
+    entries = [r["shard"] for r in records + tails]
+    store = open_store(url, options)
+    assert sorted(store.list("shards")) == sorted(e["url"] for e in entries)
+    assert {e["writer"]["writer"] for e in entries} == {0, 1} and all(e["url"].startswith("shards/shard-r0005-")
+                                                                       for e in entries)
+    for e in entries:
+        data = store.read_bytes(e["url"])
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (e["filesize"], e["sha256"])
+    assert sorted(k for e in entries for k in e["keys"]) == sorted(
+        f"{it.video_id}_{c:04d}" for i, it in enumerate(items) for c in range(plan(i)[0]))
