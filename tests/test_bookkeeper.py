@@ -222,3 +222,30 @@ def test_explicit_retryable_field_wins_over_the_reason():
     assert _is_retryable({"reason": "no speech", "retryable": True})
     assert not _is_retryable({"reason": "worker failed", "retryable": False})
     assert _is_retryable({"reason": "worker failed"}) and not _is_retryable({"reason": "timed out"})
+
+
+def test_the_driver_receives_records_whatever_the_sample_size(tmp_path):
+    """run_curation with the stage rows (row_source) of 40 inputs whose mp4 members are 2 KB, then 200 KB:
+    the shards grow 33x, the bytes of the rows the driver iterates (run.json timings) stay put."""
+    from pipeline.config import load_config
+    from pipeline.runner import run_curation
+
+    # one shard either way: the driver gets a record per input outcome and kept clip, and one per shard
+    config = load_config(None, **{"features.enabled": False, "write.shard_max_bytes": 16 << 20})
+    items = synthetic_items(40)
+    facts = {}
+    for mp4_bytes in (2048, 204_800):
+        def rows(todo, mp4_bytes=mp4_bytes):
+            for i, it in enumerate(todo):
+                for r in outcome_rows(i, it):
+                    yield dict(r, mp4=bytes(mp4_bytes)) if r["kind"] == "clip" else r
+
+        out = tmp_path / f"out-{mp4_bytes}"
+        run_curation(items, out, config, progress_every_s=3600, row_source=rows)
+        run = json.loads((out / "run.json").read_text())
+        written = sum(p.stat().st_size for p in (out / "shards").iterdir())
+        facts[mp4_bytes] = (run["timings"]["driver_rows"], run["timings"]["driver_row_bytes"], written)
+    (rows_a, bytes_a, written_a), (rows_b, bytes_b, written_b) = facts[2048], facts[204_800]
+    assert written_b > 30 * written_a
+    assert rows_a == rows_b and abs(bytes_b - bytes_a) < 0.01 * bytes_a  # only sizes' digits differ
+    assert bytes_b < written_b / 10
