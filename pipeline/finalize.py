@@ -339,7 +339,8 @@ class RunFacts:
     stage_seconds: dict[str, float] = field(default_factory=dict)  # stage -> seconds summed over inputs
     nodes_used: Iterable[str] = ()  # Ray node ids that ran a stage
     input_stats: dict = field(default_factory=dict)  # expand_inputs: "duplicates", "blank_entries"
-    driver_rows: dict | None = None  # the driver's counters of the rows it received (rows, bytes), if counted
+    driver_rows: dict | None = None  # what the driver received: {"rows", "row_bytes"} (records, never samples)
+    writers: dict | None = None  # this run's shard writers and the shards each closed
 
 
 def finalize_curation(store: OutputStore, journal: Journal, config: CurateConfig, facts: RunFacts, *,
@@ -374,13 +375,16 @@ def finalize_curation(store: OutputStore, journal: Journal, config: CurateConfig
         "config": cfg_dict, "config_fingerprint": config_fingerprint(cfg_dict), "summary": summary,
         "timings": {"wall_s": elapsed, "stage_cpu_s": facts.stage_seconds,
                     "inputs_per_s": facts.inputs_this_run / elapsed if elapsed > 0 else None},
+        "writers": facts.writers,
         "filter_rules": rule_table(config.filters, sync_real=config.profile == "full"),
         "sync_rules_applied": config.profile == "full",
         "nodes_used": sorted(facts.nodes_used), "versions": _versions(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if facts.driver_rows is not None:
-        run["driver_rows"] = facts.driver_rows
+        # the rows the driver iterated: small records, however many bytes the writers wrote
+        run["timings"]["driver_rows"] = facts.driver_rows["rows"]
+        run["timings"]["driver_row_bytes"] = facts.driver_rows["row_bytes"]
     if selection is not None:
         record_in_run(run, selection, filters, sync_real=config.profile == "full")
     write_json(store, RUN, run)

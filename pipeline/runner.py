@@ -1,49 +1,35 @@
 """The curation driver: Ray Data stages in, shards + tables + run facts out.
 
-The driver builds the Ray Data pipeline from the stage list, streams its output rows
-(``iter_rows``: execution is streaming, nothing waits for a full stage) and is the single
-writer of shards and journal, which makes exactly-once accounting simple: a row is an
-outcome, and the driver decides when an input is finished.
+The driver builds the Ray Data pipeline from the stage list, ending in the write stage (the
+shards are written on the workers: pipeline/writer.py), streams its small records (``iter_rows``:
+execution is streaming, nothing waits for a full stage) into the Bookkeeper
+(pipeline/bookkeeper.py), the single writer of the journal, which makes exactly-once accounting
+simple: a record is an outcome, and the driver decides when an input is finished.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import signal
+import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import schemas
+from schemas import SHARD_DIR
+
+from .bookkeeper import Bookkeeper, write_error
 from .config import CurateConfig
 from .finalize import RunFacts, finalize_curation
 from .inputs import InputItem
 from .journal import Journal, config_fingerprint
 from .progress import CurateProgress
-from .shards import ShardInfo, ShardWriter, remove_stale_temp_files
-from .stages import SAMPLE_MEMBERS, default_stages, new_row
+from .shards import remove_stale_temp_files
+from .stages import default_stages, new_row
 from .store import open_store
-
-
-@dataclass
-class _InFlight:
-    item: InputItem
-    n_candidates: int | None = None
-    terminal: int = 0
-    kept_keys: list[str] = field(default_factory=list)
-    pending_keys: set[str] = field(default_factory=set)
-    rejects: list[dict] = field(default_factory=list)
-    scores: list[dict] = field(default_factory=list)  # scores rows of rejected clips
-    summary: dict | None = None
-    video_reject: dict | None = None
-    counted: bool = False
-
-    @property
-    def finished(self) -> bool:
-        return self.video_reject is not None or (self.n_candidates is not None and self.terminal >= self.n_candidates)
+from .writer import (LocalWriter, ShardSink, abort_writers, add_write_stage, close_writers, start_writers, stop_writers,
+                     write_rows)
 
 
 def required_models(config: CurateConfig) -> list[str]:
@@ -192,54 +178,27 @@ def build_dataset(items: list[InputItem], config: CurateConfig):
     return ds
 
 
-def ray_rows(items: list[InputItem], config: CurateConfig):
+def ray_rows(items: list[InputItem], config: CurateConfig, write_stage=None):
     """The pipeline's rows for ``items``, from consecutive datasets of ``ray.inputs_per_dataset`` inputs.
 
     Each dataset is drained before the next is built, so Ray Data's driver-side state (the blocks
     from_items makes up front, operator and task state) exists for one dataset's inputs at a time
-    instead of growing with the run; each block still holds one input.
+    instead of growing with the run; each block still holds one input. ``write_stage(ds)`` adds the
+    last stage (writer.add_write_stage: the shards are written on the workers, records come back).
     """
     size = config.ray.inputs_per_dataset
     for start in range(0, len(items), size):
         ds = build_dataset(items[start:start + size], config)
+        if write_stage is not None:
+            ds = write_stage(ds)
         yield from ds.iter_rows()
         del ds
-
-
-def _manifest_row(meta: dict, shard_url: str, sample_bytes: int) -> dict:
-    c, cr = meta["clip"], meta["crop"]
-    return {"key": meta["key"], "video_id": meta["video_id"], "clip_index": meta["clip_index"],
-            "uri": meta["source"]["uri"], "source": meta["source"].get("source"), "shard": shard_url,
-            "start_s": c["start_s"], "end_s": c["end_s"], "duration_s": c["n_frames"] / c["fps"],
-            "n_frames": c["n_frames"], "track_id": c["track_id"], "crop_x0": cr["x0"], "crop_y0": cr["y0"],
-            "crop_size": cr["size"], "face_size_px": cr["face_size_px"], "sample_bytes": sample_bytes,
-            "profile": meta["profile"]}
-
-
-def _shard_meta(meta: dict) -> dict:
-    """meta.json as written into the shard: its scores without the wide scores.parquet-only columns
-    (schemas.SCORES_ONLY_COLUMNS, e.g. the 512-value identity embedding)."""
-    if not any(k in meta.get("scores", {}) for k in schemas.SCORES_ONLY_COLUMNS):
-        return meta
-    scores = {k: v for k, v in meta["scores"].items() if k not in schemas.SCORES_ONLY_COLUMNS}
-    return dict(meta, scores=scores)
-
-
-_SCORES_COLUMNS = frozenset(schemas.SCORES_SCHEMA.names)  # (Schema.names builds a new list per call)
-
-
-def _kept_scores_row(meta: dict, source: str, features: bool) -> dict:
-    sc = {k: v for k, v in meta.get("scores", {}).items() if k in _SCORES_COLUMNS}
-    return dict(sc, key=meta["key"], video_id=meta["video_id"], clip_index=meta["clip_index"],
-                uri=meta["source"]["uri"], source=source, track_id=meta["clip"]["track_id"],
-                start_s=meta["clip"]["start_s"], duration_s=meta["clip"]["n_frames"] / meta["clip"]["fps"],
-                status="kept", reject_stage=None, reject_reason=None, features_computed=features)
 
 
 _shards_journaled_this_process = 0
 
 
-def _fault_kill_after_shard() -> None:
+def _fault_kill_after_shard(info=None) -> None:
     """SIGKILL this job's process group (the driver and its embedded Ray) once
     $CURATE_FAULT_KILL_AFTER_SHARDS shards are journaled: a kill mid-run at a known point, for the
     tests of kill-and-resume (tests/test_faults.py). Unset in production."""
@@ -254,244 +213,137 @@ class OutputFullError(RuntimeError):
     """The output filesystem ran out of space (or quota): the run stopped, nothing partial was published."""
 
 
-# Outcomes that say more about the machine than about the video (a crashed worker, a bug, a
-# GPU out of memory): journaled, but retried by the next run instead of counted as final.
-# A server error (HTTP 5xx) is retried too: the server, not the file, failed. "timed out" is final
-# (docs/pipeline.md, "Time limits"): a file that hangs a decoder hangs it again.
-RETRYABLE_REASONS = ("internal error", "worker failed")
-
-
-def _is_retryable(reject: dict) -> bool:
-    reason = reject.get("reason") or ""
-    return reason in RETRYABLE_REASONS or reason.startswith("HTTP 5") or reject.get("stage") == "features"
-
-
-def _retryable(st: _InFlight) -> bool:
-    rejects = ([st.video_reject] if st.video_reject else []) + st.rejects
-    return any(_is_retryable(r) for r in rejects)
-
-
-def _video_row(st: _InFlight) -> dict:
-    probe = (st.summary or {}).get("probe") or {}
-    if st.video_reject is not None:
-        status, stage, reason = "rejected", st.video_reject["stage"], st.video_reject["reason"]
-        duration = st.video_reject.get("duration_s")
-    elif st.kept_keys:
-        status, stage, reason = "kept", None, None
-        duration = probe.get("duration_s")
-    else:
-        status, stage = "rejected", "clips"
-        reasons = sorted({r["reason"] for r in st.rejects})
-        reason = "all clips rejected: " + ", ".join(reasons)
-        duration = probe.get("duration_s")
-    return {"uri": st.item.uri, "video_id": st.item.video_id, "source": st.item.source, "status": status,
-            "stage": stage, "reason": reason, "n_candidates": st.n_candidates or 0, "n_kept": len(st.kept_keys),
-            "n_rejected_clips": len(st.rejects), "duration_s": duration,
-            "timings": json.dumps((st.summary or {}).get("timings", {})),
-            "coverage": _coverage_json(st)}
-
-
-def _coverage_json(st: _InFlight) -> str | None:
-    coverage = ((st.summary or {}).get("analysis") or {}).get("coverage")
-    return None if coverage is None else json.dumps(coverage)
-
-
-
-
 def run_curation(items: list[InputItem], output: str | Path, config: CurateConfig, *, force_resume: bool = False,
                  progress_every_s: float = 5.0, argv: list[str] | None = None, retry_failed: bool = True,
                  input_stats: dict | None = None, verbose: bool = False, row_source=None) -> dict:
-    """Curate ``items`` into ``output`` (a local or shared-filesystem directory).
+    """Curate ``items`` into ``output``: a local or shared-filesystem directory, or an object-store
+    URL (``s3://bucket/prefix``, ``gs://``; credentials from the environment or ``storage_options``).
 
     ``retry_failed``: inputs whose outcome was a crash, an internal error or a feature failure
     in an earlier run are processed again (their journal entry is replaced).
     ``input_stats``: what ``expand_inputs`` folded away (duplicates, blank list entries), for the summary.
     ``row_source``: ``f(todo) -> iterable of rows`` standing in for the Ray Data pipeline (the rows
-    its stages emit): tests and benchmarks/bookkeeping.py drive the driver's bookkeeping with it.
+    its stages emit, blobs included; their samples are written in-process by the same writer
+    code): tests and benchmarks/bookkeeping.py drive the driver's bookkeeping with it.
     """
-    if "://" in str(output) and not str(output).startswith("file://"):
-        raise ValueError(f"--output {output}: write to a local or shared-filesystem directory (object-store "
-                         "output is not supported yet; sync the finished directory, index.json last)")
     t_start = time.time()
     preflight(config)
-    out = Path(output)
+    store = open_store(output, config.storage_options)
+    out = store.local_path()  # None on an object store
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        journal = Journal(out)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+        journal = Journal(store)
         with journal.lock(lease_s=config.write.lock_lease_s):
-            return _run_locked(items, out, journal, config, t_start, force_resume, progress_every_s, argv,
+            return _run_locked(items, store, journal, config, t_start, force_resume, progress_every_s, argv,
                                retry_failed, input_stats or {}, verbose, row_source)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         where = f" ({e.filename})" if e.filename else ""
         raise OutputFullError(
-            f"no space left on device writing the output {out}{where}: the run stopped and nothing partial was "
+            f"no space left on device writing the output {store.url}{where}: the run stopped and nothing partial was "
             "published; free space and run the same command again to resume") from e
 
 
-def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_start: float, force_resume: bool,
+def _remove_unjournaled_shards(store, run_number: int, journaled: set[str]) -> list[str]:
+    """Delete this run's shard objects that have no journal entry, once its writers are stopped: a
+    shard whose record was lost with its write task, or closed while the run was stopping, and the
+    temp file of a writer that died. Other runs' objects are left to the next run's orphan cleanup."""
+    tag = f"shard-r{run_number:04d}-"
+    removed = [n for n in store.list(SHARD_DIR) if tag in n.rsplit("/", 1)[-1] and n not in journaled]
+    for name in removed:
+        store.delete(name)
+    return removed
+
+
+def _row_nbytes(row: dict) -> int:
+    """Bytes of one row the driver receives: its strings and binary columns (8 per other value)."""
+    return sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in row.values())
+
+
+def _run_locked(items, store, journal: Journal, config: CurateConfig, t_start: float, force_resume: bool,
                 progress_every_s: float, argv, retry_failed: bool, input_stats: dict, verbose: bool = False,
                 row_source=None) -> dict:
     cfg_dict = config.model_dump(mode="json")
     journal.check_config(config_fingerprint(cfg_dict), cfg_dict, force=force_resume,
                          defaults=type(config)().model_dump(mode="json"))
-    remove_stale_temp_files(out)  # of a killed run: shards, tables, journal entries never published
+    remove_stale_temp_files(store)  # of a killed run: shards, tables, journal entries never published
     # The journal's small columns only (finished uris, shard index entries), each file read once.
     shard_entries = journal.shard_entries()
     journal.remove_orphan_shards(shard_entries)
-    first_shard = journal.next_shard_index(shard_entries)
+    run_number = journal.begin_run()  # for shard names unique per run and writer
 
     done_videos = {uri for uri, retryable in journal.finished().items() if not (retry_failed and retryable)}
     todo = [it for it in items if it.uri not in done_videos]
     del done_videos
     # Published keys matter only for inputs still to do (a key is "{video_id}_{clip:04d}").
     todo_ids = {it.video_id for it in todo}
-    committed_keys = {k for e in shard_entries for k in e["keys"] if k.rsplit("_", 1)[0] in todo_ids}
+    committed_keys = frozenset(k for e in shard_entries for k in e["keys"] if k.rsplit("_", 1)[0] in todo_ids)
     del shard_entries, todo_ids
     progress = CurateProgress(total=len(items), already=len(items) - len(todo), every_s=progress_every_s)
-
-    # An input's state exists from its first row until it is journaled, so the driver holds the
-    # inputs in flight, not every input of the run.
-    waiting = {it.uri: it for it in todo}  # no row received yet
-    states: dict[str, _InFlight] = {}
-    open_manifest: dict[str, dict] = {}  # key -> manifest row, for the shard being written
-    open_scores: dict[str, dict] = {}  # key -> scores row of a kept clip in that shard
-    ready: list[dict] = []
-    last_flush = time.monotonic()
-
-    def journal_ready(force: bool = False):
-        nonlocal ready, last_flush
-        if ready and (force or len(ready) >= 64 or time.monotonic() - last_flush > 10):
-            journal.record_videos(ready)
-            ready = []
-            last_flush = time.monotonic()
-
-    def finish_if_ready(st: _InFlight):
-        if st.finished and not st.pending_keys and st.item.uri in states:
-            ready.append({"video": _video_row(st), "rejects": ([st.video_reject] if st.video_reject else []) + st.rejects,
-                          "scores": st.scores, "retryable": _retryable(st)})
-            del states[st.item.uri]
-
-    def on_shard_close(info: ShardInfo):
-        rows = [open_manifest.pop(k) for k in info.keys]
-        try:
-            journal.record_shard(info, rows, [open_scores.pop(k) for k in info.keys])
-        except BaseException:
-            # Its journal entry publishes a shard: one that could not be journaled (no space left)
-            # is removed now rather than left for the next run to find as an orphan.
-            (out / info.url).unlink(missing_ok=True)
-            raise
-        _fault_kill_after_shard()
-        closed = set(info.keys)
-        for st in list(states.values()):
-            if st.pending_keys & closed:
-                st.pending_keys -= closed
-                finish_if_ready(st)
-        writer.closed_shards.clear()  # journaled; the writer's own list of them would grow with the run
-        journal_ready()
-
-    writer = ShardWriter(out, config.write.shard_max_bytes, first_index=first_shard, on_close=on_shard_close)
-    stage_seconds: dict[str, float] = {}
-    nodes_used: set[str] = set()
-    written_keys: set[str] = set()
+    books = Bookkeeper(journal, todo, committed_keys, progress=progress, after_shard=_fault_kill_after_shard,
+                       discard_shard=store.delete)
+    driver = {"rows": 0, "row_bytes": 0}  # what the driver received: records, never sample bytes
+    writers: list = []
     if todo:
-        if row_source is None:
-            ensure_ray(config, verbose)
-            rows = ray_rows(todo, config)
-        else:
-            rows = row_source(todo)
         try:
+            writers, rows = _start_writing(todo, store, config, run_number, committed_keys, verbose, row_source)
             for row in rows:
-                st = states.get(row["uri"])
-                if st is None:
-                    if row["uri"] not in waiting:
-                        continue  # journaled already
-                    st = states[row["uri"]] = _InFlight(waiting.pop(row["uri"]))
-                payload = json.loads(row["payload"])
-                kind = row["kind"]
-                if kind == "reject" and row["clip_index"] < 0:
-                    st.video_reject = payload
-                    progress.rejected_inputs += 1
-                    progress.add_probed(payload.get("duration_s"))
-                elif kind == "summary":
-                    st.summary = payload
-                    st.n_candidates = payload["n_candidates"]
-                    progress.add_probed(payload["probe"]["duration_s"])
-                    for k, v in payload.get("timings", {}).items():
-                        stage_seconds[k] = stage_seconds.get(k, 0.0) + v
-                    nodes_used.update(n for n in payload.get("nodes", {}).values() if n)
-                elif kind == "reject" and payload.get("key") in committed_keys:
-                    # Published by an earlier, killed run: the sample stays; this run's different
-                    # outcome (a transient failure) must not make it both kept and rejected.
-                    st.kept_keys.append(payload["key"])
-                    st.terminal += 1
-                elif kind == "reject":
-                    scores_row = payload.pop("scores", None)
-                    if scores_row is not None:
-                        st.scores.append(scores_row)
-                    st.rejects.append(payload)
-                    st.terminal += 1
-                    progress.rejected_clips += 1
-                elif kind == "clip":
-                    st.terminal += 1
-                    key = payload["key"]
-                    st.kept_keys.append(key)
-                    progress.kept_clips += 1
-                    progress.kept_seconds += payload["clip"]["n_frames"] / payload["clip"]["fps"]
-                    if key in written_keys:
-                        raise RuntimeError(f"sample key {key} produced twice in one run ({row['uri']}): "
-                                           "two inputs share a video id")
-                    written_keys.add(key)
-                    if key not in committed_keys:
-                        members = {member: bytes(row[col]) for col, member in SAMPLE_MEMBERS.items() if len(row[col])}
-                        shard_meta = _shard_meta(payload)
-                        members["meta.json"] = json.dumps(shard_meta, indent=1).encode()
-                        schemas.validate_meta(shard_meta)
-                        url = writer.write(key, members)
-                        st.pending_keys.add(key)
-                        open_manifest[key] = _manifest_row(payload, url, sum(len(v) for v in members.values()))
-                        open_scores[key] = _kept_scores_row(payload, row["source"], config.features.enabled)
-                else:
-                    raise RuntimeError(f"unexpected row kind {kind!r} from the pipeline for {row['uri']}")
-                if st.finished:
-                    if not st.counted:
-                        progress.done += 1
-                        st.counted = True
-                    finish_if_ready(st)
-                journal_ready()
+                driver["rows"] += 1
+                driver["row_bytes"] += _row_nbytes(row)
+                books.add(row)
                 progress.tick()
+            # End of the stream: every writer closes its open shard (a tail shard).
+            records, failed, error = close_writers(writers)
+            for record in records:
+                books.add_shard(record)
+            if error is not None:
+                raise write_error(error)  # e.g. no space left for a tail shard: it is not published
+            for line in failed:
+                print(f"[curate] a shard writer failed at the end of the run: {line}; the inputs of its open shard "
+                      "are journaled as \"worker failed\" and redone by the next run", file=sys.stderr, flush=True)
         except BaseException:
             progress.close()  # a live bar gives the terminal back before the error is printed
-            writer.abort()  # the open shard was never published; its clips are redone on rerun
+            abort_writers(writers)  # their open shards are never published; their clips are redone on rerun
             with contextlib.suppress(OSError):  # best effort (the disk may be full): the first error matters
-                journal_ready(force=True)
+                books.flush()
             raise
-    try:
-        writer.close()
-    except BaseException:
-        writer.abort()  # e.g. no space left for the last shard's end: it is not published
-        raise
-    journal_ready(force=True)
-    for it in todo:
-        if it.uri in waiting:  # not one row of it came back
-            states[it.uri] = _InFlight(waiting.pop(it.uri))
-        st = states.get(it.uri)
-        if st is None:
-            continue  # journaled
-        # Its block failed in Ray (a worker died: out of memory, a crash in a native decoder)
-        # after Ray's retries. Recorded, and retried by the next run.
-        st.video_reject = {"uri": st.item.uri, "video_id": st.item.video_id, "clip_index": -1, "key": None,
-                           "stage": "ray", "reason": "worker failed", "rule": None, "value": None, "threshold": None,
-                           "detail": f"{st.item.uri}: the Ray task processing this input failed "
-                                     f"({st.terminal} of {st.n_candidates} candidate outcomes received); "
-                                     "it is retried by the next run", "duration_s": None, "source": st.item.source}
-        st.rejects, st.scores, st.pending_keys = [], [], set()
-        st.kept_keys = [k for k in st.kept_keys if k in committed_keys]
-        finish_if_ready(st)
-    journal_ready(force=True)
+        finally:
+            stop_writers(writers)
+            with contextlib.suppress(OSError):  # best effort: the next run deletes orphans too
+                _remove_unjournaled_shards(store, run_number, {s.url for s in books.shards})
+    books.finish()  # inputs without every outcome: "worker failed", retried by the next run
 
     # ---- tables, run facts, and the index last
     facts = RunFacts(started=t_start, inputs=len(items), inputs_this_run=len(todo), argv=argv,
-                     stage_seconds=stage_seconds, nodes_used=nodes_used, input_stats=input_stats)
-    return finalize_curation(open_store(out), journal, config, facts, progress=progress)
+                     stage_seconds=books.stage_seconds, nodes_used=books.nodes_used, input_stats=input_stats,
+                     driver_rows=driver, writers=_writers_facts(writers, books))
+    return finalize_curation(store, journal, config, facts, progress=progress)
+
+
+def _start_writing(todo, store, config: CurateConfig, run_number: int, committed_keys, verbose: bool, row_source):
+    """The writers of this run and the records the driver iterates: the Ray Data pipeline ending in
+    the write stage, with a writer actor per node; or ``row_source``'s rows through one in-process writer."""
+    features = config.features.enabled
+    if row_source is not None:
+        writers = [LocalWriter(ShardSink(store, config.write.shard_max_bytes, run_number, 0))]
+        return writers, write_rows(row_source(todo), writers, committed_keys=committed_keys, features=features)
+    ensure_ray(config, verbose)
+    writers = start_writers(store.url, config.storage_options, config.write.shard_max_bytes, run_number,
+                            config.write.writers)
+    return writers, ray_rows(todo, config, lambda ds: add_write_stage(ds, writers, committed_keys, features))
+
+
+def _writers_facts(writers: list, books: Bookkeeper) -> dict:
+    """run.json "writers": this run's shard writers and the shards they closed (tail shards: at the end)."""
+    by_writer: dict[int, dict] = {}
+    for info in books.shards:
+        w = by_writer.setdefault((info.writer or {}).get("writer", 0), {"shards": 0, "tail_shards": 0, "bytes": 0})
+        w["shards"] += 1
+        w["tail_shards"] += info.closed_by == "end"
+        w["bytes"] += info.filesize
+    return {"count": len(writers), "node_ids": sorted({w.node_id or "local" for w in writers}),
+            "shards_this_run": len(books.shards), "tail_shards_this_run": sum(w["tail_shards"] for w in by_writer.values()),
+            "by_writer": {str(k): v for k, v in sorted(by_writer.items())},
+            "worker_failed_this_run": len(books.worker_failed)}

@@ -1,7 +1,8 @@
 """WebDataset tar shards: byte-capped, written atomically, committed by index.json.
 
-A shard is written under a temporary name (``.shard-000003.tar.tmp``) and renamed to
-``shard-000003.tar`` only when it is complete, so a reader never sees a half-written shard.
+A shard streams to the output store (pipeline/store.py) and appears only when it is complete: a
+local shard is written under a temporary name (``.shard-000003.tar.tmp<pid>``) and renamed, an
+object-store shard is a multipart upload completed on close; a reader never sees a half-written shard.
 ``index.json`` (a superset of wids-shard-index-v1, with sha256 per shard) is written last,
 also through a temporary file and an atomic rename: its presence commits the dataset.
 """
@@ -22,6 +23,8 @@ import numpy as np
 
 import schemas
 from schemas import SAMPLE_KEY_PATTERN, SHARD_DIR, SHARD_NAME_FORMAT
+
+from .store import OutputStore, open_store
 
 _TAR_BLOCK = 512
 
@@ -90,32 +93,60 @@ class ShardInfo:
     filesize: int
     sha256: str
     keys: list[str] = field(default_factory=list)
+    # Who wrote it ({"node_id", "node_ip", "writer"}) and why it was closed: "cap" (the next sample
+    # would not fit) or "end" (the end of the run's stream: a tail shard, usually smaller).
+    writer: dict | None = None
+    closed_by: str | None = None
 
     def as_index_entry(self) -> dict:
-        return {"url": self.url, "nsamples": self.nsamples, "filesize": self.filesize,
-                "sha256": self.sha256, "keys": list(self.keys)}
+        entry = {"url": self.url, "nsamples": self.nsamples, "filesize": self.filesize,
+                 "sha256": self.sha256, "keys": list(self.keys)}
+        if self.writer is not None:
+            entry["writer"] = dict(self.writer)
+        if self.closed_by is not None:
+            entry["closed_by"] = self.closed_by
+        return entry
+
+
+class _UploadFile:
+    """The file object tarfile writes to: a StreamingUpload, with the ``tell`` tarfile asks for."""
+
+    def __init__(self, upload):
+        self.upload = upload
+
+    def write(self, data) -> int:
+        return self.upload.write(data)
+
+    def tell(self) -> int:
+        return self.upload.size
 
 
 class ShardWriter:
-    """Writes samples into ``root/shards/shard-NNNNNN.tar`` files of at most ``max_bytes``.
+    """Writes samples into ``shards/<name>.tar`` objects of at most ``max_bytes`` through an output
+    store (``root``: a directory path, or an ``OutputStore`` such as an s3:// output).
 
     A sample is never split across shards; a shard is closed before a sample would push it past
-    ``max_bytes`` (a single sample larger than the cap gets a shard of its own). ``on_close``
-    is called with the ShardInfo of every shard once it is renamed into place; the curation job
-    uses it to journal progress.
+    ``max_bytes`` (a single sample larger than the cap gets a shard of its own). A shard streams to
+    the store as it is written (``store.open_write``: size and sha256 computed on the way) and
+    appears only once closed, whole; ``abort`` drops it. ``on_close`` is called with the ShardInfo
+    of every shard once it is in place; the curation job journals it.
+
+    ``name_format`` names the n-th shard (``SHARD_NAME_FORMAT``: shard-000003.tar; the curation
+    writers use one format per run and writer, so that no two writers' names collide).
     """
 
-    def __init__(self, root: str | Path, max_bytes: int, first_index: int = 0, on_close=None):
-        self.root = Path(root)
-        self.dir = self.root / SHARD_DIR
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, root, max_bytes: int, first_index: int = 0, on_close=None, *,
+                 name_format: str = SHARD_NAME_FORMAT, writer: dict | None = None):
+        self.store = root if isinstance(root, OutputStore) else open_store(root)
+        self.root = self.store.local_path()  # None on an object store
         self.max_bytes = int(max_bytes)
         self.next_index = first_index
         self.on_close = on_close
+        self.name_format = name_format
+        self.writer = writer
         self._tar: tarfile.TarFile | None = None
-        self._file = None
-        self._tmp: Path | None = None
-        self._final: Path | None = None
+        self._upload = None
+        self._name: str | None = None
         self._bytes = 0
         self._keys: list[str] = []
         self.closed_shards: list[ShardInfo] = []
@@ -129,7 +160,7 @@ class ShardWriter:
                 raise ValueError(f"bad member name {name!r} for sample {key}")
         size = sample_tar_size(members)
         if self._tar is not None and self._keys and self._bytes + size + 2 * _TAR_BLOCK > self.max_bytes:
-            self.close_current()
+            self.close_current("cap")
         if self._tar is None:
             self._open()
         mtime = time.time()
@@ -142,57 +173,55 @@ class ShardWriter:
             self._tar.addfile(info, io.BytesIO(payload))
         self._bytes += size
         self._keys.append(key)
-        return f"{SHARD_DIR}/{self._final.name}"
+        return self._name
 
     @property
     def current_url(self) -> str | None:
-        return None if self._final is None else f"{SHARD_DIR}/{self._final.name}"
+        return self._name
+
+    @property
+    def open_keys(self) -> list[str]:
+        """Keys of the samples in the shard being written (not published yet)."""
+        return list(self._keys)
 
     def _open(self) -> None:
-        name = SHARD_NAME_FORMAT.format(self.next_index)
+        name = f"{SHARD_DIR}/{self.name_format.format(self.next_index)}"
         self.next_index += 1
-        self._final = self.dir / name
-        if self._final.exists():
-            raise FileExistsError(f"refusing to overwrite existing shard {self._final}")
-        self._tmp = self.dir / f".{name}.tmp"
-        self._file = open(self._tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        if self.store.exists(name):
+            raise FileExistsError(f"refusing to overwrite existing shard {self.store.uri(name)}")
+        self._upload = self.store.open_write(name)
+        self._name = name
+        self._tar = tarfile.open(fileobj=_UploadFile(self._upload), mode="w", format=tarfile.USTAR_FORMAT)
         self._bytes = 0
         self._keys = []
 
-    def close_current(self) -> ShardInfo | None:
+    def close_current(self, closed_by: str | None = None) -> ShardInfo | None:
+        """Close the shard being written (``closed_by``: "cap" or "end", recorded in its entry)."""
         if self._tar is None:
             return None
-        self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._tmp, self._final)
-        info = ShardInfo(url=f"{SHARD_DIR}/{self._final.name}", nsamples=len(self._keys),
-                         filesize=self._final.stat().st_size, sha256=sha256_file(self._final),
-                         keys=list(self._keys))
-        self._tar = self._file = self._tmp = self._final = None
+        self._tar.close()  # the end-of-archive blocks
+        self._upload.commit()  # the object appears, whole
+        info = ShardInfo(url=self._name, nsamples=len(self._keys), filesize=self._upload.size,
+                         sha256=self._upload.sha256, keys=list(self._keys), writer=self.writer, closed_by=closed_by)
+        self._tar = self._upload = self._name = None
         self._keys = []
         self.closed_shards.append(info)
         if self.on_close is not None:
             self.on_close(info)
         return info
 
-    def close(self) -> None:
-        self.close_current()
+    def close(self) -> ShardInfo | None:
+        return self.close_current("end")
 
     def abort(self) -> None:
-        """Drop the shard being written (its temp file) without publishing it.
+        """Drop the shard being written without publishing it.
 
-        Called after a failed write too (no space left on device): closing the file may fail
-        again while flushing, which must not keep the temp file (the end-of-archive blocks a
-        tar close would add are not needed for a file that is deleted)."""
-        if self._file is not None:
+        Called after a failed write too (no space left on device): the upload's temp file (or
+        multipart upload) is discarded whatever state the failed write left it in."""
+        if self._upload is not None:
             with contextlib.suppress(OSError):
-                self._file.close()
-        if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
-        self._tar = self._file = self._tmp = self._final = None
+                self._upload.abort()
+        self._tar = self._upload = self._name = None
         self._keys = []
 
 

@@ -165,8 +165,10 @@ class _LocalUpload(StreamingUpload):
             raise
 
     def _abort(self) -> None:
-        self._file.close()
-        self._tmp.unlink(missing_ok=True)
+        try:
+            self._file.close()  # may fail again flushing its buffer (no space left): the temp file still goes
+        finally:
+            self._tmp.unlink(missing_ok=True)
 
 
 class LocalStore(OutputStore):

@@ -28,7 +28,9 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=400 * 1024 * 1024,
+        # address="local": a new instance, never the cluster another process last started here
+        # (ray.init's default attaches to it: /tmp/ray/ray_current_cluster)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=400 * 1024 * 1024,
                  log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -17,7 +17,7 @@ import json
 import random
 
 from pipeline.inputs import InputItem, video_id_for
-from pipeline.runner import _InFlight, _kept_scores_row, _manifest_row, _retryable, _video_row
+from pipeline.bookkeeper import _InFlight, _kept_scores_row, _manifest_row, _retryable, _video_row
 from pipeline.shards import ShardInfo
 from pipeline.stages import new_row
 

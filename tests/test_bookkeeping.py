@@ -21,7 +21,8 @@ import schemas
 from journal_rows import build_journal, outcome_rows, plan, synthetic_items
 from pipeline.config import load_config
 from pipeline.journal import Journal, config_fingerprint
-from pipeline.runner import _InFlight, run_curation
+from pipeline.bookkeeper import _InFlight
+from pipeline.runner import run_curation
 from pipeline.shards import verify_index
 
 

@@ -125,7 +125,7 @@ def build_journal(store, root, *, bad_video_row: bool = False) -> Journal:
 def _facts() -> RunFacts:
     return RunFacts(started=time.time(), inputs=4, inputs_this_run=4, argv=["jobs/curate.py"],
                     stage_seconds={"detect": 1.5}, nodes_used={"node-a"}, input_stats={"duplicates": 1},
-                    driver_rows={"rows": 11, "bytes": 4321})
+                    driver_rows={"rows": 11, "row_bytes": 4321})
 
 
 def _written_in_order(store, monkeypatch) -> list[str]:
@@ -192,7 +192,8 @@ def test_tables_run_json_and_index_last(store, tmp_path, monkeypatch, capsys):
         "input_duplicates": 1, "shards_by_node": {}, "tail_shards": 0}  # entries without writer facts: none counted
     assert summary["inputs_rejected_by_reason"] == {"no face detected": 1, "worker failed": 1}
     assert summary["kept_hours"] == pytest.approx(6.0 / 3600) and summary["input_hours"] == pytest.approx(40.0 / 3600)
-    assert run["driver_rows"] == {"rows": 11, "bytes": 4321} and run["nodes_used"] == ["node-a"]
+    assert (run["timings"]["driver_rows"], run["timings"]["driver_row_bytes"]) == (11, 4321)
+    assert run["nodes_used"] == ["node-a"]
     assert run["config_fingerprint"] and run["timings"]["stage_cpu_s"] == {"detect": 1.5}
 
     index = _check_index(store)

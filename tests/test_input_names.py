@@ -403,7 +403,7 @@ def test_mid_decode_failures_get_transport_reasons_but_local_faults_stay_retryab
 
     import aiohttp
 
-    from pipeline.runner import RETRYABLE_REASONS, _is_retryable
+    from pipeline.bookkeeper import RETRYABLE_REASONS, _is_retryable
     from pipeline.stages import _crash_reject, new_row
 
     def reason(uri, exc):

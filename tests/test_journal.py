@@ -24,7 +24,7 @@ def test_restart_drops_unpublished_and_unjournaled_shards(tmp_path):
     writer.write("vid-b_0000", {"meta.json": b"{}"})
     writer.close_current()  # renamed into place, killed before its journal entry: an orphan
     writer.write("vid-c_0000", {"meta.json": b"{}"})  # still a temp file when the run died
-    assert (out / "shards" / ".shard-000002.tar.tmp").exists()
+    assert list((out / "shards").glob(".shard-000002.tar.tmp*"))  # the store's temp name: .NAME.tmp<pid>
 
     config = load_config(None, **{"features.enabled": False})
     run_curation([], out, config, progress_every_s=60)  # nothing new to do: just the restart path

@@ -113,5 +113,12 @@ def test_two_node_cluster(tmp_path):
         node_ids = {n.node_id for n in cluster.list_all_nodes()}
         assert len(node_ids) == 2
         assert set(run["nodes_used"]) <= node_ids and run["nodes_used"]
+        # a shard writer on each node; every shard written by one of them, on its node
+        assert run["writers"]["count"] == 2 and set(run["writers"]["node_ids"]) == node_ids
+        from pipeline.journal import Journal
+
+        entries = Journal(out).shard_entries()
+        assert entries and {e["writer"]["node_id"] for e in entries} <= node_ids
+        assert sum(e["nsamples"] for e in entries) == run["summary"]["clips_kept"]
     finally:
         cluster.shutdown()
