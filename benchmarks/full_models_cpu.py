@@ -180,7 +180,7 @@ def real_frames(n: int) -> np.ndarray:
     from pipeline.demo import make_talking_head
 
     with tempfile.TemporaryDirectory() as d:
-        path = make_talking_head(Path(d) / "head.mp4", seconds=max(1.0, n / FPS), size=512)
+        path = make_talking_head(Path(d) / "head.mp4", duration_s=max(1.0, n / FPS), size=512)
         import av
 
         with av.open(str(path)) as c:
@@ -246,6 +246,8 @@ def bench_mediapipe(threads, cpus, repeats, frames, landmarks: bool) -> dict:
             found = [det.detect(f) for f in sample]
             out["faces_found"] = sum(bool(f) for f in found)
             out["landmarks_found"] = sum(bool(f) and f[0].landmarks is not None for f in found)
+            if not out["faces_found"] or (landmarks and not out["landmarks_found"]):  # else FaceMesh never ran
+                raise RuntimeError(f"no face or landmarks found in the benchmark frames: {out}")
             out["threads"][n] = measure(lambda: [det.detect(f) for f in sample], repeats)
     return out
 
