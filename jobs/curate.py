@@ -91,10 +91,11 @@ def main(argv=None) -> int:
                          retry_failed=not args.no_retry_failed)
         print("\n".join(report.lines()))
         return 0 if report.ok else 2
+    from jobs._ray import start_ray
+    from pipeline.journal import ConfigMismatch
     from pipeline.runner import OutputFullError, run_curation
 
-    from pipeline.journal import ConfigMismatch
-
+    start_ray(config, verbose=args.verbose)
     try:
         run_curation(items, args.output, config, force_resume=args.force_resume, argv=sys.argv,
                      retry_failed=not args.no_retry_failed, input_stats=input_stats)

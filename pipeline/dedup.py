@@ -389,10 +389,10 @@ def filters_in_effect(root: Path):
 
 def dedup_output(root: str | Path, config) -> dict:
     """jobs/dedup.py: groups -> duplicates.parquet, then the output's filters with dedup on (under
-    the output's lock, so no curation or refilter writes it meanwhile)."""
+    the output's lock, so no curation or refilter writes it meanwhile). Ray must be up (the entry
+    point starts or joins it)."""
     from .journal import Journal
     from .refilter import REFILTER_STATE, apply_filters
-    from .runner import ensure_ray
     from .shards import atomic_write_json
 
     root = Path(root)
@@ -401,7 +401,6 @@ def dedup_output(root: str | Path, config) -> dict:
     journal = Journal(root)
     with journal.lock():
         filters = filters_in_effect(root).model_copy(update={"dedup": True})
-        ensure_ray(config)
         found = run_dedup(root, config.dedup)
         applied = apply_filters(root, filters)
         # a later curation into this output re-applies these filters, dedup included (runner.py)

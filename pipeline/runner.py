@@ -122,50 +122,21 @@ def preflight(config: CurateConfig) -> None:
         verified_file(iqa, "learned quality model weights file")
 
 
-def ensure_ray(config: CurateConfig, verbose: bool = False) -> None:
-    """Connect to the cluster (config, RAY_ADDRESS) or start an embedded Ray.
-
-    Not ``verbose``: the workers' own output (TensorFlow Lite / absl banners, library deprecation
-    warnings) stays in Ray's worker log files instead of the driver's stream, and Ray's INFO lines
-    are dropped; what goes wrong with an input is in its rejects row either way.
-    """
-    import logging
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    level = logging.INFO if verbose else logging.WARNING
-    if not verbose:
-        import ray.data  # noqa: F401 - configures the "ray.data" logger on import; adjusted below
-
-        # Ray Data's console handler prints every dataset's plan and INFO lines; its log file
-        # (session logs/ray-data/ray-data.log) keeps them all.
-        for handler in logging.getLogger("ray.data").handlers:
-            if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
-                handler.setLevel(logging.ERROR)
-    address = config.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=verbose, logging_level=level)
-    else:
-        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=verbose, logging_level=level,
-                 object_store_memory=config.ray.object_store_memory)
-
-
 def build_dataset(items: list[InputItem], config: CurateConfig):
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy
 
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.execution_options.preserve_order = False
-    # A block whose task fails after Ray's retries (a worker killed by a poison input) is skipped
-    # instead of failing the job; its inputs become "worker failed" rejects (run_curation).
-    ctx.max_errored_blocks = -1
     rows = [new_row(it.video_id, it.uri, it.source, "video", {}) for it in items]
     # One input per block (a failed block loses one input), up to a block count the driver's
     # bookkeeping handles comfortably; beyond it a few inputs share a block.
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 200_000)))
+    # This dataset's own context (the stages below share it), not the process-wide DataContext:
+    # the caller's Ray Data settings stay as they were.
+    ctx = ds.context
+    ctx.execution_options.preserve_order = False
+    # A block whose task fails after Ray's retries (a worker killed by a poison input) is skipped
+    # instead of failing the job; its inputs become "worker failed" rejects (run_curation).
+    ctx.max_errored_blocks = -1
     for spec in default_stages(config):
         cls = spec["cls"]
         method = getattr(ds, spec["kind"])
@@ -205,6 +176,12 @@ def ray_rows(items: list[InputItem], config: CurateConfig):
     from_items makes up front, operator and task state) exists for one dataset's inputs at a time
     instead of growing with the run; each block still holds one input.
     """
+    import ray
+
+    if not ray.is_initialized():
+        # Ray Data would otherwise start a default Ray (every core, a dashboard) behind the caller's back
+        raise RuntimeError("Ray is not running: the entry point starts or joins it before run_curation "
+                           "(jobs/_ray.py start_ray, or ray.init())")
     size = config.ray.inputs_per_dataset
     for start in range(0, len(items), size):
         ds = build_dataset(items[start:start + size], config)
@@ -446,7 +423,6 @@ def _run_locked(items, out: Path, journal: Journal, config: CurateConfig, t_star
     written_keys: set[str] = set()
     if todo:
         if row_source is None:
-            ensure_ray(config, verbose)
             rows = ray_rows(todo, config)
         else:
             rows = row_source(todo)
