@@ -56,6 +56,10 @@ def main(argv=None) -> int:
     if args.demo and args.dry_run:
         print("error: --demo writes its sample into the output; --dry-run writes nothing: use one", file=sys.stderr)
         return 2
+    if args.demo and "://" in args.output and not args.output.startswith("file://"):
+        print(f"error: --demo writes its sample inputs into a local --output; with --output {args.output} "
+              "give --input (upload the inputs to object storage too)", file=sys.stderr)
+        return 2
     if args.demo:
         from pipeline.demo import make_talking_head
 
