@@ -122,6 +122,16 @@ def preflight(config: CurateConfig) -> None:
         verified_file(iqa, "learned quality model weights file")
 
 
+def require_ray() -> None:
+    """The library takes a Ray that is up: the entry point starts or joins it (jobs/_ray.py)."""
+    import ray
+
+    if not ray.is_initialized():
+        # Ray would otherwise start a default local instance (every core, a dashboard) behind the caller's back
+        raise RuntimeError("Ray is not running: the entry point starts or joins it before run_curation "
+                           "(jobs/_ray.py start_ray, or ray.init())")
+
+
 def build_dataset(items: list[InputItem], config: CurateConfig):
     import ray
     from ray.data import ActorPoolStrategy
@@ -176,12 +186,7 @@ def ray_rows(items: list[InputItem], config: CurateConfig):
     from_items makes up front, operator and task state) exists for one dataset's inputs at a time
     instead of growing with the run; each block still holds one input.
     """
-    import ray
-
-    if not ray.is_initialized():
-        # Ray Data would otherwise start a default Ray (every core, a dashboard) behind the caller's back
-        raise RuntimeError("Ray is not running: the entry point starts or joins it before run_curation "
-                           "(jobs/_ray.py start_ray, or ray.init())")
+    require_ray()
     size = config.ray.inputs_per_dataset
     for start in range(0, len(items), size):
         ds = build_dataset(items[start:start + size], config)
