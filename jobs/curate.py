@@ -5,9 +5,10 @@
     python jobs/curate.py --demo --output DIR          # built-in synthetic sample, no data needed
     python jobs/curate.py --input PATH... --output DIR --dry-run   # count inputs, check weights/storage/lock
     python jobs/curate.py --input PATH... --output DIR --limit 20  # a trial run on the first 20 inputs
-    ray job submit --working-dir . -- python jobs/curate.py --input s3://bucket/raw --output /shared/curated
+    ray job submit --working-dir . -- python jobs/curate.py --input s3://bucket/raw --output s3://bucket/curated
 
 With no Ray cluster (no RAY_ADDRESS, no --ray-address) an embedded Ray starts on this machine.
+Object storage (inputs, --output): credentials and endpoint from the standard AWS_* environment.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from pipeline.inputs import InputError, expand_inputs  # noqa: E402
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", nargs="+", default=[], help="directories, globs, .txt URI lists or .parquet with a uri column")
-    ap.add_argument("--output", required=True, help="output directory (shards/, index.json, *.parquet, run.json)")
+    ap.add_argument("--output", required=True, help="output directory or object-store URL (s3://bucket/prefix): "
+                    "shards/, index.json, *.parquet, run.json")
     ap.add_argument("--profile", choices=["smoke", "full"], default=None, help="model profile (default: config or smoke)")
     ap.add_argument("--config", default=None, help="YAML file overriding any config field")
     ap.add_argument("--model-dir", default=None, help="weights directory of the full profile")
@@ -109,7 +111,8 @@ def main(argv=None) -> int:
     except OutputFullError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"output: {os.path.abspath(args.output)}  (index.json, shards/, manifest.parquet, rejects.parquet, run.json)")
+    where = args.output if "://" in args.output else os.path.abspath(args.output)  # an object-store URL as given
+    print(f"output: {where}  (index.json, shards/, manifest.parquet, rejects.parquet, run.json)")
     return 0
 
 

@@ -347,6 +347,7 @@ def test_killed_run_on_s3_resumes_exactly_once_and_a_held_lock_refuses(s3, input
     time.sleep(max(0.0, killed_at + lease + 1 - time.time()))  # the dead run's lease runs out
     r = curate(s3, inputs, "s3://curated/killed", cfg)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "taking over the lock" in r.stderr
     index = check_s3_output(s3, "curated", "killed")  # the planted orphan is gone too
     assert orphan not in s3.keys("curated", "killed")
     copy = s3.download("curated", "killed", tmp_path / "copy")
@@ -367,7 +368,8 @@ def test_killed_run_on_s3_resumes_exactly_once_and_a_held_lock_refuses(s3, input
 
 
 def _writer_nodes(index: dict) -> set[str]:
-    return {e["node"] for e in index["shardlist"]}
+    """The Ray nodes whose writers wrote the shards (each index entry names its writer)."""
+    return {e["writer"]["node_id"] for e in index["shardlist"]}
 
 
 @pytest.mark.long
