@@ -13,6 +13,9 @@ API on loopback (moto's server, tests/s3_server.py) reached through the standard
 
 Inputs are tiny (2 synthetic talking heads of 2.4 s at 160 px and a broken file, in S3); the
 face-size rule is lowered to their 35 px faces. Media is made in tmp dirs, never committed.
+Every test here runs the whole job in a subprocess, the way users do (a job's Ray workers must get
+the storage environment, which the suite's shared Ray does not have): about a minute per run on 2
+idle cores, so all are `long` (make test-long, CI).
 """
 from __future__ import annotations
 
@@ -40,6 +43,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from s3_server import S3Server
+
+pytestmark = pytest.mark.long
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -303,7 +308,6 @@ def _lock_objects(s3: S3Server, bucket: str, prefix: str) -> list[str]:
     return [k for k in s3.keys(bucket, prefix) if "lock" in k.rsplit("/", 1)[-1]]
 
 
-@pytest.mark.long
 def test_killed_run_on_s3_resumes_exactly_once_and_a_held_lock_refuses(s3, inputs, tmp_path, monkeypatch,
                                                                        capsys, ray_local):
     """A: a run SIGKILLed right after journaling its first shard (its own fault point). While A
@@ -343,12 +347,17 @@ def test_killed_run_on_s3_resumes_exactly_once_and_a_held_lock_refuses(s3, input
     assert real, "run A uploaded no shard before it was killed"
     orphan = re.sub(r"(\d+)(\.tar)$", lambda m: f"{int(m.group(1)) + 900:0{len(m.group(1))}d}{m.group(2)}", real[0])
     s3.client.put_object(Bucket="curated", Key=f"killed/{orphan}", Body=s3.read("curated", f"killed/{real[0]}"))
+    # and a partial shard as a writer killed mid-upload leaves it: a multipart upload never completed
+    partial = s3.client.create_multipart_upload(Bucket="curated", Key=f"killed/{orphan[:-4]}-partial.tar")
+    s3.client.upload_part(Bucket="curated", Key=partial["Key"], UploadId=partial["UploadId"], PartNumber=1,
+                          Body=b"\0" * 4096)
+    assert s3.open_multipart_uploads("curated", "killed")
 
     time.sleep(max(0.0, killed_at + lease + 1 - time.time()))  # the dead run's lease runs out
     r = curate(s3, inputs, "s3://curated/killed", cfg)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "taking over the lock" in r.stderr
-    index = check_s3_output(s3, "curated", "killed")  # the planted orphan is gone too
+    index = check_s3_output(s3, "curated", "killed")  # the planted orphan and partial upload are gone too
     assert orphan not in s3.keys("curated", "killed")
     copy = s3.download("curated", "killed", tmp_path / "copy")
     videos = pq.read_table(copy / "videos.parquet").to_pylist()
@@ -372,7 +381,6 @@ def _writer_nodes(index: dict) -> set[str]:
     return {e["writer"]["node_id"] for e in index["shardlist"]}
 
 
-@pytest.mark.long
 def test_two_node_cluster_writes_shards_on_both_nodes(s3, inputs, tmp_path, monkeypatch):
     from ray.cluster_utils import Cluster
 
@@ -440,7 +448,6 @@ def loopback_ray_head(log: Path, env: dict):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-@pytest.mark.long
 def test_ray_job_submit_carries_the_storage_env_to_s3(s3, inputs, tmp_path):
     # The head has no AWS_* variables: only the job's runtime env carries them.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
