@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     from pipeline.dedup import dedup_output
 
     try:
-        if not (Path(args.dir) / "index.json").exists():  # before starting Ray for nothing
+        if "://" not in args.dir and not (Path(args.dir) / "index.json").exists():  # before starting Ray for nothing
             raise FileNotFoundError(f"{args.dir}/index.json is missing: not a finished curation output")
         start_ray(config)
         report = dedup_output(args.dir, config)
