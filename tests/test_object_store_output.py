@@ -322,14 +322,15 @@ def test_killed_run_on_s3_resumes_exactly_once_and_a_held_lock_refuses(s3, input
     cfg = _config(tmp_path, "kill", f"write:\n  shard_max_bytes: 65536\n  lock_lease_s: {lease}\n"
                                     "features:\n  enabled: false\n")
     args = ["--input", inputs, "--output", "s3://curated/killed", "--config", str(cfg)]
-    a = subprocess.Popen([sys.executable, "jobs/curate.py", *args], cwd=ROOT, start_new_session=True,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                         env=_job_env(s3, CURATE_FAULT_KILL_AFTER_SHARDS="1"))
+    a_log = tmp_path / "a.log"
+    with open(a_log, "wb") as log:  # a file, not a pipe: a full pipe would stall the job
+        a = subprocess.Popen([sys.executable, "jobs/curate.py", *args], cwd=ROOT, start_new_session=True,
+                             stdout=log, stderr=subprocess.STDOUT, env=_job_env(s3, CURATE_FAULT_KILL_AFTER_SHARDS="1"))
     try:
         deadline = time.time() + 300
         while a.poll() is None and not _lock_objects(s3, "curated", "killed") and time.time() < deadline:
             time.sleep(0.2)
-        assert a.poll() is None, f"run A ended before it took the lock: {a.stderr.read()[-3000:]}"
+        assert a.poll() is None, f"run A ended before it took the lock: {a_log.read_text()[-3000:]}"
 
         for k, v in s3.env().items():  # B: the job's main() here, on the session's Ray
             monkeypatch.setenv(k, v)
@@ -343,7 +344,7 @@ def test_killed_run_on_s3_resumes_exactly_once_and_a_held_lock_refuses(s3, input
             os.killpg(a.pid, signal.SIGKILL)
             a.wait()
     killed_at = time.time()
-    assert a.returncode == -signal.SIGKILL, f"run A was not killed mid-run: {a.returncode} {a.stderr.read()[-3000:]}"
+    assert a.returncode == -signal.SIGKILL, f"run A was not killed mid-run: {a.returncode} {a_log.read_text()[-3000:]}"
     assert "index.json" not in s3.keys("curated", "killed")
     assert _lock_objects(s3, "curated", "killed"), "the killed run's lock is gone"
     # an orphan as a writer killed between its upload and the journal entry leaves one
