@@ -195,7 +195,10 @@ def output_state(out: Path, root: str) -> dict:
         # meta.json's "timings" holds the feature stage's wall time (stages.FeatureStage): the rest of it
         "meta": {k: json.dumps({f: v for f, v in json.loads(ms["meta.json"]).items() if f != "timings"},
                                sort_keys=True) for k, ms in samples.items()},
-        "manifest": rows("manifest.parquet", drop=("shard",)),
+        # sample_bytes counts meta.json, whose timings vary in length: the other members' bytes
+        "sample_bytes": {r["key"]: r["sample_bytes"] - len(samples[r["key"]]["meta.json"])
+                         for r in pq.read_table(out / "manifest.parquet").to_pylist()},
+        "manifest": rows("manifest.parquet", drop=("shard", "sample_bytes")),
         "rejects": rows("rejects.parquet"),
         "scores": rows("scores.parquet"),
         "videos": sorted((v["uri"], v["status"], v["stage"], v["reason"], v["n_candidates"], v["n_kept"],
@@ -381,9 +384,15 @@ def test_killed_run_on_s3_resumes_exactly_once_and_a_held_lock_refuses(s3, input
 # 5. a 2-node cluster writes shards on both nodes
 
 
-def _writer_nodes(index: dict) -> set[str]:
-    """The Ray nodes whose writers wrote the shards (each index entry names its writer)."""
-    return {e["writer"]["node_id"] for e in index["shardlist"]}
+def _writer_nodes(index: dict, run: dict) -> set[str]:
+    """The Ray nodes whose writers wrote the shards: each index entry's writer when index.json names
+    it, else run.json's count of shards by writer node (which must then cover every shard)."""
+    named = {e["writer"]["node_id"] for e in index["shardlist"] if e.get("writer")}
+    if named:
+        return named
+    by_node = run["summary"]["shards_by_node"]
+    assert sum(by_node.values()) == len(index["shardlist"]), by_node
+    return set(by_node)
 
 
 def test_two_node_cluster_writes_shards_on_both_nodes(s3, inputs, tmp_path, monkeypatch):
@@ -402,7 +411,8 @@ def test_two_node_cluster_writes_shards_on_both_nodes(s3, inputs, tmp_path, monk
         index = check_s3_output(s3, "curated", "cluster")
         node_ids = {n.node_id for n in cluster.list_all_nodes()}
         assert len(node_ids) == 2
-        assert _writer_nodes(index) == node_ids, "shards were not written on both nodes"
+        run = json.loads(s3.read("curated", "cluster/run.json"))
+        assert _writer_nodes(index, run) == node_ids, "shards were not written on both nodes"
     finally:
         cluster.shutdown()
 
