@@ -5,9 +5,10 @@
     python jobs/curate.py --demo --output DIR          # built-in synthetic sample, no data needed
     python jobs/curate.py --input PATH... --output DIR --dry-run   # count inputs, check weights/storage/lock
     python jobs/curate.py --input PATH... --output DIR --limit 20  # a trial run on the first 20 inputs
-    ray job submit --working-dir . -- python jobs/curate.py --input s3://bucket/raw --output /shared/curated
+    ray job submit --working-dir . -- python jobs/curate.py --input s3://bucket/raw --output s3://bucket/curated
 
 With no Ray cluster (no RAY_ADDRESS, no --ray-address) an embedded Ray starts on this machine.
+Object storage (inputs, --output): credentials and endpoint from the standard AWS_* environment.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from pipeline.inputs import InputError, expand_inputs  # noqa: E402
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", nargs="+", default=[], help="directories, globs, .txt URI lists or .parquet with a uri column")
-    ap.add_argument("--output", required=True, help="output directory (shards/, index.json, *.parquet, run.json)")
+    ap.add_argument("--output", required=True, help="output directory or object-store URL (s3://bucket/prefix): "
+                    "shards/, index.json, *.parquet, run.json")
     ap.add_argument("--profile", choices=["smoke", "full"], default=None, help="model profile (default: config or smoke)")
     ap.add_argument("--config", default=None, help="YAML file overriding any config field")
     ap.add_argument("--model-dir", default=None, help="weights directory of the full profile")
@@ -55,6 +57,10 @@ def main(argv=None) -> int:
     inputs = list(args.input)
     if args.demo and args.dry_run:
         print("error: --demo writes its sample into the output; --dry-run writes nothing: use one", file=sys.stderr)
+        return 2
+    if args.demo and "://" in args.output and not args.output.startswith("file://"):
+        print(f"error: --demo writes its sample inputs into a local --output; with --output {args.output} "
+              "give --input (upload the inputs to object storage too)", file=sys.stderr)
         return 2
     if args.demo:
         from pipeline.demo import make_talking_head
@@ -91,10 +97,11 @@ def main(argv=None) -> int:
                          retry_failed=not args.no_retry_failed)
         print("\n".join(report.lines()))
         return 0 if report.ok else 2
+    from jobs._ray import start_ray
+    from pipeline.journal import ConfigMismatch
     from pipeline.runner import OutputFullError, run_curation
 
-    from pipeline.journal import ConfigMismatch
-
+    start_ray(config, verbose=args.verbose)
     try:
         run_curation(items, args.output, config, force_resume=args.force_resume, argv=sys.argv,
                      retry_failed=not args.no_retry_failed, input_stats=input_stats)
@@ -104,7 +111,8 @@ def main(argv=None) -> int:
     except OutputFullError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"output: {os.path.abspath(args.output)}  (index.json, shards/, manifest.parquet, rejects.parquet, run.json)")
+    where = args.output if "://" in args.output else os.path.abspath(args.output)  # an object-store URL as given
+    print(f"output: {where}  (index.json, shards/, manifest.parquet, rejects.parquet, run.json)")
     return 0
 
 

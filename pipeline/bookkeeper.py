@@ -69,11 +69,13 @@ def _manifest_row(meta: dict, shard_url: str, sample_bytes: int) -> dict:
 
 def _shard_meta(meta: dict) -> dict:
     """meta.json as written into the shard: its scores without the wide scores.parquet-only columns
-    (schemas.SCORES_ONLY_COLUMNS, e.g. the 512-value identity embedding)."""
-    if not any(k in meta.get("scores", {}) for k in schemas.SCORES_ONLY_COLUMNS):
-        return meta
-    scores = {k: v for k, v in meta["scores"].items() if k not in schemas.SCORES_ONLY_COLUMNS}
-    return dict(meta, scores=scores)
+    (schemas.SCORES_ONLY_COLUMNS, e.g. the 512-value identity embedding), and without the stage
+    timings (wall seconds, different on every run: they go to run.json's stage_cpu_s), so the same
+    input gives the same meta.json bytes."""
+    out = {k: v for k, v in meta.items() if k != "timings"}
+    if any(k in out.get("scores", {}) for k in schemas.SCORES_ONLY_COLUMNS):
+        out["scores"] = {k: v for k, v in out["scores"].items() if k not in schemas.SCORES_ONLY_COLUMNS}
+    return out
 
 
 _SCORES_COLUMNS = frozenset(schemas.SCORES_SCHEMA.names)  # (Schema.names builds a new list per call)
@@ -240,6 +242,8 @@ class Bookkeeper:
 
     def _add_written(self, st: _InFlight, payload: dict, uri: str) -> None:
         key = payload["key"]
+        for k, v in payload.get("timings", {}).items():  # the clip's own stages (features)
+            self.stage_seconds[k] = self.stage_seconds.get(k, 0.0) + v
         st.terminal += 1
         st.kept_keys.append(key)
         self.progress.kept_clips += 1

@@ -394,10 +394,10 @@ def filters_in_effect(root: Path):
 
 def dedup_output(root: str | Path, config) -> dict:
     """jobs/dedup.py: groups -> duplicates.parquet, then the output's filters with dedup on (under
-    the output's lock, so no curation or refilter writes it meanwhile)."""
+    the output's lock, so no curation or refilter writes it meanwhile). Ray must be up (the entry
+    point starts or joins it)."""
     from .finalize import apply_filters, save_filters
     from .journal import Journal
-    from .runner import ensure_ray
     from .store import open_store
 
     root = Path(root)
@@ -406,7 +406,6 @@ def dedup_output(root: str | Path, config) -> dict:
     journal = Journal(root)
     with journal.lock():
         filters = filters_in_effect(root).model_copy(update={"dedup": True})
-        ensure_ray(config)
         found = run_dedup(root, config.dedup)
         applied = apply_filters(open_store(root), filters, journal=journal)
         # a later curation into this output re-applies these filters, dedup included (finalize.py)

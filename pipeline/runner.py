@@ -102,50 +102,31 @@ def preflight(config: CurateConfig) -> None:
         verified_file(iqa, "learned quality model weights file")
 
 
-def ensure_ray(config: CurateConfig, verbose: bool = False) -> None:
-    """Connect to the cluster (config, RAY_ADDRESS) or start an embedded Ray.
-
-    Not ``verbose``: the workers' own output (TensorFlow Lite / absl banners, library deprecation
-    warnings) stays in Ray's worker log files instead of the driver's stream, and Ray's INFO lines
-    are dropped; what goes wrong with an input is in its rejects row either way.
-    """
-    import logging
-
+def require_ray() -> None:
+    """The library takes a Ray that is up: the entry point starts or joins it (jobs/_ray.py)."""
     import ray
 
-    if ray.is_initialized():
-        return
-    level = logging.INFO if verbose else logging.WARNING
-    if not verbose:
-        import ray.data  # noqa: F401 - configures the "ray.data" logger on import; adjusted below
-
-        # Ray Data's console handler prints every dataset's plan and INFO lines; its log file
-        # (session logs/ray-data/ray-data.log) keeps them all.
-        for handler in logging.getLogger("ray.data").handlers:
-            if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
-                handler.setLevel(logging.ERROR)
-    address = config.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=verbose, logging_level=level)
-    else:
-        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=verbose, logging_level=level,
-                 object_store_memory=config.ray.object_store_memory)
+    if not ray.is_initialized():
+        # Ray would otherwise start a default local instance (every core, a dashboard) behind the caller's back
+        raise RuntimeError("Ray is not running: the entry point starts or joins it before run_curation "
+                           "(jobs/_ray.py start_ray, or ray.init())")
 
 
 def build_dataset(items: list[InputItem], config: CurateConfig):
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy
 
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.execution_options.preserve_order = False
-    # A block whose task fails after Ray's retries (a worker killed by a poison input) is skipped
-    # instead of failing the job; its inputs become "worker failed" rejects (run_curation).
-    ctx.max_errored_blocks = -1
     rows = [new_row(it.video_id, it.uri, it.source, "video", {}) for it in items]
     # One input per block (a failed block loses one input), up to a block count the driver's
     # bookkeeping handles comfortably; beyond it a few inputs share a block.
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 200_000)))
+    # This dataset's own context (the stages below share it), not the process-wide DataContext:
+    # the caller's Ray Data settings stay as they were.
+    ctx = ds.context
+    ctx.execution_options.preserve_order = False
+    # A block whose task fails after Ray's retries (a worker killed by a poison input) is skipped
+    # instead of failing the job; its inputs become "worker failed" rejects (run_curation).
+    ctx.max_errored_blocks = -1
     for spec in default_stages(config):
         cls = spec["cls"]
         method = getattr(ds, spec["kind"])
@@ -186,6 +167,7 @@ def ray_rows(items: list[InputItem], config: CurateConfig, write_stage=None):
     instead of growing with the run; each block still holds one input. ``write_stage(ds)`` adds the
     last stage (writer.add_write_stage: the shards are written on the workers, records come back).
     """
+    require_ray()
     size = config.ray.inputs_per_dataset
     for start in range(0, len(items), size):
         ds = build_dataset(items[start:start + size], config)
@@ -215,7 +197,7 @@ class OutputFullError(RuntimeError):
 
 def run_curation(items: list[InputItem], output: str | Path, config: CurateConfig, *, force_resume: bool = False,
                  progress_every_s: float = 5.0, argv: list[str] | None = None, retry_failed: bool = True,
-                 input_stats: dict | None = None, verbose: bool = False, row_source=None) -> dict:
+                 input_stats: dict | None = None, row_source=None) -> dict:
     """Curate ``items`` into ``output``: a local or shared-filesystem directory, or an object-store
     URL (``s3://bucket/prefix``, ``gs://``; credentials from the environment or ``storage_options``).
 
@@ -236,7 +218,7 @@ def run_curation(items: list[InputItem], output: str | Path, config: CurateConfi
         journal = Journal(store)
         with journal.lock(lease_s=config.write.lock_lease_s):
             return _run_locked(items, store, journal, config, t_start, force_resume, progress_every_s, argv,
-                               retry_failed, input_stats or {}, verbose, row_source)
+                               retry_failed, input_stats or {}, row_source)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -263,7 +245,7 @@ def _row_nbytes(row: dict) -> int:
 
 
 def _run_locked(items, store, journal: Journal, config: CurateConfig, t_start: float, force_resume: bool,
-                progress_every_s: float, argv, retry_failed: bool, input_stats: dict, verbose: bool = False,
+                progress_every_s: float, argv, retry_failed: bool, input_stats: dict,
                 row_source=None) -> dict:
     cfg_dict = config.model_dump(mode="json")
     journal.check_config(config_fingerprint(cfg_dict), cfg_dict, force=force_resume,
@@ -288,7 +270,7 @@ def _run_locked(items, store, journal: Journal, config: CurateConfig, t_start: f
     writers: list = []
     if todo:
         try:
-            writers, rows = _start_writing(todo, store, config, run_number, committed_keys, verbose, row_source)
+            writers, rows = _start_writing(todo, store, config, run_number, committed_keys, row_source)
             for row in rows:
                 driver["rows"] += 1
                 driver["row_bytes"] += _row_nbytes(row)
@@ -322,14 +304,14 @@ def _run_locked(items, store, journal: Journal, config: CurateConfig, t_start: f
     return finalize_curation(store, journal, config, facts, progress=progress)
 
 
-def _start_writing(todo, store, config: CurateConfig, run_number: int, committed_keys, verbose: bool, row_source):
+def _start_writing(todo, store, config: CurateConfig, run_number: int, committed_keys, row_source):
     """The writers of this run and the records the driver iterates: the Ray Data pipeline ending in
     the write stage, with a writer actor per node; or ``row_source``'s rows through one in-process writer."""
     features = config.features.enabled
     if row_source is not None:
         writers = [LocalWriter(ShardSink(store, config.write.shard_max_bytes, run_number, 0))]
         return writers, write_rows(row_source(todo), writers, committed_keys=committed_keys, features=features)
-    ensure_ray(config, verbose)
+    require_ray()
     writers = start_writers(store.url, config.storage_options, config.write.shard_max_bytes, run_number,
                             config.write.writers)
     return writers, ray_rows(todo, config, lambda ds: add_write_stage(ds, writers, committed_keys, features))

@@ -173,7 +173,7 @@ def write_rows(rows: Iterable[dict], writers: list, *, committed_keys=frozenset(
         meta = json.loads(row["payload"])
         key = meta["key"]
         written = {"key": key, "duration_s": meta["clip"]["n_frames"] / meta["clip"]["fps"], "shard": None,
-                   "sample_bytes": None}
+                   "sample_bytes": None, "timings": meta.get("timings", {})}
         if key in committed_keys:
             yield _record(WRITTEN, written, row)
             continue

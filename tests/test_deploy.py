@@ -1,7 +1,8 @@
 """The deployment files work as written: docker/Dockerfile.{cpu,gpu} (hadolint-clean, pinned to
 the versions these tests run), docker/kuberay/*.yaml (schema-valid, entrypoints our own CLIs
-accept, images and Ray version matching, the model volume read-only, the output volume on every
-pod) and the README's `ray job submit` command. Docker and Kubernetes are not needed: the
+accept, images and Ray version matching, the model volume read-only, the curation output in
+object storage with credentials, region and endpoint from the storage Secret) and the README's
+`ray job submit` command. Docker and Kubernetes are not needed: the
 manifests are checked against the schemas the API server would use, offline:
 
 - core kinds (PersistentVolumeClaim, Job) with kubernetes-validate's strict schemas;
@@ -319,8 +320,8 @@ def test_rayjob_entrypoints_are_our_clis_and_parse(item):
         assert (REPO / args.config).is_file()
         assert load_config(args.config, profile=args.profile, model_dir=args.model_dir).profile == "full"
         assert all(i.startswith("s3://") for i in args.input), "inputs come from object storage"
-        # the driver writes the shards today: --output must be on the shared volume
-        assert args.output.startswith("/shared/")
+        # the workers write the shards straight to object storage: no pod needs an output volume
+        assert args.output.startswith("s3://"), "the output goes to object storage"
     else:
         assert args.ray and args.use_gpu and args.resume
         assert args.out.startswith("/shared/") and (args.data.startswith("/shared/") or "://" in args.data)
@@ -338,6 +339,8 @@ def test_training_stages_follow_each_other():
                               key=lambda x: x[1]["metadata"]["name"])
     a1, a2 = (_entrypoint_args(d["spec"]["entrypoint"])[1] for d in (s1, s2))
     assert (a1.stage, a2.stage) == (1, 2) and a2.init == a1.out and a1.data == a2.data
+    (_, curate), = [x for x in _of_kind("RayJob") if "curate.py" in x[1]["spec"]["entrypoint"]]
+    assert a1.data == _entrypoint_args(curate["spec"]["entrypoint"])[1].output, "training reads what curation wrote"
     assert s1["spec"]["rayClusterSpec"] == s2["spec"]["rayClusterSpec"]
 
 
@@ -368,7 +371,11 @@ def test_images_and_ray_version_match_the_dockerfiles_and_the_installed_ray():
             assert c["image"].endswith("-gpu" if gpu else "-cpu"), f"{label}: {c['image']} with {gpu=}"
 
 
-def test_model_volume_read_only_output_volume_everywhere_credentials_from_the_secret():
+STORAGE_ENV = {"AWS_ACCESS_KEY_ID": False, "AWS_SECRET_ACCESS_KEY": False, "AWS_SESSION_TOKEN": True,
+               "AWS_REGION": True, "AWS_ENDPOINT_URL": True}  # name -> optional in the Secret
+
+
+def test_model_volume_read_only_storage_from_the_secret_runs_volume_for_training_only():
     writers = []
     for label, pod in _pod_specs():
         claims = {v["name"]: v.get("persistentVolumeClaim", {}) for v in pod.get("volumes", [])}
@@ -382,13 +389,19 @@ def test_model_volume_read_only_output_volume_everywhere_credentials_from_the_se
                 writers.append(label)
             if not is_ray:
                 continue
-            # the shared output volume on the head and every worker (the driver writes the shards)
+            # the runs volume (checkpoints) on every training pod; curation pods read and write
+            # object storage only (a volume there would invite an --output the workers cannot share)
             shared = [n for n, cl in claims.items() if cl.get("claimName") == SHARED_CLAIM]
-            assert shared and mounts[shared[0]]["mountPath"] == "/shared" and not mounts[shared[0]].get("readOnly")
-            # object-store credentials come from the Secret; a literal AWS_* value is never written
+            if label.startswith("rayjob-train.yaml"):
+                assert shared and mounts[shared[0]]["mountPath"] == "/shared" and not mounts[shared[0]].get("readOnly")
+            else:
+                assert not shared, f"{label}: a curation pod mounts the shared volume"
+            # object-store credentials, region and endpoint come from the Secret (the last three
+            # optional keys); a literal AWS_* value is never written
             env = {e["name"]: e for e in c.get("env", [])}
-            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-                assert env[key]["valueFrom"]["secretKeyRef"] == {"name": STORAGE_SECRET, "key": key}, label
+            for key, optional in STORAGE_ENV.items():
+                ref = {"name": STORAGE_SECRET, "key": key, **({"optional": True} if optional else {})}
+                assert env[key]["valueFrom"]["secretKeyRef"] == ref, f"{label}: {key}"
             assert not [n for n, e in env.items() if n.startswith("AWS_") and "value" in e], label
         assert pod["securityContext"]["runAsNonRoot"] is True
     assert writers == ["fetch-models.yaml:Job/fetch-models"], f"model volume writable in {writers}"

@@ -122,3 +122,18 @@ def test_two_node_cluster(tmp_path):
         assert sum(e["nsamples"] for e in entries) == run["summary"]["clips_kept"]
     finally:
         cluster.shutdown()
+
+
+def test_the_library_takes_a_ray_that_is_up(tmp_path):
+    """Ray start-up is the entry point's (jobs/_ray.py): run_curation called with no Ray up says so
+    instead of starting a default Ray behind the caller's back."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x.mp4").write_bytes(b"0")
+    code = ("import sys; from pipeline.config import load_config; from pipeline.inputs import expand_inputs; "
+            "from pipeline.runner import run_curation; "
+            "run_curation(expand_inputs([sys.argv[1]]), sys.argv[2], load_config(None)); ")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "in"), str(tmp_path / "out")], cwd=ROOT,
+                       env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "RuntimeError: Ray is not running" in r.stderr, r.stderr[-2000:]
+    assert "Started a local Ray instance" not in r.stderr + r.stdout

@@ -32,10 +32,11 @@ CURATE = """
 import sys
 from pipeline.config import load_config
 from pipeline.inputs import expand_inputs
+from jobs._ray import start_ray
 from pipeline.runner import run_curation
-run_curation(expand_inputs(sys.argv[2:]), sys.argv[1],
-             load_config(None, **{"write.shard_max_bytes": 1_500_000, "ray.num_cpus": 2,
-                                  "output.preset": "ultrafast"}), progress_every_s=60)
+config = load_config(None, **{"write.shard_max_bytes": 1_500_000, "ray.num_cpus": 2, "output.preset": "ultrafast"})
+start_ray(config)
+run_curation(expand_inputs(sys.argv[2:]), sys.argv[1], config, progress_every_s=60)
 """
 
 

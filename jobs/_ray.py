@@ -1,0 +1,52 @@
+"""Ray start-up for the entry points (jobs/curate.py, jobs/dedup.py).
+
+The library (pipeline/) takes a Ray that is already up: whether to join a cluster or start an
+embedded Ray, and how loud Ray and Ray Data are on the console, is the caller's choice, so it
+is made here and not as a side effect of run_curation. Tests that call the library directly
+start Ray themselves (tests/conftest.py ``ray_local``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+
+def start_ray(config, verbose: bool = False) -> None:
+    """Connect to the cluster (``config.ray.address``, RAY_ADDRESS) or start an embedded Ray.
+
+    Not ``verbose``: the workers' own output (TensorFlow Lite / absl banners, library deprecation
+    warnings) stays in Ray's worker log files instead of the driver's stream, Ray's INFO lines are
+    dropped; Ray Data never draws progress bars (our own progress lines say how far the job is);
+    what goes wrong with an input is in its rejects row either way.
+    A Ray that is already up (a test's session, a notebook) is used as it is.
+    """
+    import ray
+    import ray.data  # configures the "ray.data" logger on import; adjusted below
+
+    quiet_ray_data(verbose)
+    if ray.is_initialized():
+        return
+    level = logging.INFO if verbose else logging.WARNING
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=verbose, logging_level=level)
+    else:
+        # address="local": a Ray of this job's own, not the one `ray start` last left on this machine
+        # (ray.init's default attaches to it, and would refuse num_cpus)
+        ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=verbose,
+                 logging_level=level,
+                 object_store_memory=config.ray.object_store_memory)
+
+
+def quiet_ray_data(verbose: bool) -> None:
+    """Ray Data's console output in this driver process: no progress bars (they garble our progress
+    lines and logs), and not ``verbose``: no plan or INFO lines either (its log file, session
+    logs/ray-data/ray-data.log, keeps them all)."""
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    if verbose:
+        return
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
+            handler.setLevel(logging.ERROR)

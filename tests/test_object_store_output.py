@@ -1,0 +1,494 @@
+"""Curation output in object storage (issue 14, "Must show"), through the job's CLI against an S3
+API on loopback (moto's server, tests/s3_server.py) reached through the standard AWS_* environment:
+
+- a run reading its inputs from and writing its output to S3 equals the same run written to a
+  local directory, its index.json checksums hold, and the trainer's loader reads and trains from it;
+- the driver receives no sample bytes: what it iterates does not grow with the bytes written;
+- a run SIGKILLed mid-run and rerun counts every input once, lists no orphan or partial shard and
+  leaves none behind; a second run while the lock is held is refused, a dead run's lock is taken
+  over once its lease has run out;
+- on a 2-node Ray cluster the writers on the nodes write the shards;
+- `ray job submit --runtime-env-json` carrying the storage environment to a loopback head writes
+  to the S3 API.
+
+Inputs are tiny (2 synthetic talking heads of 2.4 s at 160 px and a broken file, in S3); the
+face-size rule is lowered to their 35 px faces. Media is made in tmp dirs, never committed.
+Every test here runs the whole job in a subprocess, the way users do (a job's Ray workers must get
+the storage environment, which the suite's shared Ray does not have): about a minute per run on 2
+idle cores, so all are `long` (make test-long, CI).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import importlib.util
+import io
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from s3_server import S3Server
+
+pytestmark = pytest.mark.long
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+N_TALKING = 2
+N_INPUTS = N_TALKING + 1
+FILTERS = "filters:\n  face_size_px_min: 24\n"
+# The members that must be byte-identical however and wherever a clip is written (meta.json: all but
+# its "timings", see output_state).
+DETERMINISTIC = ("video.mp4", "latent.npy", "audio.npy", "kps.npy", "motion.npy")
+
+# The job, with every row the driver iterates from Ray Data counted (its public iterators: the
+# driver has no other way to receive the pipeline's rows). Written to $COUNT_ROWS_TO at exit.
+COUNTED_JOB = r"""
+import atexit, json, os, runpy, sys
+import numpy as np
+import ray.data
+
+seen = {"rows": 0, "bytes": 0, "max_row_bytes": 0}
+
+def size(v):
+    if isinstance(v, (bytes, bytearray, memoryview, str)):
+        return len(v)
+    if isinstance(v, np.ndarray):
+        return sum(size(x) for x in v.ravel()) if v.dtype == object else v.nbytes
+    if isinstance(v, dict):
+        return sum(size(x) for x in v.values())
+    if isinstance(v, (list, tuple)):
+        return sum(size(x) for x in v)
+    return 8
+
+def count(n, rows=1):
+    seen["rows"] += rows
+    seen["bytes"] += n
+    seen["max_row_bytes"] = max(seen["max_row_bytes"], n // max(rows, 1))
+
+def iter_rows(self, *a, _orig=ray.data.Dataset.iter_rows, **k):
+    for row in _orig(self, *a, **k):
+        count(size(dict(row)))
+        yield row
+
+def iter_batches(self, *a, _orig=ray.data.Dataset.iter_batches, **k):
+    for batch in _orig(self, *a, **k):
+        cols = batch if isinstance(batch, dict) else {c: batch[c] for c in batch.columns}
+        count(size(cols), max((len(v) for v in cols.values()), default=1))
+        yield batch
+
+ray.data.Dataset.iter_rows, ray.data.Dataset.iter_batches = iter_rows, iter_batches
+atexit.register(lambda: open(os.environ["COUNT_ROWS_TO"], "w").write(json.dumps(seen)))
+sys.argv = ["jobs/curate.py"] + sys.argv[1:]
+runpy.run_path("jobs/curate.py", run_name="__main__")
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def inputs(s3, tmp_path_factory) -> str:
+    """s3://raw/in: the inputs every run here reads."""
+    from pipeline.demo import make_talking_head
+
+    d = tmp_path_factory.mktemp("s3_inputs")
+    for i in range(N_TALKING):
+        make_talking_head(d / f"talk_{i}.mp4", duration_s=2.4, size=160, seed=20 + i)
+    (d / "broken.mp4").write_bytes(b"\x00" * 1000)
+    s3.bucket("raw")
+    s3.bucket("curated")
+    return s3.upload_dir(d, "raw", "in")
+
+
+def _config(tmp: Path, name: str, text: str) -> Path:
+    path = tmp / f"{name}.yaml"
+    path.write_text(FILTERS + text)
+    return path
+
+
+def _job_env(s3: S3Server, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    return {**env, **s3.env(), "RAY_USAGE_STATS_ENABLED": "0", **extra}
+
+
+def curate(s3: S3Server, input_uri: str, output: str, config: Path, counts: Path | None = None,
+           env: dict | None = None, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
+    """jobs/curate.py in a subprocess with the storage environment (rows counted into ``counts``)."""
+    args = ["--input", input_uri, "--output", output, "--config", str(config)]
+    cmd = [sys.executable, "-c", COUNTED_JOB, *args] if counts else [sys.executable, "jobs/curate.py", *args]
+    env = {**_job_env(s3), **(env or {})}
+    if counts:
+        env["COUNT_ROWS_TO"] = str(counts)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def _object_name(url: str, root: str) -> str:
+    """An index entry's url (relative to the output, or a full URL under ``root``) as a name in the output."""
+    return url[len(root) + 1:] if url.startswith(f"{root}/") else url
+
+
+def check_s3_output(s3: S3Server, bucket: str, prefix: str) -> dict:
+    """index.json read from S3, every entry's object checked against it (size, sha256, keys), and
+    nothing else under shards/: no orphan or partial shard, no temp object, no open upload."""
+    index = json.loads(s3.read(bucket, f"{prefix}/index.json"))
+    listed = set()
+    for entry in index["shardlist"]:
+        name = _object_name(entry["url"], f"s3://{bucket}/{prefix}")
+        data = s3.read(bucket, f"{prefix}/{name}")
+        assert len(data) == entry["filesize"], f"{name}: size differs from index.json"
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"], f"{name}: sha256 differs from index.json"
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            keys = list(dict.fromkeys(m.name.split(".", 1)[0] for m in tar.getmembers()))
+        assert keys == entry["keys"] and len(keys) == entry["nsamples"], name
+        listed.add(name)
+    shards = {n for n in s3.keys(bucket, prefix) if n.startswith("shards/")}
+    assert shards == listed, f"objects under shards/ not in index.json: {sorted(shards - listed)}"
+    assert not [n for n in s3.keys(bucket, prefix) if ".tmp" in n], "temp objects left behind"
+    assert s3.open_multipart_uploads(bucket, prefix) == [], "an upload was left open"
+    return index
+
+
+def output_state(out: Path, root: str) -> dict:
+    """What two runs are compared by (a local directory, or a downloaded copy of an S3 output):
+    sorted rows (manifest without the shard a clip landed in, videos without timings) and the
+    sha256 of every deterministic member of every sample. ``root``: the output's own URL."""
+    def rows(name: str, drop: tuple[str, ...] = ()) -> list[str]:
+        return sorted(json.dumps({k: v for k, v in r.items() if k not in drop}, sort_keys=True, default=str)
+                      for r in pq.read_table(out / name).to_pylist())
+
+    index = json.loads((out / "index.json").read_text())
+    samples: dict[str, dict[str, bytes]] = {}
+    for entry in index["shardlist"]:
+        with tarfile.open(out / _object_name(entry["url"], root)) as tar:
+            for m in tar.getmembers():
+                key, member = m.name.split(".", 1)
+                samples.setdefault(key, {})[member] = tar.extractfile(m).read()
+    videos = pq.read_table(out / "videos.parquet").to_pylist()
+    return {
+        "keys": sorted(samples),
+        "index_keys": sorted(k for e in index["shardlist"] for k in e["keys"]),
+        "members": {k: {m: hashlib.sha256(b).hexdigest() for m, b in ms.items() if m in DETERMINISTIC}
+                    for k, ms in samples.items()},
+        # meta.json's "timings" holds the feature stage's wall time (stages.FeatureStage): the rest of it
+        "meta": {k: json.dumps({f: v for f, v in json.loads(ms["meta.json"]).items() if f != "timings"},
+                               sort_keys=True) for k, ms in samples.items()},
+        # sample_bytes counts meta.json, whose timings vary in length: the other members' bytes
+        "sample_bytes": {r["key"]: r["sample_bytes"] - len(samples[r["key"]]["meta.json"])
+                         for r in pq.read_table(out / "manifest.parquet").to_pylist()},
+        "manifest": rows("manifest.parquet", drop=("shard", "sample_bytes")),
+        "rejects": rows("rejects.parquet"),
+        "scores": rows("scores.parquet"),
+        "videos": sorted((v["uri"], v["status"], v["stage"], v["reason"], v["n_candidates"], v["n_kept"],
+                          v["n_rejected_clips"], v["duration_s"]) for v in videos),
+    }
+
+
+def bytes_under(s3: S3Server, bucket: str, prefix: str, sub: str = "shards/") -> int:
+    total = 0
+    for page in s3.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/{sub}"):
+        total += sum(o["Size"] for o in page.get("Contents", []))
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. S3 output equals local output; the loader trains from it. 2. The driver sees no sample bytes.
+
+
+@pytest.fixture(scope="module")
+def runs(s3, inputs, tmp_path_factory) -> dict:
+    """The same inputs (in S3) curated into a local directory and into S3 with features on (the
+    loader needs them), and into S3 with features off (fewer bytes written); driver rows counted."""
+    tmp = tmp_path_factory.mktemp("s3_runs")
+    features = _config(tmp, "features", "write:\n  shard_max_bytes: 1500000\n")
+    light = _config(tmp, "light", "write:\n  shard_max_bytes: 1500000\nfeatures:\n  enabled: false\n")
+    result = {"tmp": tmp, "timings": {}}
+    for name, output, cfg in (("local", str(tmp / "local"), features),
+                              ("s3", "s3://curated/features", features),
+                              ("s3_light", "s3://curated/light", light)):
+        t = time.time()
+        r = curate(s3, inputs, output, cfg, counts=tmp / f"{name}.counts.json")
+        assert r.returncode == 0, f"{name}: {r.stdout[-2000:]}{r.stderr[-3000:]}"
+        result["timings"][name] = time.time() - t
+        result[name] = {"output": output, "driver": json.loads((tmp / f"{name}.counts.json").read_text())}
+    return result
+
+
+def test_s3_output_equals_local_output(runs, s3, tmp_path):
+    index = check_s3_output(s3, "curated", "features")
+    copy = s3.download("curated", "features", tmp_path / "copy")
+    remote = output_state(copy, "s3://curated/features")
+    local = output_state(Path(runs["local"]["output"]), runs["local"]["output"])
+    assert len(local["keys"]) >= N_TALKING and local["keys"] == local["index_keys"]
+    for part in local:  # one part at a time: a failure names what differs
+        assert remote[part] == local[part], f"{part}: the S3 output differs from the local one"
+    assert set(index["members"]) >= {"latent.npy", "video.mp4", "meta.json"}
+    videos = pq.read_table(copy / "videos.parquet").to_pylist()
+    assert Counter(v["status"] for v in videos) == {"kept": N_TALKING, "rejected": 1}
+    assert all(v["uri"].startswith("s3://raw/in/") for v in videos)
+    run = json.loads(s3.read("curated", "features/run.json"))
+    assert run["summary"]["inputs"] == N_INPUTS and run["summary"]["clips_kept"] == len(local["keys"])
+    assert not [k for k in s3.keys("curated", "features") if k.startswith("_demo")]
+
+
+def test_loader_reads_and_trains_from_the_s3_output(runs, s3, tmp_path):
+    import torch
+
+    from loopy_model.data import LoaderConfig, StreamingWindowDataset
+    from loopy_model.train import TrainConfig, train
+
+    def batches(uri, **kw):
+        cfg = LoaderConfig(uri=uri, global_batch_size=1, allow_smoke=True, **kw)
+        return list(StreamingWindowDataset(cfg, rank=0, world_size=1))
+
+    remote = batches("s3://curated/features", storage_options=s3.storage_options(),
+                     cache_dir=str(tmp_path / "cache"), verify_sha256=True)
+    local = batches(runs["local"]["output"])
+    assert len(remote) == len(local) >= N_TALKING
+    for a, b in zip(local, remote):
+        assert a["keys"] == b["keys"]
+        for name, value in a.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, b[name]), name
+    run_dir = tmp_path / "run"
+    train(TrainConfig(data="s3://curated/features", storage_options=s3.storage_options(),
+                      cache_dir=str(tmp_path / "train_cache"), out=str(run_dir), preset="tiny", stage=1,
+                      global_batch_size=1, num_workers=0, max_steps=1, allow_smoke=True, progress=False,
+                      mixed_precision="no", checkpoint_every=1000))
+    with open(run_dir / "metrics.csv", newline="") as f:
+        steps = list(csv.DictReader(f))
+    assert len(steps) == 1 and math.isfinite(float(steps[0]["loss"])) and steps[0]["skipped_shards"] == "0"
+
+
+def test_driver_receives_no_sample_bytes(runs, s3):
+    """The features-on run writes several times the bytes of the features-off run over the same
+    inputs; what the driver iterates stays the same small records."""
+    heavy, light = runs["s3"]["driver"], runs["s3_light"]["driver"]
+    heavy_written = bytes_under(s3, "curated", "features")
+    light_written = bytes_under(s3, "curated", "light")
+    print(f"\n[object store] written: {light_written} B (features off), {heavy_written} B (features on); "
+          f"driver iterated {light['rows']} rows / {light['bytes']} B and {heavy['rows']} rows / {heavy['bytes']} B "
+          f"(largest row {light['max_row_bytes']} B / {heavy['max_row_bytes']} B); run times "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in runs["timings"].items()))
+    assert heavy_written > 3 * light_written, "the two runs should differ in bytes written"
+    assert heavy["rows"] > 0 and light["rows"] > 0, "no rows counted: the driver iterates none?"
+    # what the driver received: no more with 3x the bytes written, and a small share of either
+    assert heavy["bytes"] - light["bytes"] < 0.01 * (heavy_written - light_written)
+    assert heavy["bytes"] < 0.02 * heavy_written
+    assert heavy["max_row_bytes"] < 64 * 1024  # a sample is ~1 MB here (latents)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. kill and resume; 4. the single-writer lock on an object store
+
+
+def _load_curate_main():
+    spec = importlib.util.spec_from_file_location("curate_job_s3", ROOT / "jobs" / "curate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _lock_objects(s3: S3Server, bucket: str, prefix: str) -> list[str]:
+    """The output lock's objects (_journal/lock.json, or its generations _journal/lock/NNNNNN.json)."""
+    return [k for k in s3.keys(bucket, prefix) if any(part.startswith("lock") for part in k.split("/"))]
+
+
+def test_killed_run_on_s3_resumes_exactly_once_and_a_held_lock_refuses(s3, inputs, tmp_path, monkeypatch,
+                                                                       capsys, ray_local):
+    """A: a run SIGKILLed right after journaling its first shard (its own fault point). While A
+    holds the lock, B (in this process) is refused. After A's lease has run out, C takes over the
+    dead run's lock, cleans its orphans (and one planted the way a killed writer leaves one) and
+    finishes with every input counted once."""
+    lease = 10
+    cfg = _config(tmp_path, "kill", f"write:\n  shard_max_bytes: 65536\n  lock_lease_s: {lease}\n"
+                                    "features:\n  enabled: false\n")
+    args = ["--input", inputs, "--output", "s3://curated/killed", "--config", str(cfg)]
+    a_log = tmp_path / "a.log"
+    with open(a_log, "wb") as log:  # a file, not a pipe: a full pipe would stall the job
+        a = subprocess.Popen([sys.executable, "jobs/curate.py", *args], cwd=ROOT, start_new_session=True,
+                             stdout=log, stderr=subprocess.STDOUT, env=_job_env(s3, CURATE_FAULT_KILL_AFTER_SHARDS="1"))
+    try:
+        deadline = time.time() + 300
+        while a.poll() is None and not _lock_objects(s3, "curated", "killed") and time.time() < deadline:
+            time.sleep(0.2)
+        assert a.poll() is None, f"run A ended before it took the lock: {a_log.read_text()[-3000:]}"
+
+        for k, v in s3.env().items():  # B: the job's main() here, on the session's Ray
+            monkeypatch.setenv(k, v)
+        capsys.readouterr()
+        assert _load_curate_main()(args) == 2, "a second run was not refused while the lock is held"
+        assert "another run" in capsys.readouterr().err
+
+        a.wait(timeout=300)
+    finally:
+        if a.poll() is None:
+            os.killpg(a.pid, signal.SIGKILL)
+            a.wait()
+    killed_at = time.time()
+    assert a.returncode == -signal.SIGKILL, f"run A was not killed mid-run: {a.returncode} {a_log.read_text()[-3000:]}"
+    assert "index.json" not in s3.keys("curated", "killed")
+    assert _lock_objects(s3, "curated", "killed"), "the killed run's lock is gone"
+    # an orphan as a writer killed between its upload and the journal entry leaves one
+    real = [k for k in s3.keys("curated", "killed") if k.startswith("shards/")]
+    assert real, "run A uploaded no shard before it was killed"
+    orphan = re.sub(r"(\d+)(\.tar)$", lambda m: f"{int(m.group(1)) + 900:0{len(m.group(1))}d}{m.group(2)}", real[0])
+    s3.client.put_object(Bucket="curated", Key=f"killed/{orphan}", Body=s3.read("curated", f"killed/{real[0]}"))
+    # and a partial shard as a writer killed mid-upload leaves it: a multipart upload never completed
+    partial = s3.client.create_multipart_upload(Bucket="curated", Key=f"killed/{orphan[:-4]}-partial.tar")
+    s3.client.upload_part(Bucket="curated", Key=partial["Key"], UploadId=partial["UploadId"], PartNumber=1,
+                          Body=b"\0" * 4096)
+    assert s3.open_multipart_uploads("curated", "killed")
+
+    time.sleep(max(0.0, killed_at + lease + 1 - time.time()))  # the dead run's lease runs out
+    r = curate(s3, inputs, "s3://curated/killed", cfg)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert re.search(r"(took|taking) over the lock", r.stderr), r.stderr[-3000:]
+    index = check_s3_output(s3, "curated", "killed")  # the planted orphan and partial upload are gone too
+    assert orphan not in s3.keys("curated", "killed")
+    copy = s3.download("curated", "killed", tmp_path / "copy")
+    videos = pq.read_table(copy / "videos.parquet").to_pylist()
+    assert sorted(v["uri"] for v in videos) == sorted(f"{inputs}/{n}" for n in
+                                                       ["broken.mp4"] + [f"talk_{i}.mp4" for i in range(N_TALKING)])
+    assert Counter(v["status"] for v in videos) == {"kept": N_TALKING, "rejected": 1}
+    manifest = [m["key"] for m in pq.read_table(copy / "manifest.parquet").to_pylist()]
+    assert len(manifest) == len(set(manifest)), "a clip was written twice"
+    assert sorted(manifest) == sorted(k for e in index["shardlist"] for k in e["keys"])
+    run = json.loads(s3.read("curated", "killed/run.json"))
+    assert run["summary"]["inputs"] == N_INPUTS and run["summary"]["inputs_this_run"] < N_INPUTS
+    assert not _lock_objects(s3, "curated", "killed"), "the finished run left its lock"
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. a 2-node cluster: the shards are written by the writers on the nodes
+
+
+def _writer_nodes(index: dict, run: dict) -> set[str]:
+    """The Ray nodes whose writers wrote the shards: each index entry's writer when index.json names
+    it, else run.json's count of shards by writer node (which must then cover every shard)."""
+    named = {e["writer"]["node_id"] for e in index["shardlist"] if e.get("writer")}
+    if named:
+        return named
+    by_node = run["summary"]["shards_by_node"]
+    assert sum(by_node.values()) == len(index["shardlist"]), by_node
+    return set(by_node)
+
+
+def test_two_node_cluster_shards_written_by_the_nodes_writers(s3, inputs, tmp_path, monkeypatch):
+    from ray.cluster_utils import Cluster
+
+    for k, v in s3.env().items():  # the nodes' environment, as an instance role or a Secret gives it
+        monkeypatch.setenv(k, v)
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        cfg = _config(tmp_path, "cluster", "write:\n  shard_max_bytes: 65536\n  writers: 2\n"
+                                           "features:\n  enabled: false\nray:\n  detect_actors: 2\n")
+        r = curate(s3, inputs, "s3://curated/cluster", cfg, env={"RAY_ADDRESS": cluster.address})
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        index = check_s3_output(s3, "curated", "cluster")
+        node_ids = {n.node_id for n in cluster.list_all_nodes()}
+        assert len(node_ids) == 2
+        run = json.loads(s3.read("curated", "cluster/run.json"))
+        writers = _writer_nodes(index, run)
+        print(f"\n[object store] 2-node cluster: {len(index['shardlist'])} shards written on {len(writers)} of 2 nodes")
+        # Every shard was written on a node of the cluster by its writer, none by the driver. Both
+        # nodes write only when both cropped clips: a sample stays on the node that made it (its
+        # node's writer takes it), and where Ray Data places the crop actors is Ray's choice.
+        assert writers and writers <= node_ids, f"shards written by {writers}, not the cluster's nodes {node_ids}"
+    finally:
+        cluster.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. ray job submit with the storage environment in --runtime-env-json
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def loopback_ray_head(log: Path, env: dict):
+    """`ray start --head` on 127.0.0.1 (its own ports), stopped after; yields the job API address."""
+    port, dash = _free_port(), _free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
+    with open(log, "wb") as out:
+        head = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+             f"--temp-dir={ray_tmp}", "--disable-usage-stats",
+             f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+             f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            m = re.search(r"RAY_API_SERVER_ADDRESS='(http://[^']+)'", log.read_text(errors="replace"))
+            address = m.group(1) if m else address
+            r = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
+                               capture_output=True, text=True, timeout=60)
+            if r.returncode == 0:
+                break
+            time.sleep(2)
+        else:
+            pytest.fail(f"the Ray head did not come up: {log.read_text()[-3000:]}")
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_ray_job_submit_carries_the_storage_env_to_s3(s3, inputs, tmp_path):
+    # The head has no AWS_* variables: only the job's runtime env carries them.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", PATH=f"{BIN}:{os.environ['PATH']}")
+    cfg = _config(tmp_path, "submit", "write:\n  shard_max_bytes: 65536\nfeatures:\n  enabled: false\n")
+    runtime_env = {"env_vars": {**s3.env(), "PYTHONUNBUFFERED": "1"}, "excludes": ["benchmarks/", "docs/"]}
+    with loopback_ray_head(tmp_path / "head.log", env) as address:
+        deadline = time.time() + 180  # the job API answers before the head's job agent is up
+        while True:
+            r = subprocess.run(
+                [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
+                 "--runtime-env-json", json.dumps(runtime_env), "--",
+                 "python", "jobs/curate.py", "--input", inputs, "--output", "s3://curated/submitted",
+                 "--config", str(cfg)],
+                cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
+            if "No available agent to submit job" not in r.stderr + r.stdout or time.time() > deadline:
+                break
+            time.sleep(3)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "succeeded" in (r.stdout + r.stderr).lower()
+    index = check_s3_output(s3, "curated", "submitted")
+    run = json.loads(s3.read("curated", "submitted/run.json"))
+    assert run["summary"]["inputs"] == N_INPUTS and run["summary"]["clips_kept"] == index["nsamples"] >= N_TALKING
