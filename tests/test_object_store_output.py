@@ -51,9 +51,9 @@ BIN = Path(sys.executable).parent
 N_TALKING = 2
 N_INPUTS = N_TALKING + 1
 FILTERS = "filters:\n  face_size_px_min: 24\n"
-# The members that must be byte-identical however and wherever a clip is written (meta.json: all but
-# its "timings", see output_state).
-DETERMINISTIC = ("video.mp4", "latent.npy", "audio.npy", "kps.npy", "motion.npy")
+# The members that must be byte-identical however and wherever a clip is written (every one: meta.json
+# carries no wall-clock timings, bookkeeper._shard_meta).
+DETERMINISTIC = ("video.mp4", "meta.json", "latent.npy", "audio.npy", "kps.npy", "motion.npy")
 
 # The job, with every row the driver iterates from Ray Data counted (its public iterators: the
 # driver has no other way to receive the pipeline's rows). Written to $COUNT_ROWS_TO at exit.
@@ -192,13 +192,7 @@ def output_state(out: Path, root: str) -> dict:
         "index_keys": sorted(k for e in index["shardlist"] for k in e["keys"]),
         "members": {k: {m: hashlib.sha256(b).hexdigest() for m, b in ms.items() if m in DETERMINISTIC}
                     for k, ms in samples.items()},
-        # meta.json's "timings" holds the feature stage's wall time (stages.FeatureStage): the rest of it
-        "meta": {k: json.dumps({f: v for f, v in json.loads(ms["meta.json"]).items() if f != "timings"},
-                               sort_keys=True) for k, ms in samples.items()},
-        # sample_bytes counts meta.json, whose timings vary in length: the other members' bytes
-        "sample_bytes": {r["key"]: r["sample_bytes"] - len(samples[r["key"]]["meta.json"])
-                         for r in pq.read_table(out / "manifest.parquet").to_pylist()},
-        "manifest": rows("manifest.parquet", drop=("shard", "sample_bytes")),
+        "manifest": rows("manifest.parquet", drop=("shard",)),
         "rejects": rows("rejects.parquet"),
         "scores": rows("scores.parquet"),
         "videos": sorted((v["uri"], v["status"], v["stage"], v["reason"], v["n_candidates"], v["n_kept"],
