@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -76,21 +77,33 @@ def repeated_inputs(src: Path, min_video_s: float, scale: int, workdir: Path) ->
 
 
 def looped_video(src: str, minutes: float, dest: Path) -> Path:
-    """``src`` repeated (packets copied with shifted timestamps, no re-encode) to ``minutes``."""
+    """``src`` repeated (packets copied with shifted timestamps, no re-encode) to ``minutes``.
+
+    Every loop is shifted by the same period, the longest stream's span (first dts to the end of
+    its last packet), so dts keep rising in every stream and audio stays with its picture."""
     import av
 
-    with av.open(src) as probe_c:
-        length = float(probe_c.duration) / 1e6
-    loops = max(1, int(round(minutes * 60 / length)))
+    with av.open(src) as c:
+        keep = [s for s in c.streams if s.type in ("video", "audio")]
+        first: dict[int, int] = {}
+        end: dict[int, int] = {}
+        for packet in c.demux(keep):
+            if packet.dts is None:
+                continue
+            i = packet.stream.index
+            first.setdefault(i, packet.dts)
+            end[i] = max(end.get(i, packet.dts), packet.dts + (packet.duration or 0))
+        period = max((end[s.index] - first[s.index]) * s.time_base for s in keep if s.index in end)
+    loops = max(1, math.ceil(minutes * 60 / float(period)))
     with av.open(str(dest), "w") as out:
-        with av.open(src) as first:
-            streams = {s.index: out.add_stream_from_template(s) for s in first.streams if s.type in ("video", "audio")}
+        with av.open(src) as c:
+            streams = {s.index: out.add_stream_from_template(s) for s in c.streams if s.type in ("video", "audio")}
         for k in range(loops):
             with av.open(src) as c:
                 for packet in c.demux([s for s in c.streams if s.index in streams]):
                     if packet.dts is None:
                         continue
-                    shift = int(round(k * length / packet.time_base))
+                    shift = int(round(k * period / packet.time_base))
                     packet.pts, packet.dts = packet.pts + shift, packet.dts + shift
                     packet.stream = streams[packet.stream.index]
                     out.mux(packet)
