@@ -166,12 +166,14 @@ class TreeSampler:
                 with p.oneshot():
                     rss = p.memory_info().rss
                     cpu = self._cpu_of(p)
-                    if p.pid not in self.names:
-                        cmd = p.cmdline()
-                        self.names[p.pid] = (cmd[0] if cmd else p.name())[:80]
-                    elif self.names[p.pid].startswith("ray::IDLE"):  # a worker takes its task's name later
-                        cmd = p.cmdline()
-                        self.names[p.pid] = (cmd[0] if cmd else p.name())[:80]
+                    cmd = p.cmdline()
+                    name = " ".join(cmd)[:100] if cmd else p.name()
+                    # a Ray worker starts as python, then takes its actor's name ("ray::MapWorker(...)");
+                    # keep the last actor name it had (it shows "ray::IDLE" between tasks)
+                    if name.startswith("ray::") and not name.startswith("ray::IDLE") or p.pid not in self.names:
+                        self.names[p.pid] = name
+                    elif name.startswith("ray::") and not self.names[p.pid].startswith("ray::"):
+                        self.names[p.pid] = name
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
             self.peak[p.pid] = max(self.peak.get(p.pid, 0), rss)
