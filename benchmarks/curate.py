@@ -153,7 +153,14 @@ class TreeSampler:
         self.cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._cpu0 = self._cpu_of(self.me)
+        # CPU the tree had already used (the driver's imports, Ray workers left by an earlier job
+        # in the same process) is not this job's
+        self._cpu0: dict[int, float] = {}
+        for p in [self.me] + self.me.children(recursive=True):
+            try:
+                self._cpu0[p.pid] = self._cpu_of(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                pass
 
     @staticmethod
     def _cpu_of(p: psutil.Process) -> float:
@@ -195,15 +202,15 @@ class TreeSampler:
 
     def report(self) -> dict:
         mb = 1 / 2**20
+        cpu = {pid: c - self._cpu0.get(pid, 0.0) for pid, c in self.cpu.items()}
         workers = [{"pid": pid, "name": self.names.get(pid, ""), "peak_rss_mb": round(rss * mb, 1),
-                    "cpu_s": round(self.cpu.get(pid, 0.0), 2)}
+                    "cpu_s": round(cpu.get(pid, 0.0), 2)}
                    for pid, rss in self.peak.items() if pid != self.me.pid and self.names.get(pid, "").startswith("ray::")]
         workers.sort(key=lambda w: -w["peak_rss_mb"])
         others = [{"pid": pid, "name": self.names.get(pid, ""), "peak_rss_mb": round(rss * mb, 1),
-                   "cpu_s": round(self.cpu.get(pid, 0.0), 2)}
+                   "cpu_s": round(cpu.get(pid, 0.0), 2)}
                   for pid, rss in self.peak.items() if pid != self.me.pid and not self.names.get(pid, "").startswith("ray::")]
-        cpu = sum(self.cpu.values()) - self._cpu0  # the driver's CPU before the job is not the job's
-        return {"job_cpu_s": round(cpu, 2), "driver_peak_rss_mb": round(self.peak.get(self.me.pid, 0) * mb, 1),
+        return {"job_cpu_s": round(sum(cpu.values()), 2), "driver_peak_rss_mb": round(self.peak.get(self.me.pid, 0) * mb, 1),
                 "worker_peak_rss_mb_max": max((w["peak_rss_mb"] for w in workers), default=None),
                 "workers": workers, "other_processes": others,
                 "tree_processes_seen": len(self.peak)}
