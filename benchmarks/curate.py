@@ -35,8 +35,10 @@ from pathlib import Path
 
 try:
     import psutil
-except ImportError:  # not a declared dependency; Ray ships one in ray/thirdparty_files
-    import ray  # noqa: F401
+except ImportError:  # not a declared dependency; importing Ray puts its own copy (ray/thirdparty_files) on the path
+    import importlib
+
+    importlib.import_module("ray")
     import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
