@@ -218,7 +218,19 @@ class TreeSampler:
                 "tree_processes_seen": len(self.peak)}
 
 
+def start_ray(config) -> None:
+    """Start the embedded Ray as jobs/curate.py does (jobs/_ray.py); where that module does not
+    exist yet, run_curation starts it itself."""
+    try:
+        from jobs._ray import start_ray as start
+    except ImportError:
+        return
+    start(config)
+
+
 def run_job(paths: list[Path], config, workdir: Path) -> dict:
+    import ray
+
     from pipeline.runner import run_curation
 
     items = expand_inputs([str(p) for p in paths])
@@ -226,8 +238,10 @@ def run_job(paths: list[Path], config, workdir: Path) -> dict:
     load0 = os.getloadavg()
     with TreeSampler() as sampler:
         t = time.perf_counter()
+        start_ray(config)  # timed, as the job's own start-up
         summary = run_curation(items, out, config, progress_every_s=60)
         job_s = time.perf_counter() - t
+    ray.shutdown()  # the next job (--long-minutes) starts its own Ray, as a new run would
     run = json.loads((out / "run.json").read_text())
     return {"inputs": len(items), "job_s": job_s, "clips_kept": summary["clips_kept"],
             "stage_seconds": run["timings"]["stage_cpu_s"], "load_avg_start": load0, "load_avg_end": os.getloadavg(),
