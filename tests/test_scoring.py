@@ -215,3 +215,29 @@ def test_facemesh_crop_is_black_outside_the_frame_and_keeps_the_face_centred():
         np.testing.assert_array_equal(crop, reference[y0 + pad:y1 + pad, x0 + pad:x1 + pad])
     corner = padded_crop(image, -30, -20, 40, 50)
     assert not corner[:20].any() and not corner[:, :30].any() and corner[20:, 30:].all()
+
+
+def test_observer_thread_keeps_frame_order_and_hands_errors_back():
+    """The crop stage's per-frame scoring thread (clip_scores.ObserverThread): every observation
+    runs, in the order submitted, before ``drain`` returns; an observation's exception is raised
+    in the caller's thread, and the thread still ends on ``close``."""
+    from pipeline.clip_scores import ObserverThread
+
+    seen: list[int] = []
+    worker = ObserverThread(depth=2)
+    for i in range(50):
+        worker.submit(seen.append, i)
+    worker.drain()
+    assert seen == list(range(50))
+
+    def fail(i):
+        raise ValueError(f"frame {i} is broken")
+
+    worker.submit(fail, 7)
+    with pytest.raises(ValueError, match="frame 7 is broken"):
+        worker.drain()
+    worker.submit(seen.append, 50)  # usable again once the error was handed back
+    worker.drain()
+    assert seen[-1] == 50
+    worker.close()
+    assert not worker._thread.is_alive()
