@@ -272,6 +272,56 @@ class ClipObserver:
         return out, _jsonable(detail)
 
 
+class ObserverThread:
+    """The clips' per-frame observations (``ClipObserver.observe`` / ``observe_source``) in one
+    worker thread, in the order they were submitted, while the caller decodes, crops and encodes
+    the next frames: MediaPipe, OpenCV and NumPy release the GIL for most of their work, so the
+    scoring stage uses a second core (docs/benchmarks.md, issue 13). At most ``depth`` frames wait,
+    so memory stays bounded. An exception of an observation is raised again by the next
+    ``submit`` or ``drain``."""
+
+    def __init__(self, depth: int = 4):
+        import queue
+        import threading
+
+        self._queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="clip observers", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    fn, args = item
+                    fn(*args)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def submit(self, fn, *args) -> None:
+        self._raise()
+        self._queue.put((fn, args))
+
+    def drain(self) -> None:
+        """Wait until every submitted observation is done (before a clip's ``finish``)."""
+        self._queue.join()
+        self._raise()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
 def _jsonable(obj):
     if isinstance(obj, dict):
         return {k: _jsonable(v) for k, v in obj.items()}

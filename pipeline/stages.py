@@ -295,6 +295,14 @@ def coverage_text(record: dict | None) -> str:
     return audio + (f"; damaged {bad} s" if bad else "")
 
 
+def _closing(background, clips):
+    """The cropped clips of ``clips``; the observer thread ends with them (done, or an error)."""
+    try:
+        yield from clips
+    finally:
+        background.close()
+
+
 def sample_key(video_id: str, clip_index: int) -> str:
     return f"{video_id}_{clip_index:04d}"
 
@@ -375,7 +383,7 @@ class CropScoreStage:
             shutil.rmtree(tmpdir, ignore_errors=True)
 
     def _crop(self, row: dict, payload: dict, t0: float, tmpdir: Path) -> list[dict]:
-        from .clip_scores import select_speakers
+        from .clip_scores import ObserverThread, select_speakers
         from .crop import crop_and_normalize
         from .filters import evaluate
         from .media import remux_with_audio
@@ -409,13 +417,16 @@ class CropScoreStage:
         observers = {c.clip_index: self._observer(c) for c in clips}
         cropped, scores, details = {}, {}, {}
         t_score = 0.0
-        for cc in crop_and_normalize(row["uri"], clips, rotation=p["rotation"], audio=audio,
-                                     size=cfg.size, fps=cfg.fps, audio_rate=cfg.audio_rate, crf=cfg.crf,
-                                     preset=cfg.preset, audio_bitrate=cfg.audio_bitrate, on_error=on_error,
-                                     limits=self.config.probe.decode_limits(),
-                                     on_frame=lambda c, f: observers[c.clip_index].observe(f),
-                                     on_source_frame=lambda c, img: observers[c.clip_index].observe_source(
-                                         img, p["rotation"], p.get("sample_aspect_ratio", "1:1"))):
+        background = ObserverThread()  # the per-frame scoring runs beside decoding and encoding
+        for cc in _closing(background, crop_and_normalize(
+                row["uri"], clips, rotation=p["rotation"], audio=audio,
+                size=cfg.size, fps=cfg.fps, audio_rate=cfg.audio_rate, crf=cfg.crf,
+                preset=cfg.preset, audio_bitrate=cfg.audio_bitrate, on_error=on_error,
+                limits=self.config.probe.decode_limits(),
+                on_frame=lambda c, f: background.submit(observers[c.clip_index].observe, f),
+                on_source_frame=lambda c, img: background.submit(observers[c.clip_index].observe_source,
+                                                                 img, p["rotation"], p.get("sample_aspect_ratio", "1:1")))):
+            background.drain()  # every frame of this clip observed
             ci = cc.clip.clip_index
             t1 = time.perf_counter()
             # Score as soon as a clip is complete, so its per-frame buffers are freed right away.

@@ -195,3 +195,49 @@ def test_real_mouth_activity_speaking_vs_static(face_mesh):
         angles = pose.pose_sequence(lm)
         assert pose.pose_stats(angles)["orientation_score_25fps_mean"] > 85  # near-frontal talking heads
     assert speeds["wda_aoc_000.mp4"] > 0.3 > 0.05 > speeds["liveportrait_s18_music_static.mp4"]
+
+
+def test_facemesh_crop_is_black_outside_the_frame_and_keeps_the_face_centred():
+    """The crop FaceMesh sees (pipeline/faces/mediapipe_backend.padded_crop) equals cropping the
+    frame zero-padded on every side, for boxes inside, across and wholly outside the frame."""
+    from pipeline.faces.mediapipe_backend import padded_crop
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(1, 256, (90, 160, 3), dtype=np.uint8)  # no black pixel of its own
+    pad = 400
+    reference = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+    boxes = [(10, 5, 60, 55), (-30, -20, 40, 50), (130, 60, 200, 130), (-50, -50, 250, 250), (170, 10, 220, 60)]
+    boxes += [tuple(int(v) for v in (x, y, x + s, y + s))
+              for x, y, s in zip(rng.integers(-200, 200, 200), rng.integers(-150, 150, 200), rng.integers(1, 300, 200))]
+    for x0, y0, x1, y1 in boxes:
+        crop = padded_crop(image, x0, y0, x1, y1)
+        assert crop.shape == (y1 - y0, x1 - x0, 3) and crop.dtype == np.uint8
+        np.testing.assert_array_equal(crop, reference[y0 + pad:y1 + pad, x0 + pad:x1 + pad])
+    corner = padded_crop(image, -30, -20, 40, 50)
+    assert not corner[:20].any() and not corner[:, :30].any() and corner[20:, 30:].all()
+
+
+def test_observer_thread_keeps_frame_order_and_hands_errors_back():
+    """The crop stage's per-frame scoring thread (clip_scores.ObserverThread): every observation
+    runs, in the order submitted, before ``drain`` returns; an observation's exception is raised
+    in the caller's thread, and the thread still ends on ``close``."""
+    from pipeline.clip_scores import ObserverThread
+
+    seen: list[int] = []
+    worker = ObserverThread(depth=2)
+    for i in range(50):
+        worker.submit(seen.append, i)
+    worker.drain()
+    assert seen == list(range(50))
+
+    def fail(i):
+        raise ValueError(f"frame {i} is broken")
+
+    worker.submit(fail, 7)
+    with pytest.raises(ValueError, match="frame 7 is broken"):
+        worker.drain()
+    worker.submit(seen.append, 50)  # usable again once the error was handed back
+    worker.drain()
+    assert seen[-1] == 50
+    worker.close()
+    assert not worker._thread.is_alive()
