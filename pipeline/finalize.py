@@ -17,7 +17,6 @@ applies those thresholds while it builds the tables, so each table is written on
 """
 from __future__ import annotations
 
-import io
 import json
 import platform
 import sys
@@ -38,7 +37,7 @@ from .filters import rule_table
 from .journal import Journal, config_fingerprint
 from .refilter import NEEDS_RERUN_SCHEMA, REFILTER_STATE, Selection, record_in_run, select
 from .shards import ShardInfo, build_index
-from .store import OutputStore, open_store
+from .store import OutputStore, TableWriter, open_store
 
 TABLES = ("manifest", "rejects", "videos", "scores")
 INDEX = "index.json"
@@ -47,82 +46,6 @@ REFILTER_STATE_NAME = f"_journal/{REFILTER_STATE}"  # the thresholds a refilter 
 
 
 # ---- writing through the store ------------------------------------------------------------------
-
-class _UploadFile(io.RawIOBase):
-    """A StreamingUpload as the binary file pyarrow writes to (it needs ``tell``). Closing it does
-    not commit: the TableWriter commits or aborts the upload itself."""
-
-    def __init__(self, upload):
-        super().__init__()
-        self._upload = upload
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        return self._upload.write(bytes(data))
-
-    def tell(self) -> int:
-        return self._upload.size
-
-
-class TableWriter:
-    """One parquet table streamed into ``store`` in row groups of ``batch_rows`` rows; ``close``
-    publishes it, ``abort`` (or an exception inside ``with``) leaves nothing."""
-
-    def __init__(self, store: OutputStore, name: str, schema: pa.Schema, batch_rows: int = 2048):
-        self.name, self.schema, self.batch_rows = name, schema, batch_rows
-        self.upload = store.open_write(name)
-        try:
-            self._writer = pq.ParquetWriter(_UploadFile(self.upload), schema)
-        except BaseException:
-            self.upload.abort()
-            raise
-        self._rows: list[dict] = []
-
-    def add(self, rows: Iterable[dict]) -> None:
-        self._rows.extend(rows)
-        while len(self._rows) >= self.batch_rows:  # one row group per batch, however many rows came at once
-            batch, self._rows = self._rows[:self.batch_rows], self._rows[self.batch_rows:]
-            self._writer.write_table(schemas.conform_table(batch, self.schema))
-
-    def _flush(self) -> None:
-        if self._rows:
-            self._writer.write_table(schemas.conform_table(self._rows, self.schema))
-            self._rows = []
-
-    def finish(self) -> None:
-        """Write the last rows and the footer; the table is published by ``commit``."""
-        try:
-            self._flush()
-            self._writer.close()
-        except BaseException:
-            self.abort()
-            raise
-
-    def commit(self) -> None:
-        self.upload.commit()
-
-    def close(self) -> None:
-        self.finish()
-        self.commit()
-
-    def abort(self) -> None:
-        try:
-            self._writer.close()
-        except Exception:  # noqa: BLE001 - after a failed write: the first error is the one to report
-            pass
-        self.upload.abort()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
 
 def write_table(store: OutputStore, name: str, rows: Iterable[dict], schema: pa.Schema) -> None:
     """``rows`` as the parquet table ``name`` (columns exactly ``schema``'s, missing fields null)."""

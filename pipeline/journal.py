@@ -64,7 +64,7 @@ import pyarrow.parquet as pq
 from schemas import SHARD_DIR
 
 from .shards import ShardInfo
-from .store import OutputStore, open_store
+from .store import OutputStore, TableWriter, open_store
 
 
 class ConfigMismatch(RuntimeError):
@@ -453,7 +453,7 @@ class Journal:
                 name = self._name(kind, "segment", "parquet")
             bases = [n.rsplit("/", 1)[-1] for n in group]
             schema = _SEGMENT_SCHEMA[kind].with_metadata({"covers": json.dumps(bases)})
-            with SegmentWriter(self.store, name, schema, batch_rows=_ROWS_PER_GROUP[kind]) as segment:
+            with TableWriter(self.store, name, schema, batch_rows=_ROWS_PER_GROUP[kind]) as segment:
                 for n in group:
                     entries = _file_entries(kind, json.loads(self.store.read_bytes(n)))
                     light += [_light_entry(kind, e) for e in entries]
@@ -512,72 +512,6 @@ def _seq_of(kind: str, base: str) -> int | None:
     if prefix == "segment":
         return int(digits) if ext == "parquet" else None
     return int(digits) if prefix == _ENTRY_PREFIX[kind] and ext == "json" and len(digits) == _SEQ_DIGITS else None
-
-
-class _UploadFile:
-    """A StreamingUpload as the write-only file pyarrow's ParquetWriter streams into."""
-
-    closed = False
-
-    def __init__(self, upload):
-        self._upload = upload
-
-    def write(self, data) -> int:
-        return self._upload.write(bytes(data))
-
-    def tell(self) -> int:
-        return self._upload.size
-
-    def flush(self) -> None:
-        pass
-
-
-class SegmentWriter:
-    """A parquet object streamed to the store in row groups of ``batch_rows`` (pyarrow ParquetWriter
-    over a StreamingUpload): never held whole, and it appears whole or not at all (``abort`` or an
-    exception drops it)."""
-
-    def __init__(self, store: OutputStore, name: str, schema, batch_rows: int = 2048):
-        import schemas
-
-        self._conform = schemas.conform_table
-        self.name, self.schema, self.batch_rows = name, schema, batch_rows
-        self.upload = store.open_write(name)
-        try:
-            self.writer = pq.ParquetWriter(_UploadFile(self.upload), schema)
-        except BaseException:
-            self.upload.abort()
-            raise
-        self.rows: list[dict] = []
-
-    def add(self, rows: list[dict]) -> None:
-        self.rows += rows
-        if len(self.rows) >= self.batch_rows:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self.rows:
-            self.writer.write_table(self._conform(self.rows, self.schema))
-            self.rows = []
-
-    def close(self) -> None:
-        self._flush()
-        self.writer.close()
-        self.upload.commit()
-
-    def abort(self) -> None:
-        with contextlib.suppress(Exception):  # after a failed write: the first error is the one to report
-            self.writer.close()
-        self.upload.abort()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def _covers(metadata) -> list[str]:

@@ -108,19 +108,6 @@ class ShardInfo:
         return entry
 
 
-class _UploadFile:
-    """The file object tarfile writes to: a StreamingUpload, with the ``tell`` tarfile asks for."""
-
-    def __init__(self, upload):
-        self.upload = upload
-
-    def write(self, data) -> int:
-        return self.upload.write(data)
-
-    def tell(self) -> int:
-        return self.upload.size
-
-
 class ShardWriter:
     """Writes samples into ``shards/<name>.tar`` objects of at most ``max_bytes`` through an output
     store (``root``: a directory path, or an ``OutputStore`` such as an s3:// output).
@@ -191,7 +178,7 @@ class ShardWriter:
             raise FileExistsError(f"refusing to overwrite existing shard {self.store.uri(name)}")
         self._upload = self.store.open_write(name)
         self._name = name
-        self._tar = tarfile.open(fileobj=_UploadFile(self._upload), mode="w", format=tarfile.USTAR_FORMAT)
+        self._tar = tarfile.open(fileobj=self._upload.file(), mode="w", format=tarfile.USTAR_FORMAT)
         self._bytes = 0
         self._keys = []
 
@@ -225,7 +212,7 @@ class ShardWriter:
         self._keys = []
 
 
-_TEMP_NAME = re.compile(r"^\..+\.tmp\d*$")  # atomic_write_bytes, AtomicParquetWriter, ShardWriter
+_TEMP_NAME = re.compile(r"^\..+\.tmp\d*$")  # atomic_write_bytes, store uploads (temp files)
 
 
 def remove_stale_temp_files(root) -> list[Path]:
@@ -311,47 +298,3 @@ def verify_index(root: str | Path) -> list[str]:
     return problems
 
 
-class AtomicParquetWriter:
-    """A parquet file written in batches of rows (pyarrow ParquetWriter, one row group per batch) to a
-    temp file, renamed into place by ``close``: tables of 100,000s of rows are never held whole, and a
-    reader never sees a partial file (``abort`` or an exception drops it)."""
-
-    def __init__(self, path: str | Path, schema, batch_rows: int = 2048):
-        import pyarrow.parquet as pq
-
-        self.path = Path(path)
-        self.schema, self.batch_rows = schema, batch_rows
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        self.writer = pq.ParquetWriter(self.tmp, schema)
-        self.rows: list[dict] = []
-
-    def add(self, rows: list[dict]) -> None:
-        self.rows += rows
-        if len(self.rows) >= self.batch_rows:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self.rows:
-            self.writer.write_table(schemas.conform_table(self.rows, self.schema))
-            self.rows = []
-
-    def close(self) -> None:
-        self._flush()
-        self.writer.close()
-        with open(self.tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
-        with contextlib.suppress(Exception):  # after a failed write: the first error is the one to report
-            self.writer.close()
-        self.tmp.unlink(missing_ok=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()

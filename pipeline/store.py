@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import fsspec
@@ -85,6 +87,11 @@ class StreamingUpload:
         else:
             self.abort()
 
+    def file(self) -> io.RawIOBase:
+        """This upload as the binary file object tarfile and pyarrow write to (they ask for
+        ``tell``). Closing that file does not commit: its owner commits or aborts the upload."""
+        return _UploadFile(self)
+
     def _write(self, data: bytes) -> None:
         raise NotImplementedError
 
@@ -93,6 +100,84 @@ class StreamingUpload:
 
     def _abort(self) -> None:
         raise NotImplementedError
+
+
+class _UploadFile(io.RawIOBase):
+    def __init__(self, upload: StreamingUpload):
+        super().__init__()
+        self._upload = upload
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        return self._upload.write(bytes(data))
+
+    def tell(self) -> int:
+        return self._upload.size
+
+
+class TableWriter:
+    """One parquet object streamed into a store in row groups of ``batch_rows`` rows (pyarrow's
+    ParquetWriter over a StreamingUpload): never held whole; ``close`` publishes it, ``abort`` (or an
+    exception inside ``with``) leaves nothing. The final tables and the journal's segments."""
+
+    def __init__(self, store: "OutputStore", name: str, schema, batch_rows: int = 2048):
+        import pyarrow.parquet as pq
+
+        self.name, self.schema, self.batch_rows = name, schema, batch_rows
+        self.upload = store.open_write(name)
+        try:
+            self._writer = pq.ParquetWriter(self.upload.file(), schema)
+        except BaseException:
+            self.upload.abort()
+            raise
+        self._rows: list[dict] = []
+
+    def add(self, rows: Iterable[dict]) -> None:
+        self._rows.extend(rows)
+        while len(self._rows) >= self.batch_rows:  # one row group per batch, however many rows came at once
+            batch, self._rows = self._rows[:self.batch_rows], self._rows[self.batch_rows:]
+            self._write(batch)
+
+    def _write(self, rows: list[dict]) -> None:
+        import schemas
+
+        self._writer.write_table(schemas.conform_table(rows, self.schema))
+
+    def finish(self) -> None:
+        """Write the last rows and the footer; the object is published by ``commit``."""
+        try:
+            if self._rows:
+                self._write(self._rows)
+                self._rows = []
+            self._writer.close()
+        except BaseException:
+            self.abort()
+            raise
+
+    def commit(self) -> None:
+        self.upload.commit()
+
+    def close(self) -> None:
+        self.finish()
+        self.commit()
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        except Exception:  # noqa: BLE001 - after a failed write: the first error is the one to report
+            pass
+        self.upload.abort()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 class OutputStore:

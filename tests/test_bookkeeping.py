@@ -251,19 +251,19 @@ def test_a_merge_that_finds_no_space_leaves_the_journal_as_it_was(tmp_path, monk
     dropped, its files stay loose, and the record that triggered it still counts."""
     import errno
 
-    class FullDisk(journal_mod.SegmentWriter):
+    class FullDisk(journal_mod.TableWriter):
         def add(self, rows):
             raise OSError(errno.ENOSPC, "No space left on device", self.name)
 
     monkeypatch.setattr(journal_mod, "COMPACT_EVERY", 3)
-    monkeypatch.setattr(journal_mod, "SegmentWriter", FullDisk)
+    monkeypatch.setattr(journal_mod, "TableWriter", FullDisk)
     out = tmp_path / "out"
     journal = _journal(out, 40, clips_per_shard=4, inputs_per_part=2)  # 10 shard files, 20 parts: merges tried
     assert not list(journal.dir.rglob("segment-*")) and not list(journal.dir.rglob(".*tmp*"))
     assert len(list(journal.dir.glob("shards/shard-*.json"))) == 10
     expected = {"finished": journal.finished(), "shards": journal.shards(), "videos": journal.videos()}
     assert len(expected["finished"]) == 40
-    monkeypatch.setattr(journal_mod, "SegmentWriter", FullDisk.__mro__[1])  # space again
+    monkeypatch.setattr(journal_mod, "TableWriter", FullDisk.__mro__[1])  # space again
     with journal.lock():
         assert journal.finished() == expected["finished"]
     assert Journal(out).shards() == expected["shards"] and Journal(out).videos() == expected["videos"]

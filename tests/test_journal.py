@@ -207,7 +207,7 @@ def test_an_output_of_the_previous_version_resumes_and_is_adopted_once(tmp_path)
     (jdir / "videos").mkdir()
     store = open_store(out)
     schema = journal_mod._SEGMENT_SCHEMA["videos"].with_metadata({"covers": json.dumps(["part-1-aaaaaaaaaaaa.json"])})
-    with journal_mod.SegmentWriter(store, "_journal/videos/segment-000000.parquet", schema) as seg:
+    with journal_mod.TableWriter(store, "_journal/videos/segment-000000.parquet", schema) as seg:
         seg.add([journal_mod._segment_row("videos", _video("/in/a.mp4", "first"))])
     (jdir / "videos" / "part-1-aaaaaaaaaaaa.json").write_text(json.dumps({"videos": [_video("/in/a.mp4", "first")]}))
     (jdir / "videos" / "part-9-zzzzzzzzzzzz.json").write_text(json.dumps({"videos": [_video("/in/b.mp4", "older")]}))
