@@ -95,3 +95,13 @@ def real_run(real_inputs, tmp_path_factory, ray_local):
     config = load_config(None, **{"write.shard_max_bytes": 3 * 1024 * 1024, "features.enabled": False})
     summary = run_curation(items, out, config, progress_every_s=30)
     return {"out": out, "items": items, "summary": summary, "config": config, "inputs": real_inputs}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """An S3 API on 127.0.0.1 with a bucket "out" (tests/moto_s3.py), for the whole session."""
+    pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    from moto_s3 import s3_server
+
+    with s3_server() as endpoint:
+        yield endpoint

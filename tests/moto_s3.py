@@ -1,5 +1,5 @@
-"""An S3 API on 127.0.0.1 (moto's ThreadedMotoServer) with a bucket ``out``, for the journal and
-output-lock tests (tests/test_journal.py, tests/test_output_lock.py)."""
+"""An S3 API on 127.0.0.1 (tests/s3_server.py's moto server) with a bucket ``out``, for the store,
+journal, lock, writer and finalisation tests (the ``s3_endpoint`` fixture in conftest.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -11,14 +11,12 @@ BUCKET = "out"
 @contextlib.contextmanager
 def s3_server() -> Iterator[str]:
     """The endpoint URL of a fresh moto server, stopped on exit."""
-    from moto.server import ThreadedMotoServer
+    from s3_server import S3Server
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    endpoint = "http://{}:{}".format(*server.get_host_and_port())
+    server = S3Server()
     try:
-        s3_client(endpoint).create_bucket(Bucket=BUCKET)
-        yield endpoint
+        server.bucket(BUCKET)
+        yield server.endpoint
     finally:
         server.stop()
 

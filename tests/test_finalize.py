@@ -19,6 +19,7 @@ from pipeline.finalize import (RunFacts, TableCounts, apply_filters, finalize_cu
                                save_filters)
 from pipeline.journal import Journal
 from pipeline.shards import ShardInfo
+from moto_s3 import s3_options
 from pipeline.store import open_store
 from schemas import records
 
@@ -27,26 +28,12 @@ moto_server = pytest.importorskip("moto.server", reason="moto[server] is not ins
 TABLE_NAMES = ["manifest.parquet", "rejects.parquet", "scores.parquet", "videos.parquet"]
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    import boto3
-
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    endpoint = "http://{}:{}".format(*server.get_host_and_port())
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test",
-                 aws_secret_access_key="test").create_bucket(Bucket="out")
-    yield endpoint
-    server.stop()
-
-
 @pytest.fixture(params=["local", "s3"])
 def store(request, tmp_path):
     if request.param == "local":
         return open_store(tmp_path / "out")
     endpoint = request.getfixturevalue("s3_endpoint")
-    options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-    return open_store(f"s3://out/{request.node.name.replace('[', '-').rstrip(']')}", options)
+    return open_store(f"s3://out/{request.node.name.replace('[', '-').rstrip(']')}", s3_options(endpoint))
 
 
 # ---- a small journal: 4 inputs, 3 kept clips in 2 real shards, 1 rejected clip, 2 rejected inputs ----

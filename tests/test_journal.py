@@ -92,15 +92,6 @@ def test_a_resume_removes_every_temp_file_a_killed_run_left(tmp_path):
 
 # -- the journal over an output store: a local directory and an S3 API on loopback (moto)
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    pytest.importorskip("moto.server", reason="moto[server] is not installed")
-    from moto_s3 import s3_server
-
-    with s3_server() as endpoint:
-        yield endpoint
-
-
 @pytest.fixture(params=["local", "s3"])
 def store(request, tmp_path):
     if request.param == "local":

@@ -23,15 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 LEASE_S = 3.0  # short, with room for a loaded machine (a renewal every 0.75 s)
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    pytest.importorskip("moto.server", reason="moto[server] is not installed")
-    from moto_s3 import s3_server
-
-    with s3_server() as endpoint:
-        yield endpoint
-
-
 def _output(kind: str, request, tmp_path) -> tuple[str, dict]:
     if kind == "local":
         return str(tmp_path / "out"), {}

@@ -6,22 +6,10 @@ import hashlib
 
 import pytest
 
+from moto_s3 import s3_options
 from pipeline.store import FsspecStore, LocalStore, open_store
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    import boto3
-
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    endpoint = "http://{}:{}".format(*server.get_host_and_port())
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test",
-                 aws_secret_access_key="test").create_bucket(Bucket="out")
-    yield endpoint
-    server.stop()
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -29,8 +17,7 @@ def store(request, tmp_path):
     if request.param == "local":
         return open_store(tmp_path / "out")
     endpoint = request.getfixturevalue("s3_endpoint")
-    options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-    return open_store(f"s3://out/{request.node.name.replace('[', '-').rstrip(']')}", options)
+    return open_store(f"s3://out/{request.node.name.replace('[', '-').rstrip(']')}", s3_options(endpoint))
 
 
 def test_open_store_picks_the_backend(tmp_path):

@@ -15,20 +15,16 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from moto_s3 import s3_options
 
 from journal_rows import outcome_rows, plan, synthetic_items
 from pipeline.bookkeeper import SHARD, WRITTEN, Bookkeeper
 from pipeline.journal import Journal
 from pipeline.store import open_store
 from pipeline.writer import (RECORD_COLUMNS, LocalWriter, ShardSink, WriterUnavailable, close_writers, write_rows)
-from test_store import s3_endpoint  # noqa: F401 - the moto server fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = r"shards/shard-r(\d{4})-w(\d{3})-(\d{6})\.tar"
-
-
-def _s3_options(endpoint):
-    return {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -37,7 +33,7 @@ def store_url(request, tmp_path):
     if request.param == "local":
         return str(tmp_path / "out"), {}
     endpoint = request.getfixturevalue("s3_endpoint")
-    return f"s3://out/writer-{request.node.name.replace('[', '-').rstrip(']')}", _s3_options(endpoint)
+    return f"s3://out/writer-{request.node.name.replace('[', '-').rstrip(']')}", s3_options(endpoint)
 
 
 def _sample(key: str, nbytes: int, seed: int) -> dict:
@@ -294,12 +290,12 @@ def test_the_end_of_a_run_deletes_its_unjournaled_shards_only(tmp_path):
     assert store.list("shards") == sorted(names[:3])
 
 
-def test_writer_actors_write_to_the_s3_api(s3_endpoint, ray_local):  # noqa: F811 - the fixture
+def test_writer_actors_write_to_the_s3_api(s3_endpoint, ray_local):
     """Writer actors open the store themselves from (url, storage_options): shards land on the S3 API,
     whole, sha256 and size as recorded."""
     from pipeline.writer import start_writers, stop_writers
 
-    url, options = "s3://out/writer-actors", _s3_options(s3_endpoint)
+    url, options = "s3://out/writer-actors", s3_options(s3_endpoint)
     writers = start_writers(url, options, 40_000, run=5, count=2)
     items = synthetic_items(12)
     records = []
