@@ -105,3 +105,16 @@ def s3_endpoint():
 
     with s3_server() as endpoint:
         yield endpoint
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    """An empty output store: a local directory, then a prefix of the S3 API on loopback."""
+    from pipeline.store import open_store
+
+    if request.param == "local":
+        return open_store(tmp_path / "out")
+    from moto_s3 import s3_options
+
+    endpoint = request.getfixturevalue("s3_endpoint")
+    return open_store(f"s3://out/{request.node.name.replace('[', '-').rstrip(']')}", s3_options(endpoint))

@@ -19,21 +19,12 @@ from pipeline.finalize import (RunFacts, TableCounts, apply_filters, finalize_cu
                                save_filters)
 from pipeline.journal import Journal
 from pipeline.shards import ShardInfo
-from moto_s3 import s3_options
 from pipeline.store import open_store
 from schemas import records
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
 
 TABLE_NAMES = ["manifest.parquet", "rejects.parquet", "scores.parquet", "videos.parquet"]
-
-
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path):
-    if request.param == "local":
-        return open_store(tmp_path / "out")
-    endpoint = request.getfixturevalue("s3_endpoint")
-    return open_store(f"s3://out/{request.node.name.replace('[', '-').rstrip(']')}", s3_options(endpoint))
 
 
 # ---- a small journal: 4 inputs, 3 kept clips in 2 real shards, 1 rejected clip, 2 rejected inputs ----

@@ -50,8 +50,6 @@ def test_resume_across_an_upgrade_that_only_added_fields(tmp_path):
     a changed value is refused, and the error names the field."""
     import json
 
-    import pytest
-
     from pipeline.config import CurateConfig, load_config
     from pipeline.journal import ConfigMismatch
 
@@ -91,16 +89,6 @@ def test_a_resume_removes_every_temp_file_a_killed_run_left(tmp_path):
 
 
 # -- the journal over an output store: a local directory and an S3 API on loopback (moto)
-
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path):
-    if request.param == "local":
-        return open_store(tmp_path / "out")
-    from moto_s3 import s3_options
-
-    endpoint = request.getfixturevalue("s3_endpoint")
-    return open_store(f"s3://out/{request.node.name.replace('[', '-').rstrip(']')}", s3_options(endpoint))
-
 
 def _video(uri: str, reason: str, retryable: bool = False) -> dict:
     return {"video": {"uri": uri, "status": "rejected", "reason": reason}, "rejects": [], "scores": [],

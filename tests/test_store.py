@@ -6,18 +6,9 @@ import hashlib
 
 import pytest
 
-from moto_s3 import s3_options
 from pipeline.store import FsspecStore, LocalStore, open_store
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
-
-
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path):
-    if request.param == "local":
-        return open_store(tmp_path / "out")
-    endpoint = request.getfixturevalue("s3_endpoint")
-    return open_store(f"s3://out/{request.node.name.replace('[', '-').rstrip(']')}", s3_options(endpoint))
 
 
 def test_open_store_picks_the_backend(tmp_path):
