@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import schemas
+from schemas import records
 from .inputs import InputItem
 from .shards import ShardInfo
 
@@ -78,29 +79,14 @@ def _shard_meta(meta: dict) -> dict:
     return out
 
 
-_SCORES_COLUMNS = frozenset(schemas.SCORES_SCHEMA.names)  # (Schema.names builds a new list per call)
-
-
 def _kept_scores_row(meta: dict, source: str, features: bool) -> dict:
-    sc = {k: v for k, v in meta.get("scores", {}).items() if k in _SCORES_COLUMNS}
-    return dict(sc, key=meta["key"], video_id=meta["video_id"], clip_index=meta["clip_index"],
-                uri=meta["source"]["uri"], source=source, track_id=meta["clip"]["track_id"],
-                start_s=meta["clip"]["start_s"], duration_s=meta["clip"]["n_frames"] / meta["clip"]["fps"],
-                status="kept", reject_stage=None, reject_reason=None, features_computed=features)
+    return records.kept_scores_row(meta, source=source, features_computed=features)
 
 
-# Outcomes that say more about the machine than about the video (a crashed worker, a bug, a
-# GPU out of memory): journaled, but retried by the next run instead of counted as final.
-# A server error (HTTP 5xx) is retried too: the server, not the file, failed. "timed out" is final
-# (docs/pipeline.md, "Time limits"): a file that hangs a decoder hangs it again.
-RETRYABLE_REASONS = ("internal error", "worker failed")
-
-
-def _is_retryable(reject: dict) -> bool:
-    if reject.get("retryable") is not None:  # said by whoever built the reject
-        return bool(reject["retryable"])
-    reason = reject.get("reason") or ""
-    return reason in RETRYABLE_REASONS or reason.startswith("HTTP 5") or reject.get("stage") == "features"
+# Whether an outcome is retried by the next run (a crashed worker, a bug, a GPU out of memory, an
+# HTTP 5xx) is said by the reject itself (schemas.records: ``retryable``); rows journaled before
+# that field existed are judged by their reason, as those runs did.
+_is_retryable = records.is_retryable
 
 
 def _retryable(st: _InFlight) -> bool:
@@ -139,9 +125,8 @@ def _journal_entry(st: _InFlight) -> dict:
 
 
 def worker_failed_reject(item: InputItem, detail: str) -> dict:
-    return {"uri": item.uri, "video_id": item.video_id, "clip_index": -1, "key": None, "stage": "ray",
-            "reason": "worker failed", "rule": None, "value": None, "threshold": None, "detail": detail,
-            "duration_s": None, "source": item.source, "retryable": True}
+    return records.input_reject(uri=item.uri, video_id=item.video_id, source=item.source, stage="ray",
+                                reason="worker failed", retryable=True, detail=detail)
 
 
 def _video_id_of(key: str) -> str:

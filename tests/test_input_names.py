@@ -403,7 +403,7 @@ def test_mid_decode_failures_get_transport_reasons_but_local_faults_stay_retryab
 
     import aiohttp
 
-    from pipeline.bookkeeper import RETRYABLE_REASONS, _is_retryable
+    from pipeline.bookkeeper import _is_retryable
     from pipeline.stages import _crash_reject, new_row
 
     def reason(uri, exc):
@@ -418,7 +418,7 @@ def test_mid_decode_failures_get_transport_reasons_but_local_faults_stay_retryab
     assert reason(url, TimeoutError()) == "timed out"
     full = OSError(errno.ENOSPC, "No space left on device")
     assert reason(url, full) == reason("/in/a.mp4", full) == "internal error"
-    assert "internal error" in RETRYABLE_REASONS and "timed out" not in RETRYABLE_REASONS
+    assert _is_retryable({"reason": "internal error"}) and not _is_retryable({"reason": "timed out"})
     assert _is_retryable({"reason": "HTTP 503"}) and not _is_retryable({"reason": "HTTP 404"})
 
 
