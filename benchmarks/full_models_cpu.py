@@ -154,10 +154,13 @@ def export_arcface_onnx(model: nn.Module, directory: Path) -> Path:
 
     from pipeline.models.registry import register_local_files
 
+    import io
+
     path = directory / "iresnet50_random.onnx"
-    torch.onnx.export(model, (torch.zeros(1, 3, 112, 112),), str(path), input_names=["input.1"],
+    exported = io.BytesIO()  # built in memory: no weights file is opened before it is registered
+    torch.onnx.export(model, (torch.zeros(1, 3, 112, 112),), exported, input_names=["input.1"],
                       output_names=["fc1"], dynamic_axes={"input.1": {0: "None"}}, dynamo=False)
-    graph = onnx.load(str(path))
+    graph = onnx.load_from_string(exported.getvalue())
     for node in graph.graph.node:  # insightface's export names the output "683" (torch refuses numeric names)
         node.output[:] = ["683" if o == "fc1" else o for o in node.output]
     graph.graph.output[0].name = "683"
