@@ -257,8 +257,6 @@ class Bookkeeper:
                 self.discard_shard(info.url)
             raise
         self.shards.append(ShardInfo(**dict(record["shard"], keys=[])))  # the run's facts, not its keys
-        if self.after_shard is not None:
-            self.after_shard(info)
         for key in info.keys:
             uri = self._pending_owner.pop(key, None)
             st = self.states.get(uri) if uri is not None else None
@@ -267,7 +265,11 @@ class Bookkeeper:
                 continue
             st.pending_keys.discard(key)
             self._finish_if_ready(st)
-        self._flush()
+        # Progress is durable at shard granularity: the inputs this shard finished (and any others
+        # waiting) are journaled with it, so a run killed after a shard resumes after its inputs.
+        self._flush(force=True)
+        if self.after_shard is not None:
+            self.after_shard(info)
 
     # ---- journal out
     def _finish_if_ready(self, st: _InFlight) -> None:
