@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import re
 import tarfile
 import time
@@ -30,20 +29,12 @@ _TAR_BLOCK = 512
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory + fsync + rename."""
+    """Write ``data`` to ``path`` via a temp file in the same directory + fsync + rename (the local
+    store's whole-or-nothing write; a failed write leaves no temp file behind)."""
+    from .store import LocalStore
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # A failed write (no space left on device, a quota) must not leave its temp file behind.
-        tmp.unlink(missing_ok=True)
-        raise
+    LocalStore(path.parent).put_bytes(path.name, data)
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
