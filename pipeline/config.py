@@ -173,7 +173,8 @@ class ScoreConfig(_Section):
     landmarks3d_model: str = "1k3d68.onnx"
     syncnet_batch_size: int = Field(20, ge=1)
     num_gpus: float = Field(0.0, ge=0, le=8, description="GPUs per crop+score actor (SyncNet)")
-    actors: int = Field(1, ge=1)
+    actors: int = Field(1, ge=1, description="max crop+score actors")
+    num_cpus: float | None = Field(None, gt=0, description="CPUs per crop+score actor (None: ray.cpus_per_task)")
     # ArcFace identity embedding per scored clip (scores identity_embedding; docs/identity.md)
     identity: bool = Field(True, description="embed each clip's face with ArcFace (insightface w600k_r50 in full, "
                                              "a random stand-in in smoke) for jobs/identities.py")
@@ -227,7 +228,12 @@ class RayConfig(_Section):
     address: str | None = Field(None, description="None: RAY_ADDRESS or an embedded local Ray")
     num_cpus: int | None = Field(None, description="CPUs of an embedded Ray (None = all)")
     detect_actors: int = Field(1, ge=1, description="actor-pool size of the face detection stage (per pool max)")
+    detect_num_cpus: float | None = Field(None, gt=0, description="CPUs per detection actor (None: cpus_per_task)")
     cpus_per_task: float = Field(1.0, gt=0)
+    # Ray Data's autoscaler grows an actor pool from one actor only while inputs queue in front of it,
+    # and on a small node it may never add the second (docs/benchmarks.md): a full pool from the start
+    # uses every core at once, and on a cluster puts a pool's actors on several nodes (Ray Data spreads them).
+    full_pools: bool = Field(False, description="start each actor pool at its max size instead of one actor")
     object_store_memory: int | None = None
     # The inputs go to Ray in consecutive datasets of at most this many (one input per block in
     # each): Ray Data's driver-side state of a dataset (~11 KB per block, made up front) is freed

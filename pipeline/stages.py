@@ -713,9 +713,10 @@ class FeatureStage:
 def default_stages(config: CurateConfig) -> list[dict]:
     """Stage class and how Ray runs it: ``actor`` stages load their models once per actor."""
     stages = [
-        {"cls": DetectTrackStage, "kind": "map", "actor": True, "pool": config.ray.detect_actors},  # probe + detect
+        {"cls": DetectTrackStage, "kind": "map", "actor": True, "pool": config.ray.detect_actors,  # probe + detect
+         "num_cpus": config.ray.detect_num_cpus or config.ray.cpus_per_task},
         {"cls": CropScoreStage, "kind": "flat_map", "actor": True, "pool": config.score.actors,
-         "num_gpus": config.score.num_gpus},
+         "num_gpus": config.score.num_gpus, "num_cpus": config.score.num_cpus or config.ray.cpus_per_task},
     ]
     if config.features.enabled:
         f = config.features
