@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """Find near-duplicate clips across a curation output and keep the best of each group.
 
-    python jobs/dedup.py DIR [--config FILE] [--ray-address ADDR]
+    python jobs/dedup.py DIR|URL [--config FILE] [--ray-address ADDR]
 
 Reads the stored signatures in DIR/scores.parquet (perceptual hashes, audio fingerprint, identity
 embedding when present) on Ray Data, writes DIR/duplicates.parquet (every member of every group,
 ranked, with the evidence), then re-applies the output's filters with ``filters.dedup: true``:
 the other members leave the manifest with a rejects row "duplicate of <key>". Undo with
 ``jobs/refilter.py DIR --config FILE`` where FILE sets ``filters: {dedup: false}``.
-Only the `dedup:` section of FILE is used here (thresholds: docs/dedup.md).
+Only the `dedup:` and `storage_options:` sections of FILE are used here (thresholds: docs/dedup.md).
+An object-store output (s3://bucket/prefix) works the same, with credentials from the AWS_* environment.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pipeline.config import ConfigError, load_config  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("dir", help="a curation output directory")
+    ap.add_argument("dir", help="a curation output (directory or s3:// URL)")
     ap.add_argument("--config", default=None, help="YAML with a dedup: section (default thresholds otherwise)")
     ap.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or embedded)")
     args = ap.parse_args(argv)

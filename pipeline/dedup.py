@@ -348,16 +348,17 @@ def select_kept(duplicates: list[dict], passing: set[str]) -> dict[str, str]:
     return out
 
 
-def run_dedup(root: str | Path, cfg: DedupConfig) -> dict:
-    """Find the groups of the output at ``root`` and write duplicates.parquet (atomically)."""
+def run_dedup(root, cfg: DedupConfig) -> dict:
+    """Find the groups of the output at ``root`` (a path, URL or OutputStore) and write
+    duplicates.parquet (whole or not at all, through the store)."""
     from .finalize import write_table
-    from .store import open_store
+    from .store import OutputStore, open_store
 
-    root = Path(root)
-    path = root / "scores.parquet"
-    if not path.exists():
+    store = root if isinstance(root, OutputStore) else open_store(root)
+    path = store.uri("scores.parquet")
+    if not store.exists("scores.parquet"):
         raise FileNotFoundError(f"{path} is missing: dedup reads the stored signatures of a finished curation")
-    table = pq.read_table(path)
+    table = pq.read_table(pa.BufferReader(store.read_bytes("scores.parquet")))
     missing = [c for c in ("phash", "audio_fingerprint") if c not in table.column_names]
     if missing:
         raise ValueError(f"{path} has no {', '.join(missing)} column: curate with this version to store the signatures")
@@ -371,43 +372,43 @@ def run_dedup(root: str | Path, cfg: DedupConfig) -> dict:
     rank_cols = [c for c in cfg.rank_by if c in table.column_names]
     scores = {r["key"]: r for r in table.select(["key"] + [c for c in rank_cols if c != "key"]).to_pylist()}
     rows = duplicate_rows(groups, edges, scores, rank_cols)
-    write_table(open_store(root), "duplicates.parquet", rows, DUPLICATES_SCHEMA)
+    write_table(store, "duplicates.parquet", rows, DUPLICATES_SCHEMA)
     return {"clips": table.num_rows, "candidate_pairs": stats.get("candidate_pairs", 0),
             "verified_duplicate_pairs": sum(e["duplicate"] for e in edges), "groups": len(groups),
             "duplicates": sum(len(g) - 1 for g in groups), "rank_by": rank_cols,
             "identity": "identity_embedding" in table.column_names}
 
 
-def filters_in_effect(root: Path):
-    """The thresholds the output was last filtered with: a refilter's, else the curation's."""
+def filters_in_effect(store):
+    """The thresholds the output in ``store`` was last filtered with: a refilter's, else the curation's."""
     from .config import FilterConfig
-    from .refilter import REFILTER_STATE
+    from .finalize import saved_filters
 
-    state = Path(root) / "_journal" / REFILTER_STATE
-    if state.exists():
-        return FilterConfig(**json.loads(state.read_text())["filters"])
-    run = Path(root) / "run.json"
-    if not run.exists():
-        raise FileNotFoundError(f"{run} is missing: {root} is not a finished curation output")
-    return FilterConfig(**json.loads(run.read_text())["config"]["filters"])
+    saved = saved_filters(store)
+    if saved is not None:
+        return saved
+    if not store.exists("run.json"):
+        raise FileNotFoundError(f"{store.uri('run.json')} is missing: {store.uri('')} is not a finished curation output")
+    return FilterConfig(**json.loads(store.read_bytes("run.json"))["config"]["filters"])
 
 
-def dedup_output(root: str | Path, config) -> dict:
+def dedup_output(root, config) -> dict:
     """jobs/dedup.py: groups -> duplicates.parquet, then the output's filters with dedup on (under
-    the output's lock, so no curation or refilter writes it meanwhile). Ray must be up (the entry
-    point starts or joins it)."""
+    the output's lock, so no curation or refilter writes it meanwhile). ``root`` is a directory or
+    an object-store URL (credentials from the environment or ``config.storage_options``). Ray must
+    be up (the entry point starts or joins it)."""
     from .finalize import apply_filters, save_filters
     from .journal import Journal
     from .store import open_store
 
-    root = Path(root)
-    if not (root / "index.json").exists():
-        raise FileNotFoundError(f"{root}/index.json is missing: not a finished curation output")
-    journal = Journal(root)
-    with journal.lock():
-        filters = filters_in_effect(root).model_copy(update={"dedup": True})
-        found = run_dedup(root, config.dedup)
-        applied = apply_filters(open_store(root), filters, journal=journal)
+    store = open_store(root, config.storage_options)
+    if not store.exists("index.json"):
+        raise FileNotFoundError(f"{store.uri('index.json')} is missing: not a finished curation output")
+    journal = Journal(store)
+    with journal.lock(config.write.lock_lease_s):
+        filters = filters_in_effect(store).model_copy(update={"dedup": True})
+        found = run_dedup(store, config.dedup)
+        applied = apply_filters(store, filters, journal=journal)
         # a later curation into this output re-applies these filters, dedup included (finalize.py)
-        save_filters(open_store(root), filters)
+        save_filters(store, filters)
     return {"found": found, "refilter": applied}

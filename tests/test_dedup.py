@@ -280,3 +280,40 @@ def test_real_clip_copies_form_one_group_and_refilter_undoes_it(dedup_run, tmp_p
     cfg.write_text("filters:\n  dedup: true\n")
     _job(ROOT / "jobs" / "refilter.py", out, "--config", cfg)
     assert set(_stems(out, "manifest.parquet")) == {key_stem[best["key"]], "unrelated"}
+
+
+@pytest.mark.realdata
+def test_dedup_of_an_object_store_output_equals_the_local_one(dedup_run, tmp_path, s3_endpoint, ray_local):
+    """jobs/dedup.py on an s3:// output (issue 14: outputs live in object storage): the same groups,
+    the same manifest and rejects as on the same output in a local directory, under the output's lease."""
+    from moto_s3 import s3_options
+
+    from pipeline.config import load_config
+    from pipeline.dedup import dedup_output
+    from pipeline.store import open_store
+
+    local = tmp_path / "local"
+    shutil.copytree(dedup_run, local)
+    url = "s3://out/dedup-output"
+    remote = open_store(url, s3_options(s3_endpoint))
+    for path in sorted(p for p in dedup_run.rglob("*") if p.is_file()):
+        name = path.relative_to(dedup_run).as_posix()
+        if not name.startswith("_journal/lock"):  # the flock file of a local output: no meaning on S3
+            remote.put_bytes(name, path.read_bytes())
+    config = load_config(None)
+    config.storage_options = s3_options(s3_endpoint)
+    found_local = dedup_output(local, config)
+    found_s3 = dedup_output(url, config)
+    assert found_s3["found"] == found_local["found"] and found_s3["found"]["groups"] == 1, found_s3
+    untimed = [{k: v for k, v in found["refilter"].items() if k != "time"} for found in (found_s3, found_local)]
+    assert untimed[0] == untimed[1] and untimed[0]["kept"] == 2, untimed
+
+    def table(store, name):
+        return pq.read_table(pa.BufferReader(store.read_bytes(name))).to_pylist()
+
+    for name in ("duplicates.parquet", "manifest.parquet", "rejects.parquet"):
+        assert table(remote, name) == table(open_store(local), name), name
+    from pipeline.journal import Journal
+
+    assert Journal(remote).holder() is None  # the lease was released
+    assert json.loads(remote.read_bytes("_journal/refilter.json"))["filters"]["dedup"] is True
