@@ -33,9 +33,21 @@ def start_ray(config, verbose: bool = False) -> None:
     else:
         # address="local": a Ray of this job's own, not the one `ray start` last left on this machine
         # (ray.init's default attaches to it, and would refuse num_cpus)
+        # No usage-stats report (this machine's job is nobody else's business, and it may have no network)
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=verbose,
                  logging_level=level,
-                 object_store_memory=config.ray.object_store_memory)
+                 object_store_memory=config.ray.object_store_memory,
+                 _system_config=EMBEDDED_SYSTEM_CONFIG)
+
+
+# Ray's own work that an embedded Ray does for nobody (measured in docs/benchmarks.md, "Ray overhead,
+# pools and memory"): the metrics every worker records and reports to the dashboard agent for a
+# Prometheus that is not there; and killing idle workers one second after their task, beyond one
+# per CPU, so that each shard-write task (num_cpus=0, beside the stage actors) started a fresh
+# Python worker (~1.4 CPU s of imports each, several per round). A cluster is configured by whoever
+# started it.
+EMBEDDED_SYSTEM_CONFIG = {"enable_metrics_collection": False, "idle_worker_killing_time_threshold_ms": 60_000}
 
 
 def quiet_ray_data(verbose: bool) -> None:

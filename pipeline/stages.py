@@ -268,7 +268,8 @@ class DetectTrackStage:
         keep clips inside it: the audio is decoded here too (AAC decodes at hundreds of times real
         time) with the same function, rate and rounding as the crop stage, so the spans agree
         sample for sample."""
-        audio = decode_audio_track(uri, rate=self.config.output.audio_rate) if p.get("audio_streams") else None
+        # keep=[]: the coverage only, no samples held (a 30-minute track is 115 MB of float32)
+        audio = decode_audio_track(uri, rate=self.config.output.audio_rate, keep=[]) if p.get("audio_streams") else None
         damaged = sorted([("video", a, b) for a, b in damage.damaged]
                          + [("audio", a, b) for a, b in (audio.damaged if audio else [])], key=lambda d: d[1])
         coverage = Coverage(audio=audio.span_times() if audio is not None else None,
@@ -301,6 +302,11 @@ def _closing(background, clips):
         yield from clips
     finally:
         background.close()
+
+
+# Source audio held around each clip beyond its own span: more than the largest lip-sync offset the
+# crop stage may apply (SyncNet searches +-15 frames, 0.6 s at 25 fps).
+AUDIO_KEEP_MARGIN_S = 2.0
 
 
 def sample_key(video_id: str, clip_index: int) -> str:
@@ -392,8 +398,11 @@ class CropScoreStage:
         filters = self.config.filters
         p = payload["probe"]
         clips = [CandidateClip(detections={}, **c) for c in payload["clips"]]
-        # Only decoded samples are ever cut into a clip (AudioTrack.cut): no silence padding.
-        audio = decode_audio_track(row["uri"], rate=cfg.audio_rate)
+        # Only decoded samples are ever cut into a clip (AudioTrack.cut): no silence padding. Only the
+        # clips' own audio is held (with room for the lip-sync offset fix, at most +-15 frames), not
+        # the whole track: the memory of a long input stays that of its clips.
+        audio = decode_audio_track(row["uri"], rate=cfg.audio_rate,
+                                   keep=[(c.start_s - AUDIO_KEEP_MARGIN_S, c.end_s + AUDIO_KEEP_MARGIN_S) for c in clips])
         coverage = payload.get("analysis", {}).get("coverage")
         out_rows: list[dict] = []
         n_short = len(payload["short_segments"])
