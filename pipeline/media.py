@@ -695,6 +695,11 @@ def decode_audio_track(uri: str, rate: int = 16000, *, tolerant: bool = True,
             t = run_t0 + total / rate  # the chunk's source time (total: the run's samples so far)
             if any(a - 0.1 <= t + len(x) / rate and t <= b + 0.1 for a, b in keep):
                 return x
+            # the held chunks before this one are a finished piece: one array now, not thousands of
+            # small ones joined at the run's end (which would double the piece for a moment)
+            n_held = next((i for i, c in enumerate(reversed(chunks)) if isinstance(c, int)), len(chunks))
+            if n_held > 1:
+                chunks[-n_held:] = [np.concatenate(chunks[-n_held:])]
             return len(x)
 
         def close_run():
@@ -758,7 +763,8 @@ def _join_chunks(chunks: list) -> tuple[int, list[tuple[int, np.ndarray]]]:
     for c in chunks + [0]:  # the 0 closes the last piece
         if isinstance(c, int):
             if run:
-                pieces.append((pos - sum(len(x) for x in run), np.concatenate(run).astype(np.float32, copy=False)))
+                piece = run[0] if len(run) == 1 else np.concatenate(run)
+                pieces.append((pos - len(piece), piece.astype(np.float32, copy=False)))
                 run = []
             pos += c
         else:
