@@ -39,6 +39,8 @@ def start_ray(config, verbose: bool = False) -> None:
                  logging_level=level,
                  object_store_memory=config.ray.object_store_memory,
                  _system_config=EMBEDDED_SYSTEM_CONFIG)
+        resources = ray.cluster_resources()
+        size_embedded_pools(config, resources.get("CPU", 1.0), resources.get("memory", 0.0))
 
 
 # Ray's own work that an embedded Ray does for nobody (measured in docs/benchmarks.md, "Ray overhead,
@@ -62,3 +64,38 @@ def quiet_ray_data(verbose: bool) -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
             handler.setLevel(logging.ERROR)
+
+
+# The fields that size the stages' actor pools; a config that sets any of them is taken as it is.
+POOL_FIELDS = {"ray": ("full_pools", "detect_actors", "detect_num_cpus", "cpus_per_task"),
+               "score": ("actors", "num_cpus")}
+CROP_ACTOR_MEMORY = 1.5 * 2**30  # a crop+score actor's peak RSS is ~0.9-1.1 GB (docs/benchmarks.md)
+
+
+def size_embedded_pools(config, cpus: float, memory: float) -> None:
+    """Actor pools for an embedded Ray of ``cpus`` CPUs and ``memory`` bytes for its workers (Ray's
+    "memory" resource), unless the config sizes them itself.
+
+    The defaults (one detect and one crop+score actor of one CPU each, grown by Ray Data's
+    autoscaler) are a cluster's; on one small machine the autoscaler never adds the second crop
+    actor and detect's core idles ~60% of the time behind the one crop actor (docs/benchmarks.md,
+    "Ray overhead, pools and memory"). Here: full pools from the start, ~30% of the CPUs for
+    detect (it takes ~30% of the job's CPU), the rest for at least two crop+score actors sharing
+    them (each runs a scoring thread beside its decode and encode, so it uses more than one
+    core when it can), as many as fit in memory; the feature actors' CPUs are left to them.
+    ``config`` is changed in place (run.json shows
+    the sizes used); pool sizes do not change what is computed (journal: resource fields).
+    """
+    if any(set(fields) & getattr(config, section).model_fields_set for section, fields in POOL_FIELDS.items()):
+        return
+    budget = cpus  # the feature actors (when on) hold their CPUs for the whole run
+    if config.features.enabled:
+        budget -= config.features.num_cpus * config.features.actors
+    if budget < 2:
+        return  # no room for more than the defaults' one actor per stage
+    detect = max(1, round(0.3 * budget))
+    rest = budget - detect
+    fit = max(1, int((memory - 2**30) // CROP_ACTOR_MEMORY))  # the rest: detect, writers, Ray's own actors
+    score = max(1, min(max(2, round(rest)), fit))
+    config.ray = config.ray.model_copy(update={"full_pools": True, "detect_actors": detect})
+    config.score = config.score.model_copy(update={"actors": score, "num_cpus": round(rest / score, 3)})
