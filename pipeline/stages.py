@@ -362,8 +362,8 @@ class CropScoreStage:
 
     def __call__(self, row: dict):
         """Yields rows: first everything is computed (a failure here is one video-level reject),
-        then the summary and one row per candidate are emitted, their mp4s read back from the
-        actor's local temp files one at a time (a long video never holds all its clips in memory)."""
+        then the summary and one row per candidate are emitted, their mp4s and audio read back from
+        the actor's local temp files one at a time (a long video never holds all its clips in memory)."""
         if row["kind"] != "video":
             yield row
             return
@@ -380,10 +380,11 @@ class CropScoreStage:
                 yield _crash_reject(row, self.name, e, payload)
                 return
             for r in rows:
-                path = r.pop("mp4_path", None)
-                if path is not None:
-                    r["mp4"] = Path(path).read_bytes()
-                    os.unlink(path)
+                for blob in ("mp4", "audio16k"):
+                    path = r.pop(f"{blob}_path", None)
+                    if path is not None:
+                        r[blob] = Path(path).read_bytes()
+                        os.unlink(path)
                 yield r
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
@@ -450,7 +451,8 @@ class CropScoreStage:
             cropped[ci] = (cc, path)
         t_crop = time.perf_counter() - t0 - t_score
         losers = select_speakers(scores, {c.clip_index: c for c in clips})
-        for ci, (cc, path) in sorted(cropped.items()):
+        for ci in sorted(cropped):
+            cc, path = cropped.pop(ci)  # its audio is freed once its row is made
             c = cc.clip
             key = sample_key(row["video_id"], ci)
             sc = scores[ci]
@@ -505,9 +507,12 @@ class CropScoreStage:
             if coverage is not None:
                 meta["source"]["audio_spans_s"] = coverage["audio_spans_s"]
                 meta["source"]["damaged"] = coverage["damaged"]
-            clip_row = new_row(row["video_id"], row["uri"], row["source"], "clip", meta, clip_index=ci,
-                               audio16k=npy_bytes(clip_audio))
+            clip_row = new_row(row["video_id"], row["uri"], row["source"], "clip", meta, clip_index=ci)
             clip_row["mp4_path"] = str(path)
+            # the audio waits on disk too: a long input's clips are not all held until it is done
+            audio_path = tmpdir / f"{ci}.audio16k.npy"
+            audio_path.write_bytes(npy_bytes(clip_audio))
+            clip_row["audio16k_path"] = str(audio_path)
             out_rows.append(clip_row)
         _add_timing(payload, self.name, t_crop)
         _add_timing(payload, "score", t_score)
