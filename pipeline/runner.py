@@ -127,6 +127,7 @@ def build_dataset(items: list[InputItem], config: CurateConfig):
     # A block whose task fails after Ray's retries (a worker killed by a poison input) is skipped
     # instead of failing the job; its inputs become "worker failed" rejects (run_curation).
     ctx.max_errored_blocks = -1
+    ctx.target_max_block_size = config.ray.max_block_mb * 2**20  # a long input's clips are not one block
     for spec in default_stages(config):
         cls = spec["cls"]
         method = getattr(ds, spec["kind"])
