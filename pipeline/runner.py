@@ -142,7 +142,8 @@ def build_dataset(items: list[InputItem], config: CurateConfig):
             # other input down with it (GPU feature actors keep a queue to stay busy).
             in_flight = None if spec.get("num_gpus") else 1
             # (a full pool is never larger than the dataset: an actor with no input to take only loads models)
-            kwargs["compute"] = ActorPoolStrategy(min_size=max(1, min(spec["pool"], len(rows))) if config.ray.full_pools else 1,
+            min_size = max(1, min(spec["pool"], len(rows))) if config.ray.full_pools else 1
+            kwargs["compute"] = ActorPoolStrategy(min_size=min_size,
                                                   max_size=spec["pool"],
                                                   max_tasks_in_flight_per_actor=in_flight)
             # Ray Data's actor default is to restart and retry forever; a poison input must end, so its
