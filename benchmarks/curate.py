@@ -262,6 +262,8 @@ def main() -> None:
     ap.add_argument("--pyav-baseline", action="store_true", help="also time a PyAV decode of every frame")
     ap.add_argument("--long-minutes", type=float, help="one looped input of this length vs the clip alone")
     ap.add_argument("--long-source", default=str(REAL_DIR / "edtalk_obama.mp4"))
+    ap.add_argument("--short-minutes", type=float, help="with --long-minutes: loop the clip to this length for the "
+                    "short job too (0.5: a 30-second input, whose clips reach segment.max_clip_s as the long one's do)")
     ap.add_argument("--long-only", choices=("short", "long"), help="with --long-minutes: run only this job (one "
                     "job per process, so the driver's peak is its own)")
     ap.add_argument("--keep-scores", help="copy the job's scores.parquet here (to compare runs)")
@@ -275,7 +277,7 @@ def main() -> None:
         work = Path(tmp)
         if args.long_minutes:
             result = {"mode": "long input", "machine": machine, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-            for label, minutes in (("short", None), ("long", args.long_minutes)):
+            for label, minutes in (("short", args.short_minutes), ("long", args.long_minutes)):
                 if args.long_only and label != args.long_only:
                     continue
                 d = work / label
