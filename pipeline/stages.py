@@ -448,11 +448,12 @@ class CropScoreStage:
             path = tmpdir / f"{ci}.mp4"
             path.write_bytes(cc.mp4)
             cc.mp4 = b""
+            cc.audio = None  # cut again from the track below (the same samples): not every clip's held twice
             cropped[ci] = (cc, path)
         t_crop = time.perf_counter() - t0 - t_score
         losers = select_speakers(scores, {c.clip_index: c for c in clips})
         for ci in sorted(cropped):
-            cc, path = cropped.pop(ci)  # its audio is freed once its row is made
+            cc, path = cropped.pop(ci)
             c = cc.clip
             key = sample_key(row["video_id"], ci)
             sc = scores[ci]
@@ -464,7 +465,7 @@ class CropScoreStage:
                 failed.insert(0, {"rule": "speaker.selection", "column": column, "reason": "not the speaking face",
                                   "value": winner.get(column), "op": "<", "applied": True})
             audio_shift_s = 0.0
-            clip_audio = cc.audio
+            clip_audio = audio.cut(audio.index_of(c.start_s), cc.audio_samples, uri=row["uri"])  # as crop cut it
             offset = sc.get("sync_offset")
             if (not failed and filters.fix_offset and offset and sc.get("sync_weights") == "syncnet_v2"):
                 # LatentSync sync_av.py: delay the audio by the measured offset so the clip is in sync,
