@@ -77,25 +77,27 @@ def size_embedded_pools(config, cpus: float, memory: float) -> None:
     "memory" resource), unless the config sizes them itself.
 
     The defaults (one detect and one crop+score actor of one CPU each, grown by Ray Data's
-    autoscaler) are a cluster's; on one small machine the autoscaler never adds the second crop
-    actor and detect's core idles ~60% of the time behind the one crop actor (docs/benchmarks.md,
-    "Ray overhead, pools and memory"). Here: full pools from the start, ~30% of the CPUs for
-    detect (it takes ~30% of the job's CPU), the rest for at least two crop+score actors sharing
-    them (each runs a scoring thread beside its decode and encode, so it uses more than one
-    core when it can), as many as fit in memory; the feature actors' CPUs are left to them.
-    ``config`` is changed in place (run.json shows
-    the sizes used); pool sizes do not change what is computed (journal: resource fields).
+    autoscaler up to ``ray.detect_actors`` / ``score.actors``, both 1) use about two cores
+    whatever the machine; on one machine the autoscaler may never add an actor
+    (docs/benchmarks.md, "Ray overhead, pools and memory"). Here, from 3 CPUs (after the
+    feature actors' own): full pools from the start, ~30% of the CPUs for detect (it takes ~30%
+    of the job's CPU), one crop+score actor per remaining CPU, as many as fit in memory. Two CPUs
+    keep the defaults: measured there, a second crop+score actor on half a CPU each gained
+    nothing (the one crop actor's scoring thread already keeps the second core ~88% busy over
+    four rounds) and cost ~5 CPU s of model loading and ~0.9 GB.
+    ``config`` is changed in place (run.json shows the sizes used); pool sizes do not change what
+    is computed (journal: resource fields).
     """
     if any(set(fields) & getattr(config, section).model_fields_set for section, fields in POOL_FIELDS.items()):
         return
     budget = cpus  # the feature actors (when on) hold their CPUs for the whole run
     if config.features.enabled:
         budget -= config.features.num_cpus * config.features.actors
-    if budget < 2:
-        return  # no room for more than the defaults' one actor per stage
+    if budget < 3:
+        return  # the defaults' one actor per stage (see above)
     detect = max(1, round(0.3 * budget))
     rest = budget - detect
     fit = max(1, int((memory - 2**30) // CROP_ACTOR_MEMORY))  # the rest: detect, writers, Ray's own actors
-    score = max(1, min(max(2, round(rest)), fit))
+    score = max(1, min(int(rest), fit))
     config.ray = config.ray.model_copy(update={"full_pools": True, "detect_actors": detect})
     config.score = config.score.model_copy(update={"actors": score, "num_cpus": round(rest / score, 3)})

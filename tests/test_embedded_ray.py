@@ -21,12 +21,14 @@ def _pools(config) -> tuple:
             config.score.num_cpus)
 
 
-def test_two_cpus_get_a_second_crop_actor_beside_detect():
+def test_cpus_beyond_two_get_crop_actors_beside_detect():
     config = load_config(None, **{"features.enabled": False})
     before = config_fingerprint(config.model_dump(mode="json"))
     size_embedded_pools(config, 2.0, 8 * GB)
-    # detect keeps its one CPU, the two crop+score actors share the other: the two CPUs are reserved
-    assert _pools(config) == (True, 1, None, 2, 0.5)
+    assert _pools(config) == (False, 1, None, 1, None)  # two CPUs: the defaults (measured, docs/benchmarks.md)
+    size_embedded_pools(config, 4.0, 8 * GB)
+    # detect keeps one CPU, one crop+score actor per other CPU, started at once
+    assert _pools(config) == (True, 1, None, 3, 1.0)
     assert config_fingerprint(config.model_dump(mode="json")) == before  # what is computed is the same
     assert _pools(load_config(None)) == (False, 1, None, 1, None)  # the defaults themselves are untouched
 
@@ -50,16 +52,19 @@ def test_a_config_that_sizes_pools_or_leaves_no_room_is_kept():
     assert _pools(features) == (False, 1, None, 1, None)
     size_embedded_pools(features, 4.0, 8 * GB)  # 3 CPUs beside the feature actor
     assert _pools(features) == (True, 1, None, 2, 1.0)
+    fit = load_config(None)
+    size_embedded_pools(fit, 3.0, 8 * GB)  # 2 CPUs beside the feature actor: the defaults
+    assert _pools(fit) == (False, 1, None, 1, None)
 
 
 def test_start_ray_embedded_runs_lean_and_sized(tmp_path):
     """A real embedded Ray from start_ray: metrics collection off, idle workers kept, usage stats
-    off, and the config sized for its 2 CPUs."""
+    off, and the config sized for its 4 (logical) CPUs."""
     code = """
 import json, os, ray
 from jobs._ray import start_ray
 from pipeline.config import load_config
-config = load_config(None, **{"features.enabled": False, "ray.num_cpus": 2})
+config = load_config(None, **{"features.enabled": False, "ray.num_cpus": 4})
 start_ray(config)
 node = ray._private.worker._global_node
 print(json.dumps({"system": node._config, "usage": os.environ.get("RAY_USAGE_STATS_ENABLED"),
@@ -72,4 +77,4 @@ ray.shutdown()
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert {k: got["system"].get(k) for k in EMBEDDED_SYSTEM_CONFIG} == EMBEDDED_SYSTEM_CONFIG
     assert got["usage"] == "0"
-    assert got["pools"] == [True, 2, 0.5]
+    assert got["pools"] == [True, 3, 1.0]
