@@ -151,6 +151,7 @@ class TreeSampler:
         self.interval_s = interval_s
         self.me = psutil.Process()
         self.peak: dict[int, int] = {}
+        self.peak_private: dict[int, int] = {}  # RSS less its shared pages (the object store's mapped blocks)
         self.names: dict[int, str] = {}
         self.cpu: dict[int, float] = {}
         self._stop = threading.Event()
@@ -173,7 +174,8 @@ class TreeSampler:
         for p in [self.me] + self.me.children(recursive=True):
             try:
                 with p.oneshot():
-                    rss = p.memory_info().rss
+                    mem = p.memory_info()
+                    rss, private = mem.rss, mem.rss - getattr(mem, "shared", 0)
                     cpu = self._cpu_of(p)
                     cmd = p.cmdline()
                     name = " ".join(cmd)[:100] if cmd else p.name()
@@ -186,6 +188,7 @@ class TreeSampler:
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
             self.peak[p.pid] = max(self.peak.get(p.pid, 0), rss)
+            self.peak_private[p.pid] = max(self.peak_private.get(p.pid, 0), private)
             self.cpu[p.pid] = cpu
 
     def _run(self) -> None:
@@ -206,13 +209,14 @@ class TreeSampler:
         mb = 1 / 2**20
         cpu = {pid: c - self._cpu0.get(pid, 0.0) for pid, c in self.cpu.items()}
         workers = [{"pid": pid, "name": self.names.get(pid, ""), "peak_rss_mb": round(rss * mb, 1),
-                    "cpu_s": round(cpu.get(pid, 0.0), 2)}
+                    "peak_private_mb": round(self.peak_private.get(pid, 0) * mb, 1), "cpu_s": round(cpu.get(pid, 0.0), 2)}
                    for pid, rss in self.peak.items() if pid != self.me.pid and self.names.get(pid, "").startswith("ray::")]
         workers.sort(key=lambda w: -w["peak_rss_mb"])
         others = [{"pid": pid, "name": self.names.get(pid, ""), "peak_rss_mb": round(rss * mb, 1),
                    "cpu_s": round(cpu.get(pid, 0.0), 2)}
                   for pid, rss in self.peak.items() if pid != self.me.pid and not self.names.get(pid, "").startswith("ray::")]
         return {"job_cpu_s": round(sum(cpu.values()), 2), "driver_peak_rss_mb": round(self.peak.get(self.me.pid, 0) * mb, 1),
+                "driver_peak_private_mb": round(self.peak_private.get(self.me.pid, 0) * mb, 1),
                 "worker_peak_rss_mb_max": max((w["peak_rss_mb"] for w in workers), default=None),
                 "workers": workers, "other_processes": others,
                 "tree_processes_seen": len(self.peak)}
@@ -258,6 +262,10 @@ def main() -> None:
     ap.add_argument("--pyav-baseline", action="store_true", help="also time a PyAV decode of every frame")
     ap.add_argument("--long-minutes", type=float, help="one looped input of this length vs the clip alone")
     ap.add_argument("--long-source", default=str(REAL_DIR / "edtalk_obama.mp4"))
+    ap.add_argument("--short-minutes", type=float, help="with --long-minutes: loop the clip to this length for the "
+                    "short job too (0.5: a 30-second input, whose clips reach segment.max_clip_s as the long one's do)")
+    ap.add_argument("--long-only", choices=("short", "long"), help="with --long-minutes: run only this job (one "
+                    "job per process, so the driver's peak is its own)")
     ap.add_argument("--keep-scores", help="copy the job's scores.parquet here (to compare runs)")
     ap.add_argument("--out", default="benchmarks/results/curate-cpu.json")
     args = ap.parse_args()
@@ -269,7 +277,9 @@ def main() -> None:
         work = Path(tmp)
         if args.long_minutes:
             result = {"mode": "long input", "machine": machine, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-            for label, minutes in (("short", None), ("long", args.long_minutes)):
+            for label, minutes in (("short", args.short_minutes), ("long", args.long_minutes)):
+                if args.long_only and label != args.long_only:
+                    continue
                 d = work / label
                 d.mkdir()
                 if minutes is None:

@@ -235,6 +235,11 @@ class RayConfig(_Section):
     # uses every core at once, and on a cluster puts a pool's actors on several nodes (Ray Data spreads them).
     full_pools: bool = Field(False, description="start each actor pool at its max size instead of one actor")
     object_store_memory: int | None = None
+    # Ray Data ships a stage's output rows in blocks of up to this size: the crop stage's rows of one
+    # input (every clip's mp4 and audio) are held in its actor, and then in a writer task, one block
+    # at a time, so this bounds what a long input costs there (Ray Data's default, 128 MiB, let a
+    # 5-minute input's block take ~100 MB more than a 20-second input's; docs/benchmarks.md).
+    max_block_mb: int = Field(16, ge=1, description="target size of Ray Data's blocks (MiB)")
     # The inputs go to Ray in consecutive datasets of at most this many (one input per block in
     # each): Ray Data's driver-side state of a dataset (~11 KB per block, made up front) is freed
     # with it, so it no longer grows with the run. Each dataset starts its actor pools anew: ~5 s

@@ -135,20 +135,23 @@ def crop_and_normalize(uri: str, clips: list[CandidateClip], *, rotation: int, a
                 if ci not in done and written[ci] == c.n_frames and ci in encoders:
                     hit = [(a, b) for a, b in (damage.damaged if damage else []) if a < c.end_s and b > c.start_s]
                     if hit:
-                        encoders[ci].abort()
+                        encoders.pop(ci).abort()
                         done.add(ci)
                         if on_error is not None:
                             on_error(c, MediaError("damaged stream",
                                                    f"{uri}: clip {ci} ({c.start_s:.2f}-{c.end_s:.2f} s) overlaps "
                                                    f"damaged video {hit[0][0]:.2f}-{hit[0][1]:.2f} s"))
                         continue
-                    encoders[ci].close()
-                    with open(encoders[ci].path, "rb") as f:
+                    # dropped once done: a closed encoder still holds x264's state (~8 MB), and a long
+                    # input has dozens of clips
+                    encoder = encoders.pop(ci)
+                    encoder.close()
+                    with open(encoder.path, "rb") as f:
                         data = f.read()
-                    os.unlink(encoders[ci].path)
+                    os.unlink(encoder.path)
                     done.add(ci)
                     yield CroppedClip(clip=c, mp4=data, n_frames=c.n_frames, audio_samples=c.n_frames * audio_rate // fps,
-                                      audio=encoders[ci].audio)
+                                      audio=encoder.audio)
 
         try:
             for t, img in iter_frames(uri, start_s=max(0.0, start - 1.0), end_s=end + 1.0, rotation=rotation,

@@ -131,7 +131,7 @@ _RESOURCE_FIELDS = {
     "dedup": None,  # thresholds of jobs/dedup.py, a later job over the finished output
     "write": ("dataset_name",),
     "features": ("device", "batch_size", "num_gpus", "num_cpus", "actors"),
-    "score": ("syncnet_batch_size", "num_gpus", "actors"),
+    "score": ("syncnet_batch_size", "num_gpus", "num_cpus", "actors"),
 }
 
 

@@ -611,6 +611,10 @@ class AudioTrack:
     ranges [start, end)) say which samples were decoded. Samples outside every span are zeros
     that exist only to keep that alignment: ``cut`` refuses any range that reaches them, so no
     clip is ever given digital silence the source did not have.
+
+    Decoded with ``keep`` (``decode_audio_track``), only the samples of those windows are held,
+    in ``held`` (sample index of its first sample, samples), and ``samples`` is empty: the
+    coverage is the whole track's, but ``cut`` serves only the windows.
     """
 
     samples: np.ndarray
@@ -619,6 +623,7 @@ class AudioTrack:
     spans: list[tuple[int, int]]
     damaged: list[tuple[float, float]] = field(default_factory=list)  # source times lost to bad packets
     errors: list[str] = field(default_factory=list)
+    held: list[tuple[int, np.ndarray]] | None = None  # with ``keep``: the retained pieces, in order
 
     def index_of(self, t: float) -> int:
         """Sample index of source time ``t`` (the same rounding for every cut)."""
@@ -634,7 +639,14 @@ class AudioTrack:
         """``n`` decoded samples from index ``first``; MediaError when any of them is not real audio."""
         if not self.covers(first, n):
             raise self.not_covered(first, n, uri)
-        return self.samples[first:first + n].copy()
+        if self.held is None:
+            return self.samples[first:first + n].copy()
+        for a, x in self.held:
+            if a <= first and first + n <= a + len(x):
+                return x[first - a:first - a + n].copy()
+        # decoded audio that the caller chose not to keep: a bug of the caller's windows, never silence
+        raise ValueError(f"{uri}: audio samples {first}-{first + n} were decoded but not kept (keep windows "
+                         f"too narrow)")
 
     def not_covered(self, first: int, n: int, uri: str = "") -> MediaError:
         t = self.t0 + first / self.rate
@@ -643,7 +655,8 @@ class AudioTrack:
                                                f"decoded audio (spans {spans} s)")
 
 
-def decode_audio_track(uri: str, rate: int = 16000, *, tolerant: bool = True) -> AudioTrack:
+def decode_audio_track(uri: str, rate: int = 16000, *, tolerant: bool = True,
+                       keep: list[tuple[float, float]] | None = None) -> AudioTrack:
     """The first audio stream with its coverage (``AudioTrack``).
 
     Resampling and down-mixing use FFmpeg's swresample through PyAV's AudioResampler, one
@@ -653,8 +666,15 @@ def decode_audio_track(uri: str, rate: int = 16000, *, tolerant: bool = True) ->
     decoding goes on after it and the lost time is recorded in ``damaged`` (the frame after a
     failed AAC packet is dropped too: its overlap-add half comes from the lost frame). Without
     ``tolerant`` a decode error raises MediaError("audio decode error").
+
+    ``keep``: source-time windows [start_s, end_s) whose samples are held (``AudioTrack.held``);
+    the whole stream is still decoded the same way (the same resampler runs, so the samples kept
+    are the very ones of a full decode, and the coverage is the whole track's), but the rest is
+    dropped as it is decoded: a long input holds its clips' audio, not 64 KB per second of it.
+    ``[]`` holds nothing (coverage only). Pieces are kept by whole resampler output chunks
+    (~64 ms), so a window's edges come with a little more.
     """
-    runs: list[tuple[float, np.ndarray]] = []  # (source time of the run's first sample, samples)
+    runs: list[tuple[float, int, list]] = []  # (source time of the run's first sample, samples, pieces)
     damaged: list[tuple[float, float]] = []
     errors: list[str] = []
     with open_container(uri) as c:
@@ -668,12 +688,26 @@ def decode_audio_track(uri: str, rate: int = 16000, *, tolerant: bool = True) ->
         resampler = None
         drop_next = False
 
+        def held(x: np.ndarray) -> np.ndarray | int:
+            """A chunk about to be appended to the run, or just its length when ``keep`` drops it."""
+            if keep is None:
+                return x
+            t = run_t0 + total / rate  # the chunk's source time (total: the run's samples so far)
+            if any(a - 0.1 <= t + len(x) / rate and t <= b + 0.1 for a, b in keep):
+                return x
+            # the held chunks before this one are a finished piece: one array now, not thousands of
+            # small ones joined at the run's end (which would double the piece for a moment)
+            n_held = next((i for i, c in enumerate(reversed(chunks)) if isinstance(c, int)), len(chunks))
+            if n_held > 1:
+                chunks[-n_held:] = [np.concatenate(chunks[-n_held:])]
+            return len(x)
+
         def close_run():
             nonlocal run_t0, chunks, total, resampler
             if resampler is not None:
-                chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(None))
+                chunks.extend(held(out.to_ndarray().reshape(-1)) for out in resampler.resample(None))
             if run_t0 is not None and chunks:
-                runs.append((run_t0, np.concatenate(chunks).astype(np.float32)))
+                runs.append((run_t0, *_join_chunks(chunks)))
             run_t0, chunks, total, resampler = None, [], 0, None
 
         for packet in _demux_until_error(c, a, errors, uri, strict=not tolerant):
@@ -702,8 +736,9 @@ def decode_audio_track(uri: str, rate: int = 16000, *, tolerant: bool = True) ->
                     if drift > rate // 50:  # more than 20 ms missing: the run ends, a new one starts
                         close_run()
                     elif drift < -(rate // 50) and chunks:  # overlapping timestamps: trim the overlap
-                        cut = min(-drift, len(chunks[-1]))
-                        chunks[-1] = chunks[-1][: len(chunks[-1]) - cut]
+                        last = _chunk_len(chunks[-1])
+                        cut = min(-drift, last)
+                        chunks[-1] = last - cut if isinstance(chunks[-1], int) else chunks[-1][: last - cut]
                         total -= cut
                 if run_t0 is None:
                     if t is None:
@@ -711,10 +746,31 @@ def decode_audio_track(uri: str, rate: int = 16000, *, tolerant: bool = True) ->
                     run_t0 = t
                     resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
                 for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().reshape(-1))
-                    total += len(chunks[-1])
+                    chunks.append(held(out.to_ndarray().reshape(-1)))
+                    total += _chunk_len(chunks[-1])
         close_run()
-    return _place_runs(runs, rate, merge_ranges(damaged), errors)
+    return _place_runs(runs, rate, merge_ranges(damaged), errors, sparse=keep is not None)
+
+
+def _chunk_len(chunk: np.ndarray | int) -> int:
+    return chunk if isinstance(chunk, int) else len(chunk)
+
+
+def _join_chunks(chunks: list) -> tuple[int, list[tuple[int, np.ndarray]]]:
+    """A run's length and its held pieces (offset in the run, float32 samples): consecutive held
+    chunks joined, dropped ones (their lengths) skipped."""
+    pieces, pos, run = [], 0, []
+    for c in chunks + [0]:  # the 0 closes the last piece
+        if isinstance(c, int):
+            if run:
+                piece = run[0] if len(run) == 1 else np.concatenate(run)
+                pieces.append((pos - len(piece), piece.astype(np.float32, copy=False)))
+                run = []
+            pos += c
+        else:
+            run.append(c)
+            pos += len(c)
+    return pos, pieces
 
 
 def _demux_until_error(container, stream, errors: list[str], uri: str, *, strict: bool):
@@ -728,28 +784,38 @@ def _demux_until_error(container, stream, errors: list[str], uri: str, *, strict
         errors.append(f"demuxing stopped: {e}")
 
 
-def _place_runs(runs, rate: int, damaged, errors) -> AudioTrack:
+def _place_runs(runs, rate: int, damaged, errors, *, sparse: bool = False) -> AudioTrack:
+    """The runs on one timeline from the first run's start; ``sparse``: only their held pieces
+    are stored (``AudioTrack.held``), the spans are the same."""
     if not runs:
-        return AudioTrack(np.zeros(0, np.float32), 0.0, rate, [], damaged, errors)
+        return AudioTrack(np.zeros(0, np.float32), 0.0, rate, [], damaged, errors, held=[] if sparse else None)
     t0 = runs[0][0]
-    placed: list[tuple[int, np.ndarray]] = []
-    for t, x in runs:
+    placed: list[tuple[int, int, list]] = []  # (first sample index, length, pieces at offsets in the run)
+    for t, length, pieces in runs:
         first = int(round((t - t0) * rate))
-        if placed and first < placed[-1][0] + len(placed[-1][1]):  # rounding overlap with the run before
-            skip = placed[-1][0] + len(placed[-1][1]) - first
-            first, x = first + skip, x[skip:]
-        if len(x):
-            placed.append((first, x))
-    n = placed[-1][0] + len(placed[-1][1]) if placed else 0
-    samples = np.zeros(n, np.float32)
+        if placed and first < placed[-1][0] + placed[-1][1]:  # rounding overlap with the run before
+            skip = placed[-1][0] + placed[-1][1] - first
+            first, length = first + skip, length - skip
+            pieces = [(max(o - skip, 0), x[max(skip - o, 0):]) for o, x in pieces if o + len(x) > skip]
+        if length > 0:
+            placed.append((first, length, pieces))
+    n = placed[-1][0] + placed[-1][1] if placed else 0
+    samples = np.zeros(0 if sparse else n, np.float32)
+    held: list[tuple[int, np.ndarray]] = []
     spans: list[tuple[int, int]] = []
-    for first, x in placed:
-        samples[first:first + len(x)] = x
+    for first, length, pieces in placed:
+        for o, x in pieces:
+            if not sparse:
+                samples[first + o:first + o + len(x)] = x
+            elif held and held[-1][0] + len(held[-1][1]) == first + o:  # runs that abut: one piece
+                held[-1] = (held[-1][0], np.concatenate([held[-1][1], x]))
+            else:
+                held.append((first + o, x))
         if spans and spans[-1][1] == first:
-            spans[-1] = (spans[-1][0], first + len(x))
+            spans[-1] = (spans[-1][0], first + length)
         else:
-            spans.append((first, first + len(x)))
-    return AudioTrack(samples, float(t0), rate, spans, damaged, errors)
+            spans.append((first, first + length))
+    return AudioTrack(samples, float(t0), rate, spans, damaged, errors, held=held if sparse else None)
 
 
 def decode_audio(uri: str, rate: int = 16000, *, start_s: float | None = None,

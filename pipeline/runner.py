@@ -127,6 +127,7 @@ def build_dataset(items: list[InputItem], config: CurateConfig):
     # A block whose task fails after Ray's retries (a worker killed by a poison input) is skipped
     # instead of failing the job; its inputs become "worker failed" rejects (run_curation).
     ctx.max_errored_blocks = -1
+    ctx.target_max_block_size = config.ray.max_block_mb * 2**20  # a long input's clips are not one block
     for spec in default_stages(config):
         cls = spec["cls"]
         method = getattr(ds, spec["kind"])
@@ -140,7 +141,9 @@ def build_dataset(items: list[InputItem], config: CurateConfig):
             # One task in flight per CPU actor: a poison input that kills its actor then takes no
             # other input down with it (GPU feature actors keep a queue to stay busy).
             in_flight = None if spec.get("num_gpus") else 1
-            kwargs["compute"] = ActorPoolStrategy(min_size=spec["pool"] if config.ray.full_pools else 1,
+            # (a full pool is never larger than the dataset: an actor with no input to take only loads models)
+            min_size = max(1, min(spec["pool"], len(rows))) if config.ray.full_pools else 1
+            kwargs["compute"] = ActorPoolStrategy(min_size=min_size,
                                                   max_size=spec["pool"],
                                                   max_tasks_in_flight_per_actor=in_flight)
             # Ray Data's actor default is to restart and retry forever; a poison input must end, so its

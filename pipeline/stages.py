@@ -268,7 +268,8 @@ class DetectTrackStage:
         keep clips inside it: the audio is decoded here too (AAC decodes at hundreds of times real
         time) with the same function, rate and rounding as the crop stage, so the spans agree
         sample for sample."""
-        audio = decode_audio_track(uri, rate=self.config.output.audio_rate) if p.get("audio_streams") else None
+        # keep=[]: the coverage only, no samples held (a 30-minute track is 115 MB of float32)
+        audio = decode_audio_track(uri, rate=self.config.output.audio_rate, keep=[]) if p.get("audio_streams") else None
         damaged = sorted([("video", a, b) for a, b in damage.damaged]
                          + [("audio", a, b) for a, b in (audio.damaged if audio else [])], key=lambda d: d[1])
         coverage = Coverage(audio=audio.span_times() if audio is not None else None,
@@ -301,6 +302,11 @@ def _closing(background, clips):
         yield from clips
     finally:
         background.close()
+
+
+# Source audio held around each clip beyond its own span: more than the largest lip-sync offset the
+# crop stage may apply (SyncNet searches +-15 frames, 0.6 s at 25 fps).
+AUDIO_KEEP_MARGIN_S = 2.0
 
 
 def sample_key(video_id: str, clip_index: int) -> str:
@@ -356,8 +362,8 @@ class CropScoreStage:
 
     def __call__(self, row: dict):
         """Yields rows: first everything is computed (a failure here is one video-level reject),
-        then the summary and one row per candidate are emitted, their mp4s read back from the
-        actor's local temp files one at a time (a long video never holds all its clips in memory)."""
+        then the summary and one row per candidate are emitted, their mp4s and audio read back from
+        the actor's local temp files one at a time (a long video never holds all its clips in memory)."""
         if row["kind"] != "video":
             yield row
             return
@@ -374,10 +380,11 @@ class CropScoreStage:
                 yield _crash_reject(row, self.name, e, payload)
                 return
             for r in rows:
-                path = r.pop("mp4_path", None)
-                if path is not None:
-                    r["mp4"] = Path(path).read_bytes()
-                    os.unlink(path)
+                for blob in ("mp4", "audio16k"):
+                    path = r.pop(f"{blob}_path", None)
+                    if path is not None:
+                        r[blob] = Path(path).read_bytes()
+                        os.unlink(path)
                 yield r
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
@@ -392,8 +399,11 @@ class CropScoreStage:
         filters = self.config.filters
         p = payload["probe"]
         clips = [CandidateClip(detections={}, **c) for c in payload["clips"]]
-        # Only decoded samples are ever cut into a clip (AudioTrack.cut): no silence padding.
-        audio = decode_audio_track(row["uri"], rate=cfg.audio_rate)
+        # Only decoded samples are ever cut into a clip (AudioTrack.cut): no silence padding. Only the
+        # clips' own audio is held (with room for the lip-sync offset fix, at most +-15 frames), not
+        # the whole track: the memory of a long input stays that of its clips.
+        audio = decode_audio_track(row["uri"], rate=cfg.audio_rate,
+                                   keep=[(c.start_s - AUDIO_KEEP_MARGIN_S, c.end_s + AUDIO_KEEP_MARGIN_S) for c in clips])
         coverage = payload.get("analysis", {}).get("coverage")
         out_rows: list[dict] = []
         n_short = len(payload["short_segments"])
@@ -438,10 +448,12 @@ class CropScoreStage:
             path = tmpdir / f"{ci}.mp4"
             path.write_bytes(cc.mp4)
             cc.mp4 = b""
+            cc.audio = None  # cut again from the track below (the same samples): not every clip's held twice
             cropped[ci] = (cc, path)
         t_crop = time.perf_counter() - t0 - t_score
         losers = select_speakers(scores, {c.clip_index: c for c in clips})
-        for ci, (cc, path) in sorted(cropped.items()):
+        for ci in sorted(cropped):
+            cc, path = cropped.pop(ci)
             c = cc.clip
             key = sample_key(row["video_id"], ci)
             sc = scores[ci]
@@ -453,7 +465,7 @@ class CropScoreStage:
                 failed.insert(0, {"rule": "speaker.selection", "column": column, "reason": "not the speaking face",
                                   "value": winner.get(column), "op": "<", "applied": True})
             audio_shift_s = 0.0
-            clip_audio = cc.audio
+            clip_audio = audio.cut(audio.index_of(c.start_s), cc.audio_samples, uri=row["uri"])  # as crop cut it
             offset = sc.get("sync_offset")
             if (not failed and filters.fix_offset and offset and sc.get("sync_weights") == "syncnet_v2"):
                 # LatentSync sync_av.py: delay the audio by the measured offset so the clip is in sync,
@@ -496,9 +508,12 @@ class CropScoreStage:
             if coverage is not None:
                 meta["source"]["audio_spans_s"] = coverage["audio_spans_s"]
                 meta["source"]["damaged"] = coverage["damaged"]
-            clip_row = new_row(row["video_id"], row["uri"], row["source"], "clip", meta, clip_index=ci,
-                               audio16k=npy_bytes(clip_audio))
+            clip_row = new_row(row["video_id"], row["uri"], row["source"], "clip", meta, clip_index=ci)
             clip_row["mp4_path"] = str(path)
+            # the audio waits on disk too: a long input's clips are not all held until it is done
+            audio_path = tmpdir / f"{ci}.audio16k.npy"
+            audio_path.write_bytes(npy_bytes(clip_audio))
+            clip_row["audio16k_path"] = str(audio_path)
             out_rows.append(clip_row)
         _add_timing(payload, self.name, t_crop)
         _add_timing(payload, "score", t_score)

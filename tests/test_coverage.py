@@ -97,6 +97,35 @@ def test_crop_refuses_a_clip_outside_the_audio(derived):
     np.testing.assert_array_equal(out[0].audio, track.samples[i:i + 16 * 640])
 
 
+def test_audio_track_keeps_only_its_windows_with_the_same_samples(derived):
+    """decode_audio_track(keep=windows), what the stages use so a long input does not hold its whole
+    audio track: the same coverage, and inside each window the very bytes of the full decode, across
+    late starts, gaps, early ends and damaged packets; outside the windows nothing is held, and a cut
+    there is an error (never zeros)."""
+    windows = [(0.3, 1.1), (2.0, 2.9), (5.0, 5.8)]
+    held_max = sum(b - a + 2 * 0.2 for a, b in windows) * 16000  # whole ~64 ms chunks at each edge
+    for name, path in [("source", real_path(SOURCE)), *sorted(derived.items())]:
+        full = decode_audio_track(str(path))
+        part = decode_audio_track(str(path), keep=windows)
+        none = decode_audio_track(str(path), keep=[])
+        for track in (part, none):
+            assert (track.t0, track.spans, track.damaged) == (full.t0, full.spans, full.damaged), name
+            assert len(track.samples) == 0, name
+        assert none.held == [] and sum(len(x) for _, x in part.held) <= min(held_max, len(full.samples)), name
+        cuts = 0
+        for a, b in windows:
+            for t in np.arange(a, b - 0.25, 0.2):  # 0.25 s cuts along each window
+                first, n = full.index_of(t), 4000
+                if full.covers(first, n):
+                    assert part.cut(first, n).tobytes() == full.cut(first, n).tobytes(), (name, t)
+                    cuts += 1
+        assert cuts >= 4, name
+        first = full.index_of(3.5)
+        if full.covers(first, 1600):
+            with pytest.raises(ValueError, match="not kept"):
+                part.cut(first, 1600)
+
+
 def test_damaged_packets_cost_their_span_only(derived):
     log = DecodeLog()
     times = [t for t, _ in iter_frames(str(derived["corrupt"]), damage=log, max_side=128)]

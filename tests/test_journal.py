@@ -38,6 +38,7 @@ def test_restart_drops_unpublished_and_unjournaled_shards(tmp_path):
 def test_fingerprint_ignores_resources_not_results():
     base = load_config(None).model_dump(mode="json")
     resized = load_config(None, **{"features.actors": 8, "features.num_gpus": 0.5, "ray.detect_actors": 4,
+                                   "score.actors": 2, "score.num_cpus": 0.5, "ray.full_pools": True,
                                    "write.dataset_name": "other"}).model_dump(mode="json")
     changed = load_config(None, **{"segment.min_clip_s": 3.0}).model_dump(mode="json")
     assert config_fingerprint(base) == config_fingerprint(resized)

@@ -156,3 +156,44 @@ def test_frame_rate_conversion_takes_the_nearest_source_frame(tmp_path, source_f
     np.testing.assert_allclose(got, nearest, atol=0.5)
     held = np.floor(t * source_fps + 1e-9)  # the old rule (last pts <= t) picks other frames here
     assert (nearest != held).any()
+
+
+def test_crop_releases_each_clip_encoder_when_its_clip_is_done(tmp_path):
+    """A closed ClipEncoder still holds x264's state (~8 MB each, docs/benchmarks.md): a long input's
+    dozens of clips must not keep theirs until the input is done."""
+    import gc
+    from fractions import Fraction
+
+    import av
+
+    from pipeline.crop import crop_and_normalize
+    from pipeline.media import ClipEncoder
+    from pipeline.segment import CandidateClip
+
+    path, size = tmp_path / "src.mp4", 64
+    with av.open(str(path), "w") as out:
+        st = out.add_stream("libx264", rate=25)
+        st.width, st.height, st.pix_fmt, st.time_base = size, size, "yuv420p", Fraction(1, 25)
+        st.options = {"preset": "ultrafast"}
+        for i in range(100):
+            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), i, np.uint8), format="rgb24")
+            frame.pts = i
+            for p in st.encode(frame):
+                out.mux(p)
+        for p in st.encode(None):
+            out.mux(p)
+    clips = [CandidateClip(clip_index=k, track_id=0, shot_index=0, start_s=0.8 * k, n_frames=15, crop_x0=0.0,
+                           crop_y0=0.0, crop_size=float(size), crop_scale=1.0, face_size_px=32.0, padded=False,
+                           max_faces=1, detections={}) for k in range(5)]
+
+    def live_encoders() -> int:
+        gc.collect()
+        return sum(isinstance(o, ClipEncoder) for o in gc.get_objects())
+
+    alive = []
+    for cc in crop_and_normalize(str(path), clips, rotation=0, audio=np.zeros(16000 * 5, np.float32), size=size):
+        assert len(cc.mp4) > 0
+        alive.append(live_encoders())
+    assert len(alive) == 5
+    assert max(alive) <= 1, alive  # the clips follow each other: one open at a time, none kept after
+    assert live_encoders() == 0
