@@ -82,3 +82,22 @@ def test_the_library_takes_a_ray_that_is_up(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "RuntimeError: Ray is not running" in r.stderr, r.stderr[-2000:]
     assert "Started a local Ray instance" not in r.stderr + r.stdout
+
+
+def test_full_pools_wait_for_all_their_actors_before_the_first_input(ray_local):
+    """ray.full_pools: Ray Data would otherwise send the first inputs to the first actor up (on a
+    cluster, all their samples to its node's writer; the 2-node run of test_object_store_output.py
+    shows the placement this gives). The wait is the dataset's own setting, not the process-wide one."""
+    from ray.data import DataContext
+
+    from pipeline.config import load_config
+    from pipeline.inputs import InputItem, video_id_for
+    from pipeline.runner import build_dataset
+
+    items = [InputItem(uri="/in/a.mp4", source="/in", video_id=video_id_for("/in/a.mp4"))]
+    default = DataContext.get_current().wait_for_min_actors_s
+    full = build_dataset(items, load_config(None, **{"ray.full_pools": True, "ray.full_pools_wait_s": 45}))
+    assert full.context.wait_for_min_actors_s == 45
+    grown = build_dataset(items, load_config(None))
+    assert grown.context.wait_for_min_actors_s == default
+    assert DataContext.get_current().wait_for_min_actors_s == default
