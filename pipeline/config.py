@@ -237,7 +237,7 @@ class RayConfig(_Section):
     # Ray Data dispatches inputs to a pool's actors as they come up (DataContext.wait_for_min_actors_s
     # -1): the first actor up takes the first inputs, and on a cluster their samples all land on its
     # node. With full_pools, each pool waits this long for all its actors before any input is sent
-    # (then fails, naming the missing resources, instead of running on a part of the pool).
+    # (then fails: the cluster lacks the resources for the whole pool) instead of running on a part of it.
     full_pools_wait_s: int = Field(600, ge=1, description="with full_pools: the longest wait for a pool's "
                                                               "actors before its first input")
     object_store_memory: int | None = None
