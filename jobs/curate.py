@@ -99,8 +99,13 @@ def main(argv=None) -> int:
         return 0 if report.ok else 2
     from jobs._ray import start_ray
     from pipeline.journal import ConfigMismatch
-    from pipeline.runner import OutputFullError, run_curation
+    from pipeline.runner import OutputFullError, refuse_if_locked, run_curation
 
+    try:
+        refuse_if_locked(args.output, config)  # a second run is refused before Ray starts
+    except ConfigMismatch as e:  # OutputLocked
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     start_ray(config, verbose=args.verbose)
     try:
         run_curation(items, args.output, config, force_resume=args.force_resume, argv=sys.argv,

@@ -58,16 +58,6 @@ class _InFlight:
 
 # ---- the rows the journal holds (built on the workers for kept clips, here for inputs)
 
-def _manifest_row(meta: dict, shard_url: str, sample_bytes: int) -> dict:
-    c, cr = meta["clip"], meta["crop"]
-    return {"key": meta["key"], "video_id": meta["video_id"], "clip_index": meta["clip_index"],
-            "uri": meta["source"]["uri"], "source": meta["source"].get("source"), "shard": shard_url,
-            "start_s": c["start_s"], "end_s": c["end_s"], "duration_s": c["n_frames"] / c["fps"],
-            "n_frames": c["n_frames"], "track_id": c["track_id"], "crop_x0": cr["x0"], "crop_y0": cr["y0"],
-            "crop_size": cr["size"], "face_size_px": cr["face_size_px"], "sample_bytes": sample_bytes,
-            "profile": meta["profile"]}
-
-
 def _shard_meta(meta: dict) -> dict:
     """meta.json as written into the shard: its scores without the wide scores.parquet-only columns
     (schemas.SCORES_ONLY_COLUMNS, e.g. the 512-value identity embedding), and without the stage

@@ -234,6 +234,12 @@ class RayConfig(_Section):
     # and on a small node it may never add the second (docs/benchmarks.md): a full pool from the start
     # uses every core at once, and on a cluster puts a pool's actors on several nodes (Ray Data spreads them).
     full_pools: bool = Field(False, description="start each actor pool at its max size instead of one actor")
+    # Ray Data dispatches inputs to a pool's actors as they come up (DataContext.wait_for_min_actors_s
+    # -1): the first actor up takes the first inputs, and on a cluster their samples all land on its
+    # node. With full_pools, each pool waits this long for all its actors before any input is sent
+    # (then fails: the cluster lacks the resources for the whole pool) instead of running on a part of it.
+    full_pools_wait_s: int = Field(600, ge=1, description="with full_pools: the longest wait for a pool's "
+                                                              "actors before its first input")
     object_store_memory: int | None = None
     # Ray Data ships a stage's output rows in blocks of up to this size: the crop stage's rows of one
     # input (every clip's mp4 and audio) are held in its actor, and then in a writer task, one block

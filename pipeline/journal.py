@@ -129,7 +129,7 @@ def _light_entry(kind: str, entry: dict) -> dict:
 _RESOURCE_FIELDS = {
     "ray": None, "model_dir": None,
     "dedup": None,  # thresholds of jobs/dedup.py, a later job over the finished output
-    "write": ("dataset_name",),
+    "write": ("dataset_name", "writers", "lock_lease_s"),
     "features": ("device", "batch_size", "num_gpus", "num_cpus", "actors"),
     "score": ("syncnet_batch_size", "num_gpus", "num_cpus", "actors"),
 }
@@ -239,6 +239,15 @@ class Journal:
                 fcntl.flock(f, fcntl.LOCK_UN)
             return None
         return LeaseLock(self.store, f"{JOURNAL_DIR}/lock").current()
+
+    def refuse_if_held(self) -> None:
+        """Raise ``OutputLocked`` when another run holds the lock now, without taking it: the job
+        checks this before it starts Ray, so a second run is refused in a second instead of after
+        Ray's start-up. ``lock`` still decides (a run starting in between is refused there)."""
+        holder = self.holder()
+        if holder is not None:
+            raise OutputLocked(f"{self.root} is being written by another run ({_describe(holder)}): wait for that "
+                               "run to finish; on an object store, a killed run's lock is taken over once its lease ends")
 
     def check_lock(self) -> None:
         """Raise ``LockLost`` when this run's lease was taken over or has run out unrenewed (object

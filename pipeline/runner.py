@@ -23,7 +23,7 @@ from .bookkeeper import Bookkeeper, write_error
 from .config import CurateConfig
 from .finalize import RunFacts, finalize_curation
 from .inputs import InputItem
-from .journal import Journal, config_fingerprint
+from .journal import JOURNAL_DIR, Journal, config_fingerprint
 from .progress import CurateProgress
 from .shards import remove_stale_temp_files
 from .stages import default_stages, new_row
@@ -128,6 +128,8 @@ def build_dataset(items: list[InputItem], config: CurateConfig):
     # instead of failing the job; its inputs become "worker failed" rejects (run_curation).
     ctx.max_errored_blocks = -1
     ctx.target_max_block_size = config.ray.max_block_mb * 2**20  # a long input's clips are not one block
+    if config.ray.full_pools:  # every actor of a pool up before its first input (config.py says why)
+        ctx.wait_for_min_actors_s = config.ray.full_pools_wait_s
     for spec in default_stages(config):
         cls = spec["cls"]
         method = getattr(ds, spec["kind"])
@@ -230,6 +232,16 @@ def run_curation(items: list[InputItem], output: str | Path, config: CurateConfi
         raise OutputFullError(
             f"no space left on device writing the output {store.url}{where}: the run stopped and nothing partial was "
             "published; free space and run the same command again to resume") from e
+
+
+def refuse_if_locked(output: str | Path, config: CurateConfig) -> None:
+    """``OutputLocked`` when another run is writing ``output`` (its journal's lock is held), before
+    the caller starts Ray; an output without a journal yet is left untouched (nothing is created)."""
+    store = open_store(output, config.storage_options)
+    local = store.local_path()
+    if local is not None and not (local / JOURNAL_DIR / "lock").exists():
+        return
+    Journal(store).refuse_if_held()
 
 
 def _remove_unjournaled_shards(store, run_number: int, journaled: set[str]) -> list[str]:

@@ -26,7 +26,8 @@ import zlib
 from collections.abc import Iterable, Iterator
 
 import schemas
-from .bookkeeper import SHARD, WRITE_ERROR, WRITTEN, _kept_scores_row, _manifest_row, _shard_meta, write_error_payload
+from schemas.records import manifest_row_from_meta
+from .bookkeeper import SHARD, WRITE_ERROR, WRITTEN, _kept_scores_row, _shard_meta, write_error_payload
 from .shards import ShardInfo, ShardWriter
 from .stages import SAMPLE_MEMBERS
 from .store import OutputStore, open_store
@@ -147,7 +148,8 @@ def _sample(row: dict, meta: dict, features: bool) -> dict:
     schemas.validate_meta(shard_meta)
     members["meta.json"] = json.dumps(shard_meta, indent=1).encode()
     size = sum(len(v) for v in members.values())
-    return {"key": meta["key"], "members": members, "manifest": _manifest_row(meta, None, size),
+    return {"key": meta["key"], "members": members,
+            "manifest": manifest_row_from_meta(meta, shard=None, sample_bytes=size),  # shard: set by the writer
             "scores": _kept_scores_row(meta, row["source"], features), "sample_bytes": size}
 
 

@@ -147,21 +147,22 @@ def kept_scores_row(meta: dict, *, source: str | None, features_computed: bool) 
 
 # ---- manifest -------------------------------------------------------------------------------
 
-def manifest_row(*, key: str, video_id: str, clip_index: int, uri: str, source: str | None, shard: str,
+def manifest_row(*, key: str, video_id: str, clip_index: int, uri: str, source: str | None, shard: str | None,
                  start_s: float, end_s: float, n_frames: int, fps: float, track_id: int, crop_x0: float,
                  crop_y0: float, crop_size: float, face_size_px: float, sample_bytes: int, profile: str) -> dict:
-    """One kept clip's manifest.parquet row; ``shard`` is the shard's url relative to the output root."""
+    """One kept clip's manifest.parquet row; ``shard`` is the shard's url relative to the output root
+    (None while the sample is on its way to a shard writer, which sets it: pipeline/writer.py)."""
     if not fps or fps <= 0:
         raise ValueError(f"manifest row of {key}: fps {fps!r} must be positive")
     return _checked("manifest", {
         "key": _text("key", key), "video_id": video_id, "clip_index": int(clip_index), "uri": uri, "source": source,
-        "shard": _text("shard", shard), "start_s": float(start_s), "end_s": float(end_s),
+        "shard": None if shard is None else _text("shard", shard), "start_s": float(start_s), "end_s": float(end_s),
         "duration_s": n_frames / fps, "n_frames": int(n_frames), "track_id": int(track_id),
         "crop_x0": float(crop_x0), "crop_y0": float(crop_y0), "crop_size": float(crop_size),
         "face_size_px": float(face_size_px), "sample_bytes": int(sample_bytes), "profile": profile})
 
 
-def manifest_row_from_meta(meta: dict, *, shard: str, sample_bytes: int) -> dict:
+def manifest_row_from_meta(meta: dict, *, shard: str | None, sample_bytes: int) -> dict:
     """The manifest row of a kept clip, from its meta.json."""
     clip, crop = meta["clip"], meta["crop"]
     return manifest_row(key=meta["key"], video_id=meta["video_id"], clip_index=meta["clip_index"],

@@ -17,7 +17,8 @@ import json
 import random
 
 from pipeline.inputs import InputItem, video_id_for
-from pipeline.bookkeeper import _InFlight, _kept_scores_row, _manifest_row, _retryable, _video_row
+from pipeline.bookkeeper import _InFlight, _kept_scores_row, _retryable, _video_row
+from schemas.records import manifest_row_from_meta
 from pipeline.shards import ShardInfo
 from pipeline.stages import new_row
 
@@ -158,7 +159,7 @@ def build_journal(journal, items: list[InputItem], *, clips_per_shard: int = 100
             else:
                 st.kept_keys.append(payload["key"])
                 keys.append(payload["key"])
-                manifest.append(_manifest_row(payload, "", len(row["mp4"]) + 6000))
+                manifest.append(manifest_row_from_meta(payload, shard=None, sample_bytes=len(row["mp4"]) + 6000))
                 scores.append(_kept_scores_row(payload, item.source, False))
                 counts["clips_kept"] += 1
         counts["inputs"] += 1

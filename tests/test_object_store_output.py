@@ -7,15 +7,18 @@ API on loopback (moto's server, tests/s3_server.py) reached through the standard
 - a run SIGKILLed mid-run and rerun counts every input once, lists no orphan or partial shard and
   leaves none behind; a second run while the lock is held is refused, a dead run's lock is taken
   over once its lease has run out;
-- on a 2-node Ray cluster the writers on the nodes write the shards;
+- on a 2-node Ray cluster both nodes crop clips, and each node's writer writes their shards;
 - `ray job submit --runtime-env-json` carrying the storage environment to a loopback head writes
-  to the S3 API.
+  to the S3 API (the run that resumes the killed one).
 
 Inputs are tiny (2 synthetic talking heads of 2.4 s at 160 px and a broken file, in S3); the
 face-size rule is lowered to their 35 px faces. Media is made in tmp dirs, never committed.
 Every test here runs the whole job in a subprocess, the way users do (a job's Ray workers must get
-the storage environment, which the suite's shared Ray does not have): about a minute per run on 2
-idle cores, so all are `long` (make test-long, CI).
+the storage environment, which the suite's shared Ray does not have). To keep them in `make test`
+the runs are shared: one module fixture curates the inputs three times (features on, locally and
+into S3; features off into S3 on the 2-node cluster) for the comparison, the loader, the driver's
+bytes and the cluster's writers; the kill test's resuming run is the `ray job submit` one, and the
+head's start-up outlasts the killed run's 4 s lease.
 """
 from __future__ import annotations
 
@@ -28,26 +31,22 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import ray
 
+from ray_head import head_env, loopback_ray_head, submit
 from s3_server import S3Server
 
-pytestmark = pytest.mark.long
-
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 N_TALKING = 2
 N_INPUTS = N_TALKING + 1
 FILTERS = "filters:\n  face_size_px_min: 24\n"
@@ -211,22 +210,75 @@ def bytes_under(s3: S3Server, bucket: str, prefix: str, sub: str = "shards/") ->
 # 1. S3 output equals local output; the loader trains from it. 2. The driver sees no sample bytes.
 
 
+CLUSTER_CONFIG = (
+    # Placement forced by resources, not left to timing: on nodes of 2 CPUs two detection actors of
+    # 1.5 CPU cannot share a node, and the 0.5 CPU left on each takes one crop+score actor. Full
+    # pools wait for all their actors (ray.full_pools_wait_s) before the first input, detection's
+    # before crop's (Ray Data starts the operators in order), so both are on different nodes from the
+    # first input; one input at a time per actor sends the two talking heads to the two detection
+    # actors at once, and each one's clip to the crop actor on its node (Ray Data prefers the actor
+    # where the block is; the other is busy anyway). The write task runs where its block is, and
+    # hands the sample to its node's writer.
+    "write:\n  shard_max_bytes: 65536\nfeatures:\n  enabled: false\n"
+    "ray:\n  full_pools: true\n  full_pools_wait_s: 300\n  detect_actors: 2\n  detect_num_cpus: 1.5\n"
+    "score:\n  actors: 2\n  num_cpus: 0.5\n")
+
+
+@contextlib.contextmanager
+def _environ(values: dict):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def two_node_cluster_run(s3, inputs, tmp: Path, output: str, counts: Path) -> dict:
+    """The job on a 2-node ``ray.cluster_utils.Cluster`` (2 CPUs a node, the storage environment
+    in the nodes' environment, as an instance role or a Secret gives it), features off."""
+    from ray.cluster_utils import Cluster
+
+    with _environ(s3.env()):  # the raylets the Cluster starts inherit this process's environment
+        cluster = Cluster(initialize_head=True, connect=False,
+                          head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        with _environ(s3.env()):
+            cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        node_ids = sorted(n.node_id for n in cluster.list_all_nodes())
+        r = curate(s3, inputs, output, _config(tmp, "cluster", CLUSTER_CONFIG), counts=counts,
+                   env={"RAY_ADDRESS": cluster.address})
+        assert r.returncode == 0, f"cluster run: {r.stdout[-3000:]}{r.stderr[-3000:]}"
+    finally:
+        cluster.shutdown()
+    return {"node_ids": node_ids}
+
+
 @pytest.fixture(scope="module")
 def runs(s3, inputs, tmp_path_factory) -> dict:
-    """The same inputs (in S3) curated into a local directory and into S3 with features on (the
-    loader needs them), and into S3 with features off (fewer bytes written); driver rows counted."""
+    """The same inputs (in S3) curated with features on (the loader needs them) into a local
+    directory and into S3, and with features off into S3 on a 2-node Ray cluster (fewer bytes
+    written); the rows the driver iterates counted in each."""
     tmp = tmp_path_factory.mktemp("s3_runs")
     features = _config(tmp, "features", "write:\n  shard_max_bytes: 1500000\n")
-    light = _config(tmp, "light", "write:\n  shard_max_bytes: 1500000\nfeatures:\n  enabled: false\n")
     result = {"tmp": tmp, "timings": {}}
     for name, output, cfg in (("local", str(tmp / "local"), features),
-                              ("s3", "s3://curated/features", features),
-                              ("s3_light", "s3://curated/light", light)):
+                              ("s3", "s3://curated/features", features)):
         t = time.time()
         r = curate(s3, inputs, output, cfg, counts=tmp / f"{name}.counts.json")
         assert r.returncode == 0, f"{name}: {r.stdout[-2000:]}{r.stderr[-3000:]}"
         result["timings"][name] = time.time() - t
         result[name] = {"output": output, "driver": json.loads((tmp / f"{name}.counts.json").read_text())}
+    t = time.time()
+    cluster = two_node_cluster_run(s3, inputs, tmp, "s3://curated/light", tmp / "light.counts.json")
+    result["timings"]["s3_light_cluster"] = time.time() - t
+    result["s3_light"] = {"output": "s3://curated/light", "driver": json.loads((tmp / "light.counts.json").read_text()),
+                          **cluster}
     return result
 
 
@@ -295,7 +347,8 @@ def test_driver_receives_no_sample_bytes(runs, s3):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. kill and resume; 4. the single-writer lock on an object store
+# 3. kill and resume; 4. the single-writer lock on an object store; 6. ray job submit with the
+# storage environment in --runtime-env-json (the resuming run)
 
 
 def _load_curate_main():
@@ -310,13 +363,14 @@ def _lock_objects(s3: S3Server, bucket: str, prefix: str) -> list[str]:
     return [k for k in s3.keys(bucket, prefix) if any(part.startswith("lock") for part in k.split("/"))]
 
 
-def test_killed_run_on_s3_resumes_exactly_once_and_a_held_lock_refuses(s3, inputs, tmp_path, monkeypatch,
-                                                                       capsys, ray_local):
+def test_killed_run_on_s3_resumed_by_ray_job_submit_exactly_once_and_a_held_lock_refuses(
+        s3, inputs, tmp_path, monkeypatch, capsys):
     """A: a run SIGKILLed right after journaling its first shard (its own fault point). While A
-    holds the lock, B (in this process) is refused. After A's lease has run out, C takes over the
-    dead run's lock, cleans its orphans (and one planted the way a killed writer leaves one) and
-    finishes with every input counted once."""
-    lease = 10
+    holds the lock, B (in this process) is refused. After A's lease has run out, C, submitted with
+    `ray job submit --runtime-env-json` carrying the storage environment to a loopback head, takes
+    over the dead run's lock, cleans its orphans (and one planted the way a killed writer leaves one)
+    and finishes with every input counted once, in the S3 API."""
+    lease = 4  # A renews it every second; C waits it out after the kill
     cfg = _config(tmp_path, "kill", f"write:\n  shard_max_bytes: 65536\n  lock_lease_s: {lease}\n"
                                     "features:\n  enabled: false\n")
     args = ["--input", inputs, "--output", "s3://curated/killed", "--config", str(cfg)]
@@ -330,11 +384,13 @@ def test_killed_run_on_s3_resumes_exactly_once_and_a_held_lock_refuses(s3, input
             time.sleep(0.2)
         assert a.poll() is None, f"run A ended before it took the lock: {a_log.read_text()[-3000:]}"
 
-        for k, v in s3.env().items():  # B: the job's main() here, on the session's Ray
+        for k, v in s3.env().items():  # B: the job's main() here, refused before it starts Ray
             monkeypatch.setenv(k, v)
         capsys.readouterr()
+        ray_was_up = ray.is_initialized()  # the suite's Ray may be up already
         assert _load_curate_main()(args) == 2, "a second run was not refused while the lock is held"
         assert "another run" in capsys.readouterr().err
+        assert ray.is_initialized() == ray_was_up, "the refused run started Ray"
 
         a.wait(timeout=300)
     finally:
@@ -356,10 +412,16 @@ def test_killed_run_on_s3_resumes_exactly_once_and_a_held_lock_refuses(s3, input
                           Body=b"\0" * 4096)
     assert s3.open_multipart_uploads("curated", "killed")
 
-    time.sleep(max(0.0, killed_at + lease + 1 - time.time()))  # the dead run's lease runs out
-    r = curate(s3, inputs, "s3://curated/killed", cfg)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert re.search(r"(took|taking) over the lock", r.stderr), r.stderr[-3000:]
+    # C: `ray job submit` to a loopback head that has no AWS_* variables: only the job's runtime env
+    # carries the storage environment (the way a cluster's jobs get it).
+    env = head_env()
+    runtime_env = {"env_vars": {**s3.env(), "PYTHONUNBUFFERED": "1"}, "excludes": ["benchmarks/", "docs/"]}
+    with loopback_ray_head(tmp_path / "head.log", env) as address:
+        time.sleep(max(0.0, killed_at + lease + 1 - time.time()))  # the dead run's lease runs out
+        r = submit(address, ["python", "jobs/curate.py", *args], env, cwd=ROOT, runtime_env=runtime_env)
+    log = r.stdout + r.stderr  # the job's own output, followed by `ray job submit`
+    assert r.returncode == 0 and "succeeded" in log.lower(), log[-4000:]
+    assert re.search(r"(took|taking) over the lock", log), log[-3000:]
     index = check_s3_output(s3, "curated", "killed")  # the planted orphan and partial upload are gone too
     assert orphan not in s3.keys("curated", "killed")
     copy = s3.download("curated", "killed", tmp_path / "copy")
@@ -379,110 +441,28 @@ def test_killed_run_on_s3_resumes_exactly_once_and_a_held_lock_refuses(s3, input
 # 5. a 2-node cluster: the shards are written by the writers on the nodes
 
 
-def _writer_nodes(index: dict, run: dict) -> set[str]:
-    """The Ray nodes whose writers wrote the shards: each index entry's writer when index.json names
-    it, else run.json's count of shards by writer node (which must then cover every shard)."""
-    named = {e["writer"]["node_id"] for e in index["shardlist"] if e.get("writer")}
-    if named:
-        return named
-    by_node = run["summary"]["shards_by_node"]
-    assert sum(by_node.values()) == len(index["shardlist"]), by_node
-    return set(by_node)
+def test_two_node_cluster_shards_written_on_both_nodes_by_their_writers(runs, s3):
+    """Both nodes cropped clips (their actors placed by resources, CLUSTER_CONFIG), and each node's
+    samples went into shards written by the writer on that node: every shard's writer is one of the
+    two, each node's writer wrote at least one, and run.json counts the shards by node the same."""
+    from pipeline.journal import Journal
+    from pipeline.store import open_store
 
-
-def test_two_node_cluster_shards_written_by_the_nodes_writers(s3, inputs, tmp_path, monkeypatch):
-    from ray.cluster_utils import Cluster
-
-    for k, v in s3.env().items():  # the nodes' environment, as an instance role or a Secret gives it
-        monkeypatch.setenv(k, v)
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    try:
-        cluster.add_node(num_cpus=2)
-        cluster.wait_for_nodes()
-        cfg = _config(tmp_path, "cluster", "write:\n  shard_max_bytes: 65536\n  writers: 2\n"
-                                           "features:\n  enabled: false\nray:\n  detect_actors: 2\n")
-        r = curate(s3, inputs, "s3://curated/cluster", cfg, env={"RAY_ADDRESS": cluster.address})
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        index = check_s3_output(s3, "curated", "cluster")
-        node_ids = {n.node_id for n in cluster.list_all_nodes()}
-        assert len(node_ids) == 2
-        run = json.loads(s3.read("curated", "cluster/run.json"))
-        writers = _writer_nodes(index, run)
-        print(f"\n[object store] 2-node cluster: {len(index['shardlist'])} shards written on {len(writers)} of 2 nodes")
-        # Every shard was written on a node of the cluster by its writer, none by the driver. Both
-        # nodes write only when both cropped clips: a sample stays on the node that made it (its
-        # node's writer takes it), and where Ray Data places the crop actors is Ray's choice.
-        assert writers and writers <= node_ids, f"shards written by {writers}, not the cluster's nodes {node_ids}"
-    finally:
-        cluster.shutdown()
-
-
-# ---------------------------------------------------------------------------------------------
-# 6. ray job submit with the storage environment in --runtime-env-json
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def loopback_ray_head(log: Path, env: dict):
-    """`ray start --head` on 127.0.0.1 (its own ports), stopped after; yields the job API address."""
-    port, dash = _free_port(), _free_port()
-    ray_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
-    with open(log, "wb") as out:
-        head = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-             f"--temp-dir={ray_tmp}", "--disable-usage-stats",
-             f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-             f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            m = re.search(r"RAY_API_SERVER_ADDRESS='(http://[^']+)'", log.read_text(errors="replace"))
-            address = m.group(1) if m else address
-            r = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
-                               capture_output=True, text=True, timeout=60)
-            if r.returncode == 0:
-                break
-            time.sleep(2)
-        else:
-            pytest.fail(f"the Ray head did not come up: {log.read_text()[-3000:]}")
-        yield address
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-def test_ray_job_submit_carries_the_storage_env_to_s3(s3, inputs, tmp_path):
-    # The head has no AWS_* variables: only the job's runtime env carries them.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
-    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", PATH=f"{BIN}:{os.environ['PATH']}")
-    cfg = _config(tmp_path, "submit", "write:\n  shard_max_bytes: 65536\nfeatures:\n  enabled: false\n")
-    runtime_env = {"env_vars": {**s3.env(), "PYTHONUNBUFFERED": "1"}, "excludes": ["benchmarks/", "docs/"]}
-    with loopback_ray_head(tmp_path / "head.log", env) as address:
-        deadline = time.time() + 180  # the job API answers before the head's job agent is up
-        while True:
-            r = subprocess.run(
-                [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
-                 "--runtime-env-json", json.dumps(runtime_env), "--",
-                 "python", "jobs/curate.py", "--input", inputs, "--output", "s3://curated/submitted",
-                 "--config", str(cfg)],
-                cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
-            if "No available agent to submit job" not in r.stderr + r.stdout or time.time() > deadline:
-                break
-            time.sleep(3)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "succeeded" in (r.stdout + r.stderr).lower()
-    index = check_s3_output(s3, "curated", "submitted")
-    run = json.loads(s3.read("curated", "submitted/run.json"))
-    assert run["summary"]["inputs"] == N_INPUTS and run["summary"]["clips_kept"] == index["nsamples"] >= N_TALKING
+    index = check_s3_output(s3, "curated", "light")
+    run = json.loads(s3.read("curated", "light/run.json"))
+    node_ids = runs["s3_light"]["node_ids"]
+    assert len(node_ids) == 2
+    # the journal's shard entries name the writer that wrote each shard, and its node
+    entries = Journal(open_store("s3://curated/light", s3.storage_options())).shard_entries()
+    assert sorted(e["url"] for e in entries) == sorted(e["url"] for e in index["shardlist"])
+    writers = {e["writer"]["writer"]: e["writer"]["node_id"] for e in entries}
+    by_node = Counter(e["writer"]["node_id"] for e in entries)
+    print(f"\n[object store] 2-node cluster: {len(entries)} shards, by node {dict(by_node)}; "
+          f"nodes that ran a stage: {run['nodes_used']}")
+    # one writer per node (run.json), pinned there: a writer's shards all name the same node
+    assert run["writers"]["count"] == 2 and run["writers"]["node_ids"] == node_ids
+    assert len({(e["writer"]["writer"], e["writer"]["node_id"]) for e in entries}) == len(writers)
+    assert sorted(writers.values()) == node_ids, f"shards written by the writers {writers}, nodes {node_ids}"
+    assert run["summary"]["shards_by_node"] == dict(sorted(by_node.items()))
+    assert sorted(run["nodes_used"]) == node_ids
+    assert index["nsamples"] == run["summary"]["clips_kept"]

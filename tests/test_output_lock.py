@@ -97,6 +97,25 @@ def test_a_second_run_is_refused_while_the_first_holds_the_output(output):
     assert Journal(open_store(url, options)).holder() is None
 
 
+def test_a_locked_output_is_refused_before_ray_starts_and_a_new_one_is_left_untouched(output, tmp_path):
+    """jobs/curate.py checks the lock (runner.refuse_if_locked) before it starts Ray: refused while
+    another run holds it, without taking it; an output that does not exist yet gets nothing created."""
+    from pipeline.config import load_config
+    from pipeline.runner import refuse_if_locked
+
+    url, options = output
+    config = load_config(None, storage_options=options)
+    refuse_if_locked(url, config)  # free
+    store = open_store(url, options)
+    assert store.list("") == [] and (not url.startswith("/") or not Path(url).exists())
+    holder = Journal(store)
+    with holder.lock(lease_s=LEASE_S):
+        with pytest.raises(OutputLocked, match=rf"being written by another run \(pid {os.getpid()}"):
+            refuse_if_locked(url, config)
+        holder.record_videos([{"video": {"uri": "/in/a.mp4"}, "retryable": False}])  # the check took nothing
+    refuse_if_locked(url, config)  # released: free again
+
+
 def test_a_killed_runs_lock_is_free_at_once_or_after_its_lease(output, capfd):
     url, options = output
     holder = _start_holder(url, options)

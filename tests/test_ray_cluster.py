@@ -6,28 +6,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from pipeline.shards import verify_index
+from ray_head import head_env, loopback_ray_head, submit
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _check_demo_output(out: Path) -> dict:
@@ -40,57 +28,14 @@ def _check_demo_output(out: Path) -> dict:
 
 @pytest.mark.long
 def test_ray_job_submit_to_local_head(tmp_path):
-    port, dash = _free_port(), _free_port()
-    ray_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
-    head_log = open(tmp_path / "head.log", "wb")
-    # Ray 2.5x+ heads require a token by default; the CLI client only sends one in token mode.
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", PATH=f"{BIN}:{os.environ['PATH']}")
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-         f"--temp-dir={ray_tmp}", "--disable-usage-stats",
-         # own agent/metrics ports: another Ray on this machine (the suite's embedded one) holds the defaults
-         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-         f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"],
-        env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
     out = tmp_path / "out"
-    try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            # Ray prints the job API address it actually serves (it may differ from the dashboard port).
-            m = re.search(r"RAY_API_SERVER_ADDRESS='(http://[^']+)'", (tmp_path / "head.log").read_text(errors="replace"))
-            if m:
-                address = m.group(1)
-            r = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
-                               capture_output=True, text=True, timeout=60)
-            if r.returncode == 0:
-                break
-            time.sleep(2)
-        else:
-            pytest.fail(f"the Ray head did not come up: {(tmp_path / 'head.log').read_text()[-3000:]}")
+    env = head_env()
+    with loopback_ray_head(tmp_path / "head.log", env) as address:
         # The documented command: the repo is the working dir (.gitignore keeps .venv out of the upload).
-        deadline = time.time() + 180  # on a loaded 2-core machine the agent can take a minute or more
-        while True:
-            r = subprocess.run(
-                [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
-                 "python", "jobs/curate.py", "--demo", "--output", str(out)],
-                cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-            # The job API answers before the head's job agent is up; Ray asks to try again.
-            if "No available agent to submit job" not in r.stderr + r.stdout or time.time() > deadline:
-                break
-            time.sleep(3)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        assert "succeeded" in (r.stdout + r.stderr).lower()
-        _check_demo_output(out)
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        head_log.close()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        r = submit(address, ["python", "jobs/curate.py", "--demo", "--output", str(out)], env, cwd=ROOT, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "succeeded" in (r.stdout + r.stderr).lower()
+    _check_demo_output(out)
 
 
 @pytest.mark.long
@@ -137,3 +82,22 @@ def test_the_library_takes_a_ray_that_is_up(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "RuntimeError: Ray is not running" in r.stderr, r.stderr[-2000:]
     assert "Started a local Ray instance" not in r.stderr + r.stdout
+
+
+def test_full_pools_wait_for_all_their_actors_before_the_first_input(ray_local):
+    """ray.full_pools: Ray Data would otherwise send the first inputs to the first actor up (on a
+    cluster, all their samples to its node's writer; the 2-node run of test_object_store_output.py
+    shows the placement this gives). The wait is the dataset's own setting, not the process-wide one."""
+    from ray.data import DataContext
+
+    from pipeline.config import load_config
+    from pipeline.inputs import InputItem, video_id_for
+    from pipeline.runner import build_dataset
+
+    items = [InputItem(uri="/in/a.mp4", source="/in", video_id=video_id_for("/in/a.mp4"))]
+    default = DataContext.get_current().wait_for_min_actors_s
+    full = build_dataset(items, load_config(None, **{"ray.full_pools": True, "ray.full_pools_wait_s": 45}))
+    assert full.context.wait_for_min_actors_s == 45
+    grown = build_dataset(items, load_config(None))
+    assert grown.context.wait_for_min_actors_s == default
+    assert DataContext.get_current().wait_for_min_actors_s == default
