@@ -104,10 +104,12 @@ class ThreadCPU:
         return sum(c - self.start.get(tid, (n, 0.0))[1] for tid, (n, c) in self.cpu.items() if n.startswith(prefix))
 
 
-def run(real: Path, rounds: int, top: int = 0) -> tuple[dict, dict, float]:
+def run(real: Path, rounds: int, top: int = 0, profile: bool = True) -> tuple[dict, dict, float]:
     cfg = load_config(None, **{"features.enabled": False})
     stage = DetectTrackStage(cfg)
     files = sorted(p for p in real.iterdir() if p.is_file())
+    import ray  # noqa: F401 - imported by the stage's timing on first use; in a Ray actor it is already loaded
+
     stage(new_row("warmup", str(files[0]), "bench", "video", {}))  # model graphs built, caches warm
     outputs = {}
     prof = cProfile.Profile(time.thread_time)
@@ -116,14 +118,18 @@ def run(real: Path, rounds: int, top: int = 0) -> tuple[dict, dict, float]:
     with threads:
         for r in range(rounds):
             for p in files:
-                prof.enable()
+                if profile:
+                    prof.enable()
                 row = stage.probe(new_row(p.name, str(p), "bench", "video", {}))
                 if row["kind"] == "video":  # what DetectTrackStage.__call__ runs, minus its watchdog thread
                     row = stage._detect(row)
-                prof.disable()
+                if profile:
+                    prof.disable()
                 if r == 0:
                     outputs[p.name] = _outputs(row)
     total, main = time.process_time() - c0 - threads.own_cpu, time.thread_time() - m0
+    if not profile:
+        return {}, outputs, total
     s = io.StringIO()
     stats = pstats.Stats(prof, stream=s)
     parts = {name: sum(_cum(stats, suf, fn) for suf, fn in funcs) for name, funcs in PARTS.items()}
@@ -189,10 +195,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--save", type=Path)
     ap.add_argument("--compare", type=Path)
+    ap.add_argument("--no-profile", action="store_true", help="total CPU only, without cProfile's overhead")
+    ap.add_argument("--cv2-threads", type=int, help="cv2.setNumThreads first (default: OpenCV's own)")
     ap.add_argument("--top", type=int, default=0, help="also print the N functions with the most own time")
     args = ap.parse_args()
+    if args.cv2_threads is not None:
+        import cv2
+
+        cv2.setNumThreads(args.cv2_threads)
     load0 = os.getloadavg()
-    parts, outputs, total = run(args.real, args.rounds, args.top)
+    parts, outputs, total = run(args.real, args.rounds, args.top, profile=not args.no_profile)
     load1 = os.getloadavg()
     print(f"detect stage over {args.rounds} round(s) of {args.real}: {total:.2f} CPU s "
           f"(load avg {load0[0]:.2f} -> {load1[0]:.2f}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})")
