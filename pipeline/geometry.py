@@ -92,10 +92,11 @@ def limited_range_luma(img: np.ndarray) -> np.ndarray:
     return 16.0 + gray * (219.0 / 255.0)
 
 
-def _first_picture_line(means: np.ndarray, stds: np.ndarray, limit: float) -> int | None:
-    """Index of the first line (from index 0 on) that is not a bar; None when every line is."""
+def _first_picture_line(means: np.ndarray, stds: np.ndarray, limit: float, edge: float | None = None) -> int | None:
+    """Index of the first line (from index 0 on) that is not a bar; None when every line is.
+    ``edge``: the outermost line's mean when ``means`` starts further in (default ``means[0]``)."""
     black = np.floor(means) <= limit  # cropdetect: checkline() > limit marks picture
-    edge = means[0]
+    edge = means[0] if edge is None else edge
     flat = (stds <= FLAT_BAR_TOLERANCE) & (np.abs(means - edge) <= FLAT_BAR_TOLERANCE) & (edge < CLIPPED_WHITE)
     picture = ~(black | flat)
     return int(np.argmax(picture)) if picture.any() else None
@@ -103,17 +104,50 @@ def _first_picture_line(means: np.ndarray, stds: np.ndarray, limit: float) -> in
 
 def frame_picture_bounds(img: np.ndarray, limit: float = CROPDETECT_LIMIT) -> tuple[int, int, int, int] | None:
     """(x1, y1, x2, y2): first and last picture column and row of one RGB frame, inclusive (the
-    names and convention of cropdetect's metadata); None for a frame that is all bar (black)."""
-    y = limited_range_luma(img)
-    row_mean, row_std = y.mean(axis=1), y.std(axis=1)
-    col_mean, col_std = y.mean(axis=0), y.std(axis=0)
-    top = _first_picture_line(row_mean, row_std, limit)
+    names and convention of cropdetect's metadata); None for a frame that is all bar (black), or
+    whose rows or columns are all bars while the others are not (a bright band in a dark frame).
+
+    Only the lines from each edge up to its first picture line are read: a line's verdict
+    depends on its own luma and the outermost line's, so the lines past the first picture line
+    do not matter, and most frames have none or a few bar lines (the whole frame's luma
+    statistics cost ~1 ms a 960x540 frame, docs/benchmarks.md "Detect stage"). Each line's
+    statistics are computed as over the whole frame (``limited_range_luma`` of the line, the
+    same reductions), so the result is the same."""
+    h, w = img.shape[:2]
+    top = _first_edge_picture_line(img, 0, False, limit)
     if top is None:
         return None
-    bottom = len(row_mean) - 1 - _first_picture_line(row_mean[::-1], row_std[::-1], limit)
-    left = _first_picture_line(col_mean, col_std, limit)
-    right = len(col_mean) - 1 - _first_picture_line(col_mean[::-1], col_std[::-1], limit)
+    left = _first_edge_picture_line(img, 1, False, limit)
+    if left is None:  # picture rows but every column dark (a bright band in a dark frame): no box
+        return None
+    bottom = h - 1 - _first_edge_picture_line(img, 0, True, limit)
+    right = w - 1 - _first_edge_picture_line(img, 1, True, limit)
     return left, top, right, bottom
+
+
+def _first_edge_picture_line(img: np.ndarray, axis: int, from_end: bool, limit: float) -> int | None:
+    """``_first_picture_line`` of the rows (axis 0) or columns (axis 1) of ``img``, counted from
+    the first or (``from_end``) the last one, reading a few lines at a time from that edge."""
+    n = img.shape[axis]
+    edge = None
+    done, step = 0, 8
+    while done < n:
+        idx = slice(done, min(n, done + step))
+        if from_end:
+            idx = slice(n - idx.stop, n - idx.start)
+        block = img[idx] if axis == 0 else img[:, idx]
+        y = limited_range_luma(np.ascontiguousarray(block))
+        means, stds = (y.mean(axis=1), y.std(axis=1)) if axis == 0 else (y.mean(axis=0), y.std(axis=0))
+        if from_end:
+            means, stds = means[::-1], stds[::-1]
+        if edge is None:
+            edge = means[0]
+        first = _first_picture_line(means, stds, limit, edge)
+        if first is not None:
+            return done + first
+        done += len(means)
+        step *= 4
+    return None
 
 
 class ActivePictureTracker:

@@ -542,6 +542,16 @@ def _decode_tolerant(container, stream, log: DecodeLog):
         log.add(damaged_from, log.end_s if log.end_s is not None else damaged_from)
 
 
+def _reformatters() -> tuple["av.video.reformatter.VideoReformatter", "av.video.reformatter.VideoReformatter"]:
+    """A scaler and a pixel-format converter kept for a whole decode. ``frame.reformat`` and
+    ``to_ndarray(format=...)`` build a new swscale context for every frame, and with FFmpeg 8's
+    default (``threads=0``) a new slice-thread pool too: twice the CPU of a kept context on one
+    thread, for the same pixels (docs/benchmarks.md, "Detect stage")."""
+    from av.video.reformatter import VideoReformatter
+
+    return VideoReformatter(), VideoReformatter()
+
+
 def iter_frames(uri: str, *, start_s: float = 0.0, end_s: float | None = None, rotation: int = 0,
                 fmt: str = "rgb24", max_side: int | None = None,
                 square_pixels: bool = True,
@@ -573,6 +583,7 @@ def iter_frames(uri: str, *, start_s: float = 0.0, end_s: float | None = None, r
                 c.seek(int(max(0.0, start_s - 1.0) / tb), stream=v, backward=True)
         last_t = None
         n_decoded = 0
+        to_size, to_fmt = _reformatters()
         try:
             for frame in (c.decode(v) if damage is None else _decode_tolerant(c, v, damage)):
                 check_deadline(uri)
@@ -591,9 +602,9 @@ def iter_frames(uri: str, *, start_s: float = 0.0, end_s: float | None = None, r
                 size = decode_size(frame.width, frame.height, sar, max_side)
                 if size != (frame.width, frame.height):
                     # anamorphic: bicubic resampling of the width (FFmpeg's scale default)
-                    frame = frame.reformat(width=size[0], height=size[1],
-                                           interpolation="BICUBIC" if sar != 1 else None)
-                img = frame.to_ndarray(format=fmt)
+                    frame = to_size.reformat(frame, width=size[0], height=size[1],
+                                             interpolation="BICUBIC" if sar != 1 else None, threads=1)
+                img = to_fmt.reformat(frame, format=fmt, threads=1).to_ndarray()
                 last_t = t
                 yield t, _rotate(img, rotation)
         except (av.error.InvalidDataError, av.error.FFmpegError) as e:

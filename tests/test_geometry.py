@@ -26,7 +26,8 @@ from conftest import read_samples, real_path
 from derived_clips import burn_bars, load_real, on_canvas, squeeze_width, write, write_anamorphic
 from pipeline.config import FilterConfig, load_config
 from pipeline.filters import evaluate
-from pipeline.geometry import (ActivePicture, ActivePictureTracker, outside_share, place_in_picture,
+from pipeline.geometry import (CROPDETECT_LIMIT, ActivePicture, ActivePictureTracker, _first_picture_line,
+                               frame_picture_bounds, limited_range_luma, outside_share, place_in_picture,
                                square_pixel_size)
 from pipeline.crop import crop_square
 from pipeline.media import encode_clip, iter_frames, probe, read_clip
@@ -167,6 +168,59 @@ def test_near_constant_grey_bars_are_found(square_frames, tmp_path):
     for f in frames[:8]:
         plain.add(f)
     assert plain.bounds()[0] == (0, 0, SQUARE_W - 1, 511)
+
+
+def _bounds_from_whole_frame(img: np.ndarray):
+    """The per-frame bounds from the luma statistics of every row and column (the reference that
+    frame_picture_bounds, which reads lines from the edges only until the first picture line, must
+    reproduce exactly); None when either the rows or the columns are all bars."""
+    y = limited_range_luma(img)
+    rows, cols = (y.mean(axis=1), y.std(axis=1)), (y.mean(axis=0), y.std(axis=0))
+    first = [_first_picture_line(m, s, CROPDETECT_LIMIT) for m, s in (rows, cols)]
+    if None in first:
+        return None
+    last = [len(m) - 1 - _first_picture_line(m[::-1], s[::-1], CROPDETECT_LIMIT) for m, s in (rows, cols)]
+    return first[1], first[0], last[1], last[0]
+
+
+def test_edge_scan_gives_the_whole_frame_bounds(square_frames):
+    """Bars of every kind and depth (black, near-black noise, grey, coloured, none, the whole
+    frame) on real frames: the edge scan finds exactly the bounds of the whole-frame statistics."""
+    frames, _ = square_frames
+    rng = np.random.default_rng(7)
+    h, w = frames[0].shape[:2]
+    checked = set()
+    for i in range(120):
+        img = frames[i % len(frames)].copy()
+        top, bottom, left, right = (int(rng.integers(0, n)) for n in (h // 2, h // 3, w // 2, 3))
+        kind = i % 4
+        for region in (np.s_[:top], np.s_[h - bottom:], np.s_[:, :left], np.s_[:, w - right:]):
+            if kind == 0:
+                img[region] = 0
+            elif kind == 1:  # near the cropdetect limit, with noise: some lines are bars, some not
+                img[region] = np.clip(rng.normal(26, 2, img[region].shape), 0, 255).astype(np.uint8)
+            elif kind == 2:
+                img[region] = 128
+            else:
+                img[region] = rng.integers(0, 256, 3, dtype=np.uint8)
+        expected = _bounds_from_whole_frame(img)
+        assert frame_picture_bounds(img) == expected, (i, top, bottom, left, right)
+        checked.add(expected)
+    assert len(checked) > 100  # the cases differ
+    assert frame_picture_bounds(np.zeros_like(frames[0])) is None
+
+
+def test_bright_band_in_a_dark_frame_has_no_bounds():
+    """Rows with picture but every column dark (a lit band across a black frame, a fade's first
+    frames): no picture box, instead of the TypeError the whole-frame version raised."""
+    img = np.zeros((200, 300, 3), np.uint8)
+    img[90:96] = 200  # six bright rows: those rows' means are far above the limit, each column's is ~22
+    assert _first_picture_line(*(lambda y: (y.mean(axis=0), y.std(axis=0)))(limited_range_luma(img)),
+                               CROPDETECT_LIMIT) is None
+    assert frame_picture_bounds(img) is None
+    tracker = ActivePictureTracker()
+    tracker.add(img)
+    assert tracker.pictures(300, 200)[0].as_list() == [0.0, 0.0, 300.0, 200.0]
 
 
 def test_active_picture_is_per_shot(square_frames):

@@ -48,6 +48,21 @@ def test_probe_real_facts():
     assert noaudio.audio_streams == 0 and noaudio.audio_rate is None
 
 
+@pytest.mark.parametrize("name", ["latentsync_demo1_portrait_hevc.mp4", "liveportrait_s18_music_static.mp4"])
+def test_analysis_frames_are_ffmpeg_scale_and_rgb_conversion(name):
+    """iter_frames keeps one swscale context for a whole decode: its frames are, bit for bit, the
+    frames PyAV gives when each decoded frame is scaled and converted on its own."""
+    import av
+
+    from pipeline.media import iter_frames
+
+    with av.open(str(real_path(name))) as c:
+        expected = [f.reformat(width=540 if f.height > f.width else 960, height=960 if f.height > f.width else 540)
+                    .to_ndarray(format="rgb24") for f, _ in zip(c.decode(video=0), range(12))]
+    got = [img for (_, img), _ in zip(iter_frames(str(real_path(name)), max_side=960), range(12))]
+    assert len(got) == 12 and all(np.array_equal(a, b) for a, b in zip(expected, got))
+
+
 @pytest.mark.parametrize("rotation", [90, 270, 180])
 def test_display_rotation_is_applied(tmp_path, rotation):
     """Phone video: frames stored turned, with a display matrix saying how to show them upright."""
