@@ -985,7 +985,8 @@ def read_clip(data: bytes) -> tuple[np.ndarray, np.ndarray, dict]:
         info = {"fps": float(v.average_rate), "width": v.codec_context.width, "height": v.codec_context.height,
                 "audio_rate": c.streams.audio[0].rate if c.streams.audio else None,
                 "audio_channels": c.streams.audio[0].channels if c.streams.audio else None}
-        frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(v)])
+        to_rgb = _reformatters()[1]  # one swscale context for the clip, not one (and a thread pool) per frame
+        frames = np.stack([to_rgb.reformat(f, format="rgb24", threads=1).to_ndarray() for f in c.decode(v)])
     audio = np.zeros(0, np.float32)
     with av.open(io.BytesIO(data)) as c:
         if c.streams.audio:
