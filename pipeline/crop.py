@@ -114,6 +114,8 @@ class SourceFrame:
         # an odd picture size takes swscale's other path (chroma interpolated across 2x2 blocks)
         if self._whole is not None or f.format.name not in _REGION_FORMATS or f.width % 2 or f.height % 2:
             return self.whole()
+        if (min(size, f.width) + 2 * REGION_MARGIN) * (min(size, f.height) + 2 * REGION_MARGIN) > f.width * f.height / 3:
+            return self.whole()  # a box filling much of the frame: one whole conversion costs less than the copies
         key = (x0, y0, size)
         if key not in self._boxes:
             self._boxes[key] = self._region_rgb(x0, y0, size)
