@@ -789,7 +789,10 @@ def slice_audio(samples: np.ndarray, t0: float, rate: int, start_s: float, end_s
     return out
 
 
-X264_THREADS = 4  # encoder threads of every clip (see ClipEncoder)
+# Encoder threads of every clip (see ClipEncoder). One: x264 ultrafast on a 512x512 clip costs ~20%
+# less CPU in one thread than in four (docs/benchmarks.md, issue 13), and the crop stage already
+# overlaps its encoding with the scoring thread.
+X264_THREADS = 1
 
 
 class ClipEncoder:
