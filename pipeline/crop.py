@@ -55,6 +55,108 @@ def crop_square(img: np.ndarray, x0: float, y0: float, size: float, out: int) ->
     return cv2.warpAffine(img, m, (out, out), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
+# Pixels around a crop box that its resampling may read: cubic interpolation reads 2 beyond the
+# sample point; 4 leaves room for warpAffine's fixed-point coordinates.
+REGION_MARGIN = 4
+# Decoder formats converted region by region (4:2:0, 8 bit, even picture size: the chroma of a region
+# on even pixels is the region's own, and swscale converts each pixel from its own luma and chroma).
+_REGION_FORMATS = ("yuv420p", "yuvj420p")
+
+
+def _coded_rect(rect: tuple[int, int, int, int], k: int, w: int, h: int) -> tuple[int, int, int, int]:
+    """Display rectangle (x0, y0, x1, y1) of a frame shown as ``np.rot90(coded, k)`` -> the coded
+    rectangle holding the same pixels (coded picture w x h), and back with ``_display_rect``."""
+    x0, y0, x1, y1 = rect
+    if k == 1:  # out[i, j] = in[j, w-1-i]
+        return w - y1, x0, w - y0, x1
+    if k == 2:  # out[i, j] = in[h-1-i, w-1-j]
+        return w - x1, h - y1, w - x0, h - y0
+    if k == 3:  # out[i, j] = in[h-1-j, i]
+        return y0, h - x1, y1, h - x0
+    return rect
+
+
+def _display_rect(rect: tuple[int, int, int, int], k: int, w: int, h: int) -> tuple[int, int, int, int]:
+    x0, y0, x1, y1 = rect
+    if k == 1:
+        return y0, w - x1, y1, w - x0
+    if k == 2:
+        return w - x1, h - y1, w - x0, h - y0
+    if k == 3:
+        return h - y1, x0, h - y0, x1
+    return rect
+
+
+class SourceFrame:
+    """One decoded source frame, converted to RGB only where a crop box needs it.
+
+    The whole-frame RGB conversion of a 1080x1920 source cost more than cutting a 512 crop from it;
+    ``rgb_for(box)`` returns a display-sized RGB array in which the box (plus ``REGION_MARGIN``) holds
+    exactly the pixels the whole-frame conversion gives (same swscale conversion, region on even
+    coordinates) and everything else is black: the crop and the scores read only inside the box.
+    Formats other than 8-bit 4:2:0 are converted whole, once."""
+
+    def __init__(self, frame, rotation: int = 0):
+        self.frame, self.k = frame, (rotation // 90) % 4
+        self._whole: np.ndarray | None = None
+        self._boxes: dict[tuple[float, float, float], np.ndarray] = {}  # a frame repeated at 25 fps is cut again
+
+    def whole(self) -> np.ndarray:
+        if self._whole is None:
+            from .media import _rotate
+
+            self._whole = _rotate(self.frame.to_ndarray(format="rgb24"), self.k * 90)
+            self.frame = None
+        return self._whole
+
+    def rgb_for(self, x0: float, y0: float, size: float) -> np.ndarray:
+        f = self.frame
+        # an odd picture size takes swscale's other path (chroma interpolated across 2x2 blocks)
+        if self._whole is not None or f.format.name not in _REGION_FORMATS or f.width % 2 or f.height % 2:
+            return self.whole()
+        if (min(size, f.width) + 2 * REGION_MARGIN) * (min(size, f.height) + 2 * REGION_MARGIN) > f.width * f.height / 3:
+            return self.whole()  # a box filling much of the frame: one whole conversion costs less than the copies
+        key = (x0, y0, size)
+        if key not in self._boxes:
+            self._boxes[key] = self._region_rgb(x0, y0, size)
+        return self._boxes[key]
+
+    def _region_rgb(self, x0: float, y0: float, size: float) -> np.ndarray:
+        f = self.frame
+        w, h = f.width, f.height
+        dw, dh = (h, w) if self.k % 2 else (w, h)
+        rect = (max(0, int(np.floor(x0)) - REGION_MARGIN), max(0, int(np.floor(y0)) - REGION_MARGIN),
+                min(dw, int(np.ceil(x0 + size)) + REGION_MARGIN), min(dh, int(np.ceil(y0 + size)) + REGION_MARGIN))
+        out = np.zeros((dh, dw, 3), np.uint8)  # calloc'd: pages outside the region are never touched
+        if rect[2] <= rect[0] or rect[3] <= rect[1]:
+            return out
+        cx0, cy0, cx1, cy1 = _coded_rect(rect, self.k, w, h)
+        # chroma planes are half size: the region starts and ends on even coded pixels
+        cx0, cy0, cx1, cy1 = cx0 & ~1, cy0 & ~1, min(w, cx1 + (cx1 & 1)), min(h, cy1 + (cy1 & 1))
+        region = _yuv420_region(f, cx0, cy0, cx1, cy1)
+        rx0, ry0, rx1, ry1 = _display_rect((cx0, cy0, cx1, cy1), self.k, w, h)
+        out[ry0:ry1, rx0:rx1] = np.rot90(region, self.k) if self.k else region
+        return out
+
+
+def _yuv420_region(frame, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    """RGB of the coded rectangle [y0:y1, x0:x1] of a 4:2:0 frame (x0, y0 even), converted by swscale
+    with the frame's colour space and range, exactly as ``frame.to_ndarray(format="rgb24")`` would
+    convert those pixels of the whole frame."""
+    import av
+
+    w, h = x1 - x0, y1 - y0
+    planes = [np.frombuffer(p, np.uint8).reshape(p.height, p.line_size) for p in frame.planes]
+    cw, ch = (w + 1) // 2, (h + 1) // 2
+    y_plane = planes[0][y0:y1, x0:x1]
+    u = planes[1][y0 // 2:y0 // 2 + ch, x0 // 2:x0 // 2 + cw]
+    v = planes[2][y0 // 2:y0 // 2 + ch, x0 // 2:x0 // 2 + cw]
+    i420 = np.concatenate([y_plane.ravel(), u.ravel(), v.ravel()]).reshape(h * 3 // 2, w)
+    part = av.VideoFrame.from_ndarray(i420, format=frame.format.name)
+    part.colorspace, part.color_range = frame.colorspace, frame.color_range
+    return part.to_ndarray(format="rgb24")
+
+
 def crop_and_normalize(uri: str, clips: list[CandidateClip], *, rotation: int, audio: AudioTrack | np.ndarray,
                        audio_t0: float = 0.0, size: int = 512, fps: int = 25, audio_rate: int = 16000,
                        crf: int = 18, preset: str = "veryfast", audio_bitrate: int = 96_000,
@@ -102,9 +204,9 @@ def crop_and_normalize(uri: str, clips: list[CandidateClip], *, rotation: int, a
         written: dict[int, int] = {c.clip_index: 0 for c in clips}
         targets = {c.clip_index: c.start_s + np.arange(c.n_frames) / fps for c in clips}
         done: set[int] = set()
-        prev: tuple[float, np.ndarray] | None = None
+        prev: tuple[float, SourceFrame] | None = None
 
-        def emit_until(t_next: float, next_img: np.ndarray | None = None):
+        def emit_until(t_next: float, next_img: SourceFrame | None = None):
             # Every output time before the next source frame's pts lies between `prev` and that
             # frame: it takes the nearer of the two (ties go to `prev`, the earlier frame).
             for c in clips:
@@ -120,7 +222,8 @@ def crop_and_normalize(uri: str, clips: list[CandidateClip], *, rotation: int, a
                                                    preset=preset, audio_bitrate=audio_bitrate)
                     t_out = tt[written[ci]]
                     nearer_next = next_img is not None and t_next - t_out < t_out - prev[0]
-                    src_img = next_img if nearer_next else prev[1]
+                    src = next_img if nearer_next else prev[1]
+                    src_img = src.rgb_for(c.crop_x0, c.crop_y0, c.crop_size)
                     out_frame = crop_square(src_img, c.crop_x0, c.crop_y0, c.crop_size, size)
                     if on_source_frame is not None:
                         on_source_frame(c, src_img)
@@ -154,8 +257,9 @@ def crop_and_normalize(uri: str, clips: list[CandidateClip], *, rotation: int, a
                                       audio=encoder.audio)
 
         try:
-            for t, img in iter_frames(uri, start_s=max(0.0, start - 1.0), end_s=end + 1.0, rotation=rotation,
-                                      damage=damage, limits=limits):
+            for t, frame in iter_frames(uri, start_s=max(0.0, start - 1.0), end_s=end + 1.0, rotation=rotation,
+                                        damage=damage, limits=limits, raw=True):
+                img = SourceFrame(frame, rotation)  # converted to RGB only inside the crop boxes that use it
                 emit_until(t, img)
                 yield from finish_ready()
                 prev = (t, img)

@@ -556,7 +556,7 @@ def iter_frames(uri: str, *, start_s: float = 0.0, end_s: float | None = None, r
                 fmt: str = "rgb24", max_side: int | None = None,
                 square_pixels: bool = True,
                 damage: "DecodeLog | None" = None,
-                limits: DecodeLimits | None = None) -> Iterator[tuple[float, np.ndarray]]:
+                limits: DecodeLimits | None = None, raw: bool = False) -> Iterator[tuple[float, np.ndarray]]:
     """Yield (time_s, HxWx3 uint8 array) for every decoded frame with time in [start_s, end_s).
 
     Frames come in square pixels (``square_pixels``: resampled by the stream's sample aspect
@@ -570,6 +570,9 @@ def iter_frames(uri: str, *, start_s: float = 0.0, end_s: float | None = None, r
     ``limits`` bound the decoding (a stream that holds more frames, or bigger ones, than it
     declared): MediaError("too many frames") once this call has decoded more than
     ``max_frames``, MediaError("frame too large") for a frame past ``max_frame_pixels``.
+
+    ``raw``: yield the decoded ``av.VideoFrame`` (square pixels, not rotated) instead of an array, for a
+    caller that converts only the part it needs (pipeline/crop.py).
     """
     limits = limits or DecodeLimits()
     with open_container(uri, limits) as c:
@@ -604,6 +607,10 @@ def iter_frames(uri: str, *, start_s: float = 0.0, end_s: float | None = None, r
                     # anamorphic: bicubic resampling of the width (FFmpeg's scale default)
                     frame = to_size.reformat(frame, width=size[0], height=size[1],
                                              interpolation="BICUBIC" if sar != 1 else None, threads=1)
+                if raw:
+                    last_t = t
+                    yield t, frame
+                    continue
                 img = to_fmt.reformat(frame, format=fmt, threads=1).to_ndarray()
                 last_t = t
                 yield t, _rotate(img, rotation)
@@ -859,7 +866,10 @@ def slice_audio(samples: np.ndarray, t0: float, rate: int, start_s: float, end_s
     return out
 
 
-X264_THREADS = 4  # encoder threads of every clip (see ClipEncoder)
+# Encoder threads of every clip (see ClipEncoder). One: x264 ultrafast on a 512x512 clip costs ~20%
+# less CPU in one thread than in four (docs/benchmarks.md, issue 13), and the crop stage already
+# overlaps its encoding with the scoring thread.
+X264_THREADS = 1
 
 
 class ClipEncoder:

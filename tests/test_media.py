@@ -212,3 +212,42 @@ def test_crop_releases_each_clip_encoder_when_its_clip_is_done(tmp_path):
     assert len(alive) == 5
     assert max(alive) <= 1, alive  # the clips follow each other: one open at a time, none kept after
     assert live_encoders() == 0
+
+
+def _yuv_frame(width: int, height: int, fmt: str = "yuv420p", seed: int = 0):
+    """A decoded-frame stand-in: random planes (every pixel different, so a misplaced region shows)."""
+    import av
+
+    frame = av.VideoFrame(width, height, fmt)
+    rng = np.random.default_rng(seed)
+    for plane in frame.planes:
+        plane.update(rng.integers(0, 256, plane.buffer_size, dtype=np.uint8).tobytes())
+    frame.colorspace, frame.color_range = 1, 1  # bt709, limited range, as the HEVC real clip
+    return frame
+
+
+@pytest.mark.parametrize("width,height,fmt", [(96, 160, "yuv420p"), (160, 96, "yuvj420p"), (97, 61, "yuv420p"),
+                                              (96, 64, "yuv444p")])
+def test_crop_from_the_converted_region_equals_the_crop_from_the_whole_frame(width, height, fmt):
+    """crop.SourceFrame converts only a crop box (plus its resampling margin) of a 4:2:0 frame to RGB:
+    every crop (up- and downscaled, reaching outside the frame, at every display rotation) and every
+    pixel inside the box must equal what the whole-frame conversion gives (issue 13; odd sizes and
+    other formats are converted whole)."""
+    from pipeline.crop import SourceFrame, crop_square
+    from pipeline.media import _rotate
+
+    frame = _yuv_frame(width, height, fmt)
+    rng = np.random.default_rng(1)
+    for rotation in (0, 90, 180, 270):
+        whole = _rotate(frame.to_ndarray(format="rgb24"), rotation)
+        h, w = whole.shape[:2]
+        for _ in range(40):
+            size = rng.uniform(8, 0.8 * min(w, h))
+            x0, y0 = rng.uniform(-size / 2, w - size / 2), rng.uniform(-size / 2, h - size / 2)
+            img = SourceFrame(frame, rotation).rgb_for(x0, y0, size)
+            assert img.shape == whole.shape
+            for out in (16, 48):
+                np.testing.assert_array_equal(crop_square(img, x0, y0, size, out), crop_square(whole, x0, y0, size, out))
+            a, b = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
+            np.testing.assert_array_equal(img[b:int(np.ceil(y0 + size)), a:int(np.ceil(x0 + size))],
+                                          whole[b:int(np.ceil(y0 + size)), a:int(np.ceil(x0 + size))])

@@ -195,3 +195,13 @@ def test_real_turned_face_mirror_flips_yaw(face_mesh):
     yaw_m = pose.pose_from_landmarks(face_mesh(np.ascontiguousarray(frame[:, ::-1])))["yaw"]
     assert yaw > 12 and yaw_m < -12
     assert yaw_m == pytest.approx(-yaw, abs=4)
+
+
+def test_facemesh_mapping_is_the_mean_of_each_group():
+    """to_ibug68 averages each iBUG point's FaceMesh points without a Python loop (issue 13): the
+    same float64 values as np.mean over each group."""
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        lm = (rng.random((478, 3)) * 512).astype(np.float32)
+        ref = np.stack([np.asarray(lm, np.float64)[list(idx)].mean(0) for idx in pose.FACEMESH_TO_IBUG68])
+        np.testing.assert_array_equal(pose.to_ibug68(lm), ref)

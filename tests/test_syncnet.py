@@ -140,6 +140,31 @@ def test_crop_box_geometry():
     assert crop[-1, -1, 0] == 110  # outside the frame: padded like crop_video
 
 
+def test_crop_equals_the_crop_of_the_padded_frame():
+    """syncnet_crop cuts only its crop (issue 13) but gives crop_video's pixels: the crop of the
+    frame padded with 110 on every side, for boxes inside, across and outside the frame."""
+    import cv2
+
+    def padded_reference(frame, box):
+        x0, y0, x1, y1 = syncnet_crop_box(box, 0.4)
+        pad = int(max(x1 - x0, y1 - y0)) + 1
+        padded = np.pad(frame, ((pad, pad), (pad, pad), (0, 0)), constant_values=110)
+        return cv2.resize(padded[int(y0 + pad):int(y1 + pad), int(x0 + pad):int(x1 + pad)], (224, 224))
+
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    for _ in range(300):
+        c, s = rng.uniform(-60, 180, 2), rng.uniform(4, 150, 2)
+        box = (c[0] - s[0] / 2, c[1] - s[1] / 2, c[0] + s[0] / 2, c[1] + s[1] / 2)
+        try:
+            expected = padded_reference(frame, box)
+        except cv2.error:  # a small box far outside: the padded frame holds none of it, both refuse
+            with pytest.raises(cv2.error):
+                syncnet_crop(frame, box)
+            continue
+        np.testing.assert_array_equal(syncnet_crop(frame, box), expected)
+
+
 # ---------------------------------------------------------------- synthetic talking clips
 S, SPF, SR = 64, 640, 16000
 

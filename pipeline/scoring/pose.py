@@ -83,7 +83,19 @@ def to_ibug68(landmarks: np.ndarray) -> np.ndarray:
     lm = np.asarray(landmarks, np.float64)
     if scheme_of(lm) == "ibug68":
         return lm
-    return np.stack([lm[list(idx)].mean(0) for idx in FACEMESH_TO_IBUG68])
+    # each iBUG point is one FaceMesh point or the mean of two: (a + b) / 2 is what np.mean computes for
+    # two (a single point is (a + a) / 2 = a exactly), without a Python loop over 68 points per frame
+    first, second = _IBUG68_PAIRS
+    return (lm[first] + lm[second]) / 2
+
+
+def _mesh_pairs() -> tuple[np.ndarray, np.ndarray]:
+    if any(len(idx) not in (1, 2) for idx in FACEMESH_TO_IBUG68):
+        raise ValueError("FACEMESH_TO_IBUG68: every iBUG point is one FaceMesh point or the mean of two")
+    return (np.array([idx[0] for idx in FACEMESH_TO_IBUG68]), np.array([idx[-1] for idx in FACEMESH_TO_IBUG68]))
+
+
+_IBUG68_PAIRS = _mesh_pairs()
 
 
 def insightface_angles(landmarks68: np.ndarray) -> tuple[float, float, float]:
