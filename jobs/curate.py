@@ -98,12 +98,12 @@ def main(argv=None) -> int:
         print("\n".join(report.lines()))
         return 0 if report.ok else 2
     from jobs._ray import start_ray
-    from pipeline.journal import ConfigMismatch
+    from pipeline.journal import ConfigMismatch, OutputLocked
     from pipeline.runner import OutputFullError, refuse_if_locked, run_curation
 
     try:
         refuse_if_locked(args.output, config)  # a second run is refused before Ray starts
-    except ConfigMismatch as e:  # OutputLocked
+    except OutputLocked as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     start_ray(config, verbose=args.verbose)
