@@ -28,8 +28,8 @@ from .progress import CurateProgress
 from .shards import remove_stale_temp_files
 from .stages import default_stages, new_row
 from .store import open_store
-from .writer import (LocalWriter, ShardSink, abort_writers, add_write_stage, close_writers, start_writers, stop_writers,
-                     write_rows)
+from .writer import (LocalWriter, NodeWriters, ShardSink, abort_writers, add_write_stage, close_writers, start_writers,
+                     stop_writers, write_rows)
 
 
 def required_models(config: CurateConfig) -> list[str]:
@@ -284,14 +284,19 @@ def _run_locked(items, store, journal: Journal, config: CurateConfig, t_start: f
                        discard_shard=store.delete)
     driver = {"rows": 0, "row_bytes": 0}  # what the driver received: records, never sample bytes
     writers: list = []
+    node_writers = None  # NodeWriters: writers of nodes that join during the run are added to ``writers``
     if todo:
         try:
             writers, rows = _start_writing(todo, store, config, run_number, committed_keys, row_source)
+            if isinstance(writers, NodeWriters):
+                node_writers, writers = writers, writers.writers
             for row in rows:
                 driver["rows"] += 1
                 driver["row_bytes"] += _row_nbytes(row)
                 books.add(row)
                 progress.tick()
+            if node_writers is not None:
+                node_writers.stop()  # no writer starts after the list below is closed
             # End of the stream: every writer closes its open shard (a tail shard).
             records, failed, error = close_writers(writers)
             for record in records:
@@ -308,7 +313,10 @@ def _run_locked(items, store, journal: Journal, config: CurateConfig, t_start: f
                 books.flush()
             raise
         finally:
-            stop_writers(writers)
+            if node_writers is not None:
+                node_writers.kill()
+            else:
+                stop_writers(writers)
             with contextlib.suppress(OSError):  # best effort: the next run deletes orphans too
                 _remove_unjournaled_shards(store, run_number, {s.url for s in books.shards})
     books.finish()  # inputs without every outcome: "worker failed", retried by the next run
@@ -328,9 +336,15 @@ def _start_writing(todo, store, config: CurateConfig, run_number: int, committed
         writers = [LocalWriter(ShardSink(store, config.write.shard_max_bytes, run_number, 0))]
         return writers, write_rows(row_source(todo), writers, committed_keys=committed_keys, features=features)
     require_ray()
+    producers = config.features.actors if features else config.score.actors  # the last stage's pool
+    if config.write.writers is None:  # one per node, nodes that join during the run included
+        node_writers = NodeWriters(store.url, config.storage_options, config.write.shard_max_bytes, run_number)
+        return node_writers, ray_rows(todo, config, lambda ds: add_write_stage(
+            ds, node_writers.writers, committed_keys, features, directory=node_writers.directory, producers=producers))
     writers = start_writers(store.url, config.storage_options, config.write.shard_max_bytes, run_number,
                             config.write.writers)
-    return writers, ray_rows(todo, config, lambda ds: add_write_stage(ds, writers, committed_keys, features))
+    return writers, ray_rows(todo, config, lambda ds: add_write_stage(ds, writers, committed_keys, features,
+                                                                      producers=producers))
 
 
 def _writers_facts(writers: list, books: Bookkeeper) -> dict:
@@ -342,6 +356,7 @@ def _writers_facts(writers: list, books: Bookkeeper) -> dict:
         w["tail_shards"] += info.closed_by == "end"
         w["bytes"] += info.filesize
     return {"count": len(writers), "node_ids": sorted({w.node_id or "local" for w in writers}),
+            "joined_node_ids": sorted({w.node_id for w in writers if getattr(w, "joined", False)}),
             "shards_this_run": len(books.shards), "tail_shards_this_run": sum(w["tail_shards"] for w in by_writer.values()),
             "by_writer": {str(k): v for k, v in sorted(by_writer.items())},
             "worker_failed_this_run": len(books.worker_failed)}

@@ -22,6 +22,8 @@ it held were never journaled, so their inputs end as "worker failed" and the nex
 from __future__ import annotations
 
 import json
+import sys
+import threading
 import zlib
 from collections.abc import Iterable, Iterator
 
@@ -223,8 +225,9 @@ def preferred_order(writers: list, node_id: str | None, key: str = "") -> list:
 class RayWriter:
     """A writer actor's handle, with the node it runs on (picklable: goes to the write tasks)."""
 
-    def __init__(self, handle, node: dict):
+    def __init__(self, handle, node: dict, joined: bool = False):
         self.handle, self.node_id, self.node_ip, self.index = handle, node["node_id"], node["node_ip"], node["writer"]
+        self.joined = joined  # started for a node that joined the cluster during the run
 
     def write(self, sample: dict) -> dict:
         import ray
@@ -265,35 +268,109 @@ def writer_nodes() -> list[str]:
 
 
 def start_writers(store_url: str, storage_options: dict | None, max_bytes: int, run: int,
-                  count: int | None = None) -> list[RayWriter]:
-    """Writer actors for this run: one pinned to each node that runs tasks (``count`` None), or
-    ``count`` of them spread over the nodes. They take no CPU from the stages (they mostly wait on
-    the store), and are not restarted: a restarted writer would have lost its open shard anyway."""
+                  count: int | None = None, *, nodes: list[str] | None = None, first_index: int = 0,
+                  timeout_s: float = 300.0) -> list[RayWriter]:
+    """Writer actors for this run: one pinned to each node that runs tasks (``count`` None; or to
+    each of ``nodes``), or ``count`` of them spread over the nodes; numbered from ``first_index``.
+    They take no CPU from the stages (they mostly wait on the store), and are not restarted: a
+    restarted writer would have lost its open shard anyway."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     actor_cls = ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)(_RaySink)
     if count is None:
-        strategies = [NodeAffinitySchedulingStrategy(node_id, soft=False) for node_id in writer_nodes()]
+        strategies = [NodeAffinitySchedulingStrategy(node_id, soft=False) for node_id in (nodes or writer_nodes())]
     else:
         strategies = ["SPREAD"] * count
-    handles = [actor_cls.options(scheduling_strategy=s).remote(store_url, storage_options or {}, max_bytes, run, i)
+    handles = [actor_cls.options(scheduling_strategy=s).remote(store_url, storage_options or {}, max_bytes, run,
+                                                               first_index + i)
                for i, s in enumerate(strategies)]
     try:
-        nodes = ray.get([h.node.remote() for h in handles], timeout=300)
-    except ray.exceptions.GetTimeoutError:
+        nodes_of = ray.get([h.node.remote() for h in handles], timeout=timeout_s)
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:
         for h in handles:
             ray.kill(h, no_restart=True)
-        raise RuntimeError(f"the {len(handles)} shard writer actors did not start within 300 s (a node gone, or "
-                           "no room for an actor on it); see the Ray dashboard") from None
-    return [RayWriter(h, node) for h, node in zip(handles, nodes)]
+        raise RuntimeError(f"the {len(handles)} shard writer actors did not start within {timeout_s:.0f} s (a node "
+                           f"gone, or no room for an actor on it: {type(e).__name__}); see the Ray dashboard") from None
+    return [RayWriter(h, node, joined=nodes is not None) for h, node in zip(handles, nodes_of)]
 
 
-def _write_batch(batch, writers: list, committed_keys, features: bool):
-    """The write stage's function (a pyarrow block in, a pyarrow table of records out)."""
+class _WriterDirectory:
+    """The run's writers as the write tasks see them (a small actor): grows when a node joins."""
+
+    def __init__(self, writers: list):
+        self._writers = list(writers)
+
+    def add(self, writers: list) -> None:
+        self._writers.extend(writers)
+
+    def get(self) -> list:
+        return self._writers
+
+
+class NodeWriters:
+    """One writer per node for the whole run, nodes that join the cluster meanwhile included (an
+    autoscaled GPU group starts empty: without this, every sample its feature actors make would
+    cross the network to the writers of the nodes that were there at the start, the very ceiling
+    the workers' writers remove). The driver looks for new nodes every ``poll_s`` in a thread and
+    starts their writers; the write tasks read the current list from the directory actor, once per
+    block. ``writers`` is the list of every writer started, growing; ``stop()`` before closing them."""
+
+    def __init__(self, store_url: str, storage_options: dict | None, max_bytes: int, run: int, poll_s: float = 10.0):
+        import ray
+
+        self._args = (store_url, storage_options or {}, max_bytes, run)
+        self.writers = start_writers(*self._args)
+        self.directory = ray.remote(num_cpus=0)(_WriterDirectory).remote(self.writers)
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, args=(poll_s,), name="shard-writer-nodes", daemon=True)
+        self._thread.start()
+
+    def refresh(self) -> list[RayWriter]:
+        """Start the writers of the nodes that have none yet; returns them."""
+        import ray
+
+        with self._lock:
+            have = {w.node_id for w in self.writers}
+            new = [n for n in writer_nodes() if n not in have]
+            if not new or self._stop.is_set():
+                return []
+            started = start_writers(*self._args, nodes=new, first_index=len(self.writers), timeout_s=60.0)
+            ray.get(self.directory.add.remote(started))
+            self.writers.extend(started)
+            return started
+
+    def _watch(self, poll_s: float) -> None:
+        while not self._stop.wait(poll_s):
+            try:
+                for w in self.refresh():
+                    print(f"[curate] node {w.node_ip} joined: shard writer {w.index} started on it", flush=True)
+            except Exception as e:  # noqa: BLE001 - a node that left again; the next poll sees the cluster anew
+                print(f"[curate] warning: no shard writer started on a new node: {e}", file=sys.stderr, flush=True)
+
+    def stop(self) -> None:
+        """No writer is added after this returns (a refresh under way finishes first)."""
+        self._stop.set()
+        self._thread.join(timeout=120)
+        with self._lock:
+            pass
+
+    def kill(self) -> None:
+        import ray
+
+        self.stop()
+        stop_writers(self.writers)
+        ray.kill(self.directory, no_restart=True)
+
+
+def _write_batch(batch, writers: list, committed_keys, features: bool, directory=None):
+    """The write stage's function (a pyarrow block in, a pyarrow table of records out); ``directory``:
+    the run's current writers come from it (NodeWriters), not from ``writers``."""
     import pyarrow as pa
     import ray
 
+    if directory is not None:
+        writers = ray.get(directory.get.remote())
     node_id = ray.get_runtime_context().get_node_id()
     records = []
     for row in batch.to_pylist():
@@ -309,12 +386,15 @@ def RECORD_SCHEMA():  # noqa: N802 - a constant, built lazily (pyarrow import)
                       ("kind", pa.string()), ("clip_index", pa.int64()), ("payload", pa.string())])
 
 
-def add_write_stage(ds, writers: list[RayWriter], committed_keys, features: bool):
+def add_write_stage(ds, writers: list[RayWriter], committed_keys, features: bool, directory=None,
+                    producers: int = 1):
     """The dataset's last stage: samples to the writers, small records on.
 
     No CPU reserved (the tasks wait on their writer; reserving one could starve them behind the
-    stages' actor pools on a small node), hence a bounded number of tasks at once (two per writer:
-    one waiting on its writer, one being scheduled; each is a worker process); no retry: a retried
+    stages' actor pools on a small node), hence a bounded number of tasks at once (two per writer,
+    or per actor of the stage before (``producers``) when there are more of those: writers that
+    nodes joining the run add (``directory``: NodeWriters) then have tasks to feed them; one
+    waiting on its writer, one being scheduled; each is a worker process); no retry: a retried
     task would write its samples twice (a failed one's inputs end as "worker failed", redone by the
     next run)."""
     import warnings
@@ -327,9 +407,9 @@ def add_write_stage(ds, writers: list[RayWriter], committed_keys, features: bool
         # Ray 2.60 has no named parameter for max_retries yet (runner.build_dataset says the same).
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         return ds.map_batches(_write_batch, fn_kwargs={"writers": writers, "committed_keys": committed_keys,
-                                                       "features": features},
+                                                       "features": features, "directory": directory},
                               batch_size=None, batch_format="pyarrow", num_cpus=0,
-                              compute=TaskPoolStrategy(size=2 * len(writers)), max_retries=0,
+                              compute=TaskPoolStrategy(size=2 * max(len(writers), producers)), max_retries=0,
                               # where the block is (Ray's locality-aware default), not Ray Data's SPREAD:
                               # then its node's writer takes the samples, which never cross the network again
                               scheduling_strategy="DEFAULT")

@@ -38,34 +38,57 @@ def test_ray_job_submit_to_local_head(tmp_path):
     _check_demo_output(out)
 
 
+# Placement forced by resources (as tests/test_object_store_output.py's cluster run): two 1.5-CPU
+# detection actors cannot share a 2-CPU node, and the 0.5 CPU left on each node takes one crop actor;
+# full pools wait for all their actors, so the job cannot start cropping before the second node is there.
+PLACED_BY_RESOURCES = ("ray:\n  full_pools: true\n  full_pools_wait_s: 300\n  detect_actors: 2\n  detect_num_cpus: 1.5\n"
+                       "score:\n  actors: 2\n  num_cpus: 0.5\nfeatures:\n  enabled: false\n")
+
+
 @pytest.mark.long
-def test_two_node_cluster(tmp_path):
+def test_a_node_that_joins_mid_run_gets_a_shard_writer_and_writes_its_samples(tmp_path):
+    """An autoscaled group starts empty (docker/kuberay/raycluster.yaml's GPU group): a node that joins
+    after the run started gets its own shard writer, and the samples made on it are written there."""
+    import time
+
     from ray.cluster_utils import Cluster
+
+    from pipeline.journal import Journal
 
     cluster = Cluster(initialize_head=True, connect=False,
                       head_node_args={"num_cpus": 2, "include_dashboard": False})
+    job = None
     try:
-        cluster.add_node(num_cpus=2)
-        cluster.wait_for_nodes()
         out = tmp_path / "out"
         env = dict(os.environ, RAY_ADDRESS=cluster.address, RAY_USAGE_STATS_ENABLED="0")
         cfg = tmp_path / "cfg.yaml"
-        cfg.write_text("ray:\n  detect_actors: 2\n")
-        r = subprocess.run([sys.executable, "jobs/curate.py", "--demo", "--output", str(out), "--config", str(cfg)],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        cfg.write_text(PLACED_BY_RESOURCES)
+        job = subprocess.Popen([sys.executable, "jobs/curate.py", "--demo", "--output", str(out), "--config", str(cfg)],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # the run has begun (its number is taken just before its writers start on the nodes there are)
+        deadline = time.monotonic() + 300
+        while not (out / "_journal" / "runs" / "000001.json").exists():
+            assert job.poll() is None and time.monotonic() < deadline, "the job did not begin its run"
+            time.sleep(0.2)
+        time.sleep(3)
+        head = {n.node_id for n in cluster.list_all_nodes()}
+        cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        joined = {n.node_id for n in cluster.list_all_nodes()} - head
+        log, _ = job.communicate(timeout=400)
+        assert job.returncode == 0, log[-4000:]
         run = _check_demo_output(out)
-        node_ids = {n.node_id for n in cluster.list_all_nodes()}
-        assert len(node_ids) == 2
-        assert set(run["nodes_used"]) <= node_ids and run["nodes_used"]
-        # a shard writer on each node; every shard written by one of them, on its node
+        assert len(joined) == 1 and run["writers"]["joined_node_ids"] == sorted(joined), (run["writers"], log[-2000:])
+        assert "joined: shard writer" in log
+        node_ids = head | joined
         assert run["writers"]["count"] == 2 and set(run["writers"]["node_ids"]) == node_ids
-        from pipeline.journal import Journal
-
+        # both nodes cropped a clip; each was written on its own node, by that node's writer
         entries = Journal(out).shard_entries()
-        assert entries and {e["writer"]["node_id"] for e in entries} <= node_ids
+        assert {e["writer"]["node_id"] for e in entries} == node_ids, entries
         assert sum(e["nsamples"] for e in entries) == run["summary"]["clips_kept"]
     finally:
+        if job is not None and job.poll() is None:
+            job.kill()
         cluster.shutdown()
 
 
