@@ -58,8 +58,20 @@ def main() -> None:
     ap.add_argument("--rows", type=Path, required=True, help="cache of the detect stage's rows (JSON)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--profile", type=Path, default=None, help="write cProfile stats here")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="config override, e.g. score.landmarks_every=2 (YAML value)")
     args = ap.parse_args()
     config = CurateConfig()
+    if args.set:
+        import yaml
+
+        overrides: dict = {}
+        for item in args.set:
+            key, value = item.split("=", 1)
+            section, field = key.split(".", 1)
+            overrides.setdefault(section, {})[field] = yaml.safe_load(value)
+        config = CurateConfig.model_validate({**config.model_dump(), **{
+            k: {**config.model_dump()[k], **v} for k, v in overrides.items()}})
     import torch
 
     torch.set_num_threads(1)  # as in the Ray actor (1 CPU: Ray sets OMP_NUM_THREADS=1)
