@@ -250,6 +250,10 @@ class ClipObserver:
             ma = motion_scores.mouth_activity(opening, fps=fps)
             out["mouth_activity"] = ma["mouth_speed"]
             detail["mouth"] = ma
+            if self.landmarks_every > 1:  # score.landmarks_every: how many frames had their own landmarks
+                interpolated = int(np.sum(np.array(self._lm_skipped, bool) & have))
+                detail["landmark_frames"] = {"every": self.landmarks_every, "interpolated": interpolated,
+                                             "measured": int(have.sum()) - interpolated}
             # insightface's 68-point fit to its meanshape_68 (pipeline/scoring/pose.py) on 1k3d68's points
             # (full) or FaceMesh's mapped to iBUG-68 (smoke)
             if self.landmarks3d is not None:

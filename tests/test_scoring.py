@@ -320,6 +320,16 @@ def test_landmarks_every_k_runs_facemesh_on_the_expected_frames_and_interpolates
             np.testing.assert_allclose(lms[i], expected, atol=1e-3)
     # the interpolation stays near what FaceMesh gives on these frames (a talking head at 25 fps)
     assert np.abs(lms[..., :2] - np.stack([f.landmarks for f in reference])[..., :2]).mean() < 2.0
+    scores, detail = every3.finish(np.zeros(16000, np.float32), *_smoke_syncnet(), (512, 512))
+    assert detail["landmark_frames"] == {"every": 3, "measured": 6, "interpolated": 5}
+    assert "landmark_frames" not in every1.finish(np.zeros(16000, np.float32), *_smoke_syncnet(), (512, 512))[1]
+    assert scores["mouth_activity"] is not None
+
+
+def _smoke_syncnet():
+    from pipeline.clip_scores import load_syncnet
+
+    return load_syncnet("smoke", None)
 
 
 @pytest.mark.realdata
