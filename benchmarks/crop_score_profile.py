@@ -1,7 +1,7 @@
 """CPU profile of the crop & score stage alone, in process (docs/benchmarks.md, issue 13).
 
     python benchmarks/crop_score_profile.py --input ../shared/data/real --rows /tmp/detect-rows.json \
-        --out /tmp/crop-before [--profile /tmp/crop-before.prof]
+        --out /tmp/crop-before [--profile /tmp/crop-before.prof] [--set score.landmarks_every=2 ...]
 
 The detect stage's rows are computed once and cached in ``--rows`` (JSON), so before/after runs
 crop and score exactly the same candidate clips. Writes ``--out``/scores.json (every clip's scores,
