@@ -1,7 +1,7 @@
 """CPU profile of the crop & score stage alone, in process (docs/benchmarks.md, issue 13).
 
     python benchmarks/crop_score_profile.py --input ../shared/data/real --rows /tmp/detect-rows.json \
-        --out /tmp/crop-before [--profile /tmp/crop-before.prof]
+        --out /tmp/crop-before [--profile /tmp/crop-before.prof] [--set score.landmarks_every=2 ...]
 
 The detect stage's rows are computed once and cached in ``--rows`` (JSON), so before/after runs
 crop and score exactly the same candidate clips. Writes ``--out``/scores.json (every clip's scores,
@@ -58,8 +58,20 @@ def main() -> None:
     ap.add_argument("--rows", type=Path, required=True, help="cache of the detect stage's rows (JSON)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--profile", type=Path, default=None, help="write cProfile stats here")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="config override, e.g. score.landmarks_every=2 (YAML value)")
     args = ap.parse_args()
     config = CurateConfig()
+    if args.set:
+        import yaml
+
+        overrides: dict = {}
+        for item in args.set:
+            key, value = item.split("=", 1)
+            section, field = key.split(".", 1)
+            overrides.setdefault(section, {})[field] = yaml.safe_load(value)
+        config = CurateConfig.model_validate({**config.model_dump(), **{
+            k: {**config.model_dump()[k], **v} for k, v in overrides.items()}})
     import torch
 
     torch.set_num_threads(1)  # as in the Ray actor (1 CPU: Ray sets OMP_NUM_THREADS=1)

@@ -63,7 +63,7 @@ class ClipObserver:
 
     def __init__(self, clip: CandidateClip, detector, sync_size: int, fps: int = 25, size: int = 512,
                  landmarks3d=None, box_detector=None, identity=None, identity_frames: int = 5,
-                 iqa_model=None):
+                 iqa_model=None, landmarks_every: int = 1):
         self.clip, self.detector, self.sync_size, self.fps, self.size = clip, detector, sync_size, fps, size
         # full profile: insightface 1k3d68 68x3 landmarks give the head pose (its 3-D fit);
         # FaceMesh's dense landmarks still give mouth opening, movement and completeness.
@@ -82,6 +82,13 @@ class ClipObserver:
         self.boxes: list[np.ndarray] = []
         self.det_boxes: list[np.ndarray] = []
         self.landmarks: list[np.ndarray | None] = []
+        # score.landmarks_every: the landmark model runs on every k-th frame (and the last, and the
+        # frame after one where it found nothing); frames between two landmark frames get the linear
+        # interpolation of theirs in `_landmark_array` (docs/benchmarks.md, issue 13)
+        self.landmarks_every = int(landmarks_every)
+        if self.landmarks_every < 1:
+            raise ValueError(f"landmarks_every must be >= 1, got {landmarks_every}")
+        self._lm_skipped: list[bool] = []  # frame i had a face but its landmarks were not computed
         self.n_faces: list[int] = []
         self.sync_crops: list[np.ndarray] = []
         self._pending: list[tuple[int, np.ndarray]] = []  # frames waiting for their smoothed box
@@ -101,7 +108,8 @@ class ClipObserver:
             h, hm = fingerprints.phash_pair(frame)
             self.phash.append(h)
             self.phash_mirrored.append(hm)
-        faces = self.detector.detect(frame)
+        want_landmarks = self._landmarks_due(len(self.boxes))
+        faces = self.detector.detect(frame) if want_landmarks else self.detector.detect(frame, landmarks=False)
         self.quality.add_frame(frame)
         self.n_faces.append(len(faces))
         face = self._central_face(faces)
@@ -111,6 +119,7 @@ class ClipObserver:
             box, lms = (self.boxes[-1] if self.boxes else np.full(4, np.nan, np.float32)), None
         self.boxes.append(box)
         self.landmarks.append(lms)
+        self._lm_skipped.append(face is not None and not want_landmarks)
         if face is not None:
             self.quality.add_face(frame, box)
         det_face, det_box = face, box
@@ -126,6 +135,19 @@ class ClipObserver:
             self._identity_frame(len(self.n_faces) - 1, frame, det_face)
         self._pending.append((len(self.det_boxes) - 1, frame))
         self._cut_sync_crops(final=False)
+
+    def _landmarks_due(self, i: int) -> bool:
+        """Whether frame i gets the landmark model (always, with ``landmarks_every`` = 1)."""
+        k = self.landmarks_every
+        if k == 1 or i % k == 0 or i >= int(self.clip.n_frames) - 1:
+            return True
+        # the last landmark frame found none: try again now rather than k frames later
+        prev = i - 1
+        if not self._lm_skipped[prev] and self.landmarks[prev] is None:
+            return True
+        # the identity embedding's next frame needs FaceMesh's keypoints (smoke) on that very frame
+        return (self.identity is not None and self.box_detector is None and bool(self._id_targets)
+                and i >= self._id_targets[0])
 
     def _identity_frame(self, i: int, frame: np.ndarray, face) -> None:
         if not self._id_targets or i < self._id_targets[0] or face is None or face.kps5 is None:
@@ -184,6 +206,7 @@ class ClipObserver:
         for i, lm in enumerate(self.landmarks):
             if lm is not None:
                 out[i] = lm
+        interpolate_skipped(out, np.array(self._lm_skipped, bool))
         return out
 
     def finish(self, audio16k: np.ndarray, syncnet, sync_weights: str, source_size: tuple[int, int],
@@ -227,6 +250,10 @@ class ClipObserver:
             ma = motion_scores.mouth_activity(opening, fps=fps)
             out["mouth_activity"] = ma["mouth_speed"]
             detail["mouth"] = ma
+            if self.landmarks_every > 1:  # score.landmarks_every: how many frames had their own landmarks
+                interpolated = int(np.sum(np.array(self._lm_skipped, bool) & have))
+                detail["landmark_frames"] = {"every": self.landmarks_every, "interpolated": interpolated,
+                                             "measured": int(have.sum()) - interpolated}
             # insightface's 68-point fit to its meanshape_68 (pipeline/scoring/pose.py) on 1k3d68's points
             # (full) or FaceMesh's mapped to iBUG-68 (smoke)
             if self.landmarks3d is not None:
@@ -270,6 +297,25 @@ class ClipObserver:
             if isinstance(v, float) and math.isnan(v):
                 out[key] = None
         return out, _jsonable(detail)
+
+
+def interpolate_skipped(lms: np.ndarray, skipped: np.ndarray) -> None:
+    """In place: each run of skipped frames between two frames with landmarks gets their linear
+    interpolation in the frame index; a run without landmarks on both sides stays NaN."""
+    have = np.isfinite(lms).all(axis=tuple(range(1, lms.ndim)))
+    i, n = 0, len(lms)
+    while i < n:
+        if not skipped[i]:
+            i += 1
+            continue
+        j = i
+        while j < n and skipped[j]:
+            j += 1
+        a, b = i - 1, j  # the landmark frames around the run i..j-1
+        if a >= 0 and b < n and have[a] and have[b]:
+            t = ((np.arange(i, j) - a) / (b - a)).astype(np.float32).reshape((-1,) + (1,) * (lms.ndim - 1))
+            lms[i:j] = lms[a] + (lms[b] - lms[a]) * t
+        i = j
 
 
 class ObserverThread:

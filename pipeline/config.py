@@ -184,6 +184,14 @@ class ScoreConfig(_Section):
                                                  "file (pipeline/scoring/learned_iqa.py); never downloaded")
     learned_iqa_model: str = Field("CNNIQA_koniq10k-e6f14c91.pth", description="file in model_dir (pyiqa's layout, "
                                    "torch or safetensors)")
+    # FaceMesh on the 512 output frames is ~80% of the per-frame face work of the crop & score stage
+    # (docs/benchmarks.md, issue 13, "Landmarks per output frame"): these trade landmark accuracy for CPU.
+    landmarks_every: int = Field(1, ge=1, le=25, description="FaceMesh on every k-th output frame (and the last); "
+                                 "the frames between get the linear interpolation of its landmarks: mouth_activity reads "
+                                 "lower (up to 0.11 at 2, 0.22 at 3 on the real clips), pose moves < 1 degree; boxes, "
+                                 "face counts and identity frames do not move")
+    landmarks_on_box: bool = Field(False, description="FaceMesh's landmark model on the region of BlazeFace's box of "
+                                   "the frame, without the FaceMesh solution's second face detection on the crop")
 
 
 class FeaturesConfig(_Section):

@@ -332,7 +332,7 @@ class CropScoreStage:
         # Landmarks on the 512 crops: FaceMesh's 478 points (the detect stage's backend may be
         # SCRFD without dense landmarks in `full`).
         self.face_model = MediaPipeFaceDetector(min_confidence=config.detect.min_confidence, landmarks=True,
-                                                ranges="short")
+                                                ranges="short", landmarks_on_box=config.score.landmarks_on_box)
         self.syncnet, self.sync_weights = load_syncnet(config.profile, config.model_dir, config.score.syncnet_model)
         self.landmarks3d = None
         if config.profile == "full":
@@ -601,7 +601,8 @@ class CropScoreStage:
         cfg = self.config.output
         return ClipObserver(clip, self.face_model, self.syncnet.image_size, cfg.fps, cfg.size,
                             landmarks3d=self.landmarks3d, box_detector=self.box_detector, identity=self.identity,
-                            identity_frames=self.config.score.identity_frames, iqa_model=self.iqa_model)
+                            identity_frames=self.config.score.identity_frames, iqa_model=self.iqa_model,
+                            landmarks_every=self.config.score.landmarks_every)
 
     def _crop_one(self, row: dict, p: dict, clip: CandidateClip, audio, tmpdir: Path):
         """Crop and score one clip again (the offset trim): (CroppedClip, scores, detail) or the MediaError."""

@@ -241,3 +241,111 @@ def test_observer_thread_keeps_frame_order_and_hands_errors_back():
     assert seen[-1] == 50
     worker.close()
     assert not worker._thread.is_alive()
+
+
+# ================================================================ landmark rate (score.landmarks_every / landmarks_on_box)
+
+
+def test_skipped_landmarks_are_the_linear_interpolation_of_their_neighbours():
+    from pipeline.clip_scores import interpolate_skipped
+
+    rng = np.random.default_rng(1)
+    lms = rng.normal(0, 50, (12, 478, 3)).astype(np.float32)
+    skipped = np.zeros(12, bool)
+    skipped[[1, 2, 4, 8, 11]] = True
+    lms[skipped] = np.nan
+    lms[7] = np.nan  # a landmark frame where FaceMesh found nothing
+    expected = lms.copy()
+    expected[1] = lms[0] + (lms[3] - lms[0]) / 3
+    expected[2] = lms[0] + (lms[3] - lms[0]) * 2 / 3
+    expected[4] = (lms[3] + lms[5]) / 2
+    # 8: its left neighbour has no landmarks; 11: no right neighbour: both stay NaN
+    interpolate_skipped(lms, skipped)
+    np.testing.assert_allclose(lms, expected, rtol=1e-6, atol=1e-4)
+    assert np.isnan(lms[[7, 8, 11]]).all()
+
+
+class _RecordingDetector:
+    """The real MediaPipe detector, recording on which frames the landmark model ran."""
+
+    def __init__(self, detector):
+        self.detector, self.name, self.calls = detector, detector.name, []
+
+    def detect(self, image, landmarks=True):
+        self.calls.append(landmarks)
+        return self.detector.detect(image, landmarks=landmarks)
+
+
+def _observe(frames, detector, every, identity=None, identity_frames=5):
+    from pipeline.clip_scores import ClipObserver
+    from pipeline.segment import CandidateClip
+
+    clip = CandidateClip(clip_index=0, track_id=0, shot_index=0, start_s=0.0, n_frames=len(frames), crop_x0=0.0,
+                         crop_y0=0.0, crop_size=512.0, crop_scale=1.0, face_size_px=200.0, padded=False,
+                         max_faces=1, detections={})
+    obs = ClipObserver(clip, detector, 224, identity=identity, identity_frames=identity_frames, landmarks_every=every)
+    for f in frames:
+        obs.observe(f)
+    return obs
+
+
+@pytest.mark.realdata
+def test_landmarks_every_k_runs_facemesh_on_the_expected_frames_and_interpolates_between():
+    """score.landmarks_every = 3 on 11 crop-stage frames: FaceMesh on frames 0, 3, 6, 9, the last (10) and the
+    identity embedding's frame 5 (identity_frames=3: 0, 5, 10), BlazeFace on all; the landmarks of the
+    frames between are the linear interpolation of the landmark frames'; every = 1 is FaceMesh on every frame."""
+    from pipeline.faces.arcface import ArcFace
+    from pipeline.faces.mediapipe_backend import MediaPipeFaceDetector
+
+    frames = decode_frames(real("wda_aoc_000.mp4"), 11)  # 512 x 512 like the crop stage's frames
+    mp_detector = MediaPipeFaceDetector(landmarks=True, ranges="short")
+    reference = [mp_detector.detect(f)[0] for f in frames]
+    every1 = _observe(frames, _RecordingDetector(mp_detector), 1, ArcFace.smoke(), 3)
+    assert every1.detector.calls == [True] * 11
+    for face, lm, box in zip(reference, every1.landmarks, every1.boxes):
+        np.testing.assert_array_equal(lm, face.landmarks)
+        np.testing.assert_array_equal(box, face.box)
+
+    every3 = _observe(frames, _RecordingDetector(mp_detector), 3, ArcFace.smoke(), 3)
+    ran = [i for i, c in enumerate(every3.detector.calls) if c]
+    assert ran == [0, 3, 5, 6, 9, 10]
+    np.testing.assert_array_equal(np.stack(every3.boxes), np.stack(every1.boxes))
+    assert every3._id_frames == every1._id_frames == [0, 5, 10]
+    lms = every3._landmark_array()
+    for i in ran:
+        np.testing.assert_array_equal(lms[i], reference[i].landmarks)
+    for a, b in zip(ran, ran[1:]):
+        for i in range(a + 1, b):
+            expected = reference[a].landmarks + (reference[b].landmarks - reference[a].landmarks) * ((i - a) / (b - a))
+            np.testing.assert_allclose(lms[i], expected, atol=1e-3)
+    # the interpolation stays near what FaceMesh gives on these frames (a talking head at 25 fps)
+    assert np.abs(lms[..., :2] - np.stack([f.landmarks for f in reference])[..., :2]).mean() < 2.0
+    scores, detail = every3.finish(np.zeros(16000, np.float32), *_smoke_syncnet(), (512, 512))
+    assert detail["landmark_frames"] == {"every": 3, "measured": 6, "interpolated": 5}
+    assert "landmark_frames" not in every1.finish(np.zeros(16000, np.float32), *_smoke_syncnet(), (512, 512))[1]
+    assert scores["mouth_activity"] is not None
+
+
+def _smoke_syncnet():
+    from pipeline.clip_scores import load_syncnet
+
+    return load_syncnet("smoke", None)
+
+
+@pytest.mark.realdata
+def test_landmarks_on_box_are_close_to_the_facemesh_solution():
+    """score.landmarks_on_box: the landmark model on BlazeFace's region (no second detection) gives the same
+    478 points within a pixel or two of the FaceMesh solution on its crop, and the same kps5 layout."""
+    from pipeline.faces.mediapipe_backend import MediaPipeFaceDetector
+
+    frames = decode_frames(real("wda_aoc_000.mp4"), 5)
+    solution = MediaPipeFaceDetector(landmarks=True, ranges="short")
+    on_box = MediaPipeFaceDetector(landmarks=True, ranges="short", landmarks_on_box=True)
+    assert on_box.name != solution.name
+    for f in frames:
+        a, b = solution.detect(f)[0], on_box.detect(f)[0]
+        np.testing.assert_array_equal(a.box, b.box)
+        assert b.landmarks.shape == (478, 3) and b.kps5.shape == (5, 2)
+        np.testing.assert_array_equal(b.kps5, b.landmarks[[468, 473, 1, 61, 291], :2])
+        assert np.abs(a.landmarks[:, :2] - b.landmarks[:, :2]).mean() < 2.0
+    assert on_box.detect(frames[0], landmarks=False)[0].landmarks is None

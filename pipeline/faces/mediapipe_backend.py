@@ -7,12 +7,42 @@ turned close-up faces that the short-range one finds (``ranges="short"`` uses on
 as the scoring stage does on the 512 crops where the face fills half the frame). Landmarks: FaceMesh (478 points with iris
 refinement) run on a square crop around every detection, which keeps small faces at a
 resolution FaceMesh handles and maps each landmark set to exactly one detection.
+``landmarks_on_box=True`` (the scoring stage's ``score.landmarks_on_box``) skips the FaceMesh
+solution's own second face detection on that crop: its landmark graph (``FaceLandmarkCpu``) is
+given the region MediaPipe's face-mesh graph derives from a detection, here BlazeFace's detection of
+the frame. About 1.7 ms less a 512 frame; the landmarks move by ~0.7 px (docs/benchmarks.md, issue 13).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .base import Face
+
+# MediaPipe's FaceLandmarkCpu subgraph (registered in the mediapipe wheel): the 478-point landmark
+# model with attention on a given region, without face_landmark_front_cpu's face detector.
+_LANDMARK_ON_ROI_GRAPH = """
+input_stream: "IMAGE:image"
+input_stream: "ROI:roi"
+output_stream: "LANDMARKS:landmarks"
+node {
+  calculator: "FaceLandmarkCpu"
+  input_stream: "IMAGE:image"
+  input_stream: "ROI:roi"
+  input_side_packet: "WITH_ATTENTION:with_attention"
+  output_stream: "LANDMARKS:landmarks"
+}
+"""
+
+
+def detection_roi(box: np.ndarray, right_eye: tuple[float, float], left_eye: tuple[float, float]) -> tuple:
+    """(x_center, y_center, side, rotation) in pixels/radians: the region face_landmark_front_cpu derives
+    from a BlazeFace detection (face_detection_front_detection_to_roi: rotation that levels the eye
+    keypoints 0 -> 1, box scaled 1.5x, square on its long side)."""
+    (x0, y0), (x1, y1) = right_eye, left_eye
+    rotation = -np.arctan2(-(y1 - y0), x1 - x0)
+    rotation = rotation - 2 * np.pi * np.floor((rotation + np.pi) / (2 * np.pi))
+    side = max(float(box[2] - box[0]), float(box[3] - box[1])) * 1.5
+    return float(box[0] + box[2]) / 2, float(box[1] + box[3]) / 2, side, float(rotation)
 
 # FaceMesh indices (mediapipe/modules/face_geometry canonical model) for SCRFD-style 5 points,
 # as seen in the image: left eye (iris centre 468 with refinement), right eye (473), nose tip (1),
@@ -33,7 +63,7 @@ def padded_crop(image: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> np.nda
 
 class MediaPipeFaceDetector:
     def __init__(self, min_confidence: float = 0.5, landmarks: bool = True, crop_expand: float = 1.7,
-                 ranges: str = "full+short"):
+                 ranges: str = "full+short", landmarks_on_box: bool = False):
         import mediapipe as mp
 
         if ranges not in ("full+short", "short"):
@@ -44,14 +74,21 @@ class MediaPipeFaceDetector:
                                             min_detection_confidence=min_confidence)]
         if ranges == "full+short":
             self._detectors.append(fd.FaceDetection(model_selection=0, min_detection_confidence=min_confidence))
-        self._mesh = None
-        if landmarks:
+        self._mesh = self._landmark_graph = None
+        if landmarks and landmarks_on_box:
+            from mediapipe.python.solution_base import SolutionBase
+
+            self._landmark_graph = SolutionBase(graph_config=_LANDMARK_ON_ROI_GRAPH,
+                                                side_inputs={"with_attention": True}, outputs=["landmarks"])
+            self.name += "+facemesh-478-on-box"
+        elif landmarks:
             self._mesh = mp.solutions.face_mesh.FaceMesh(
                 static_image_mode=True, max_num_faces=1, refine_landmarks=True, min_detection_confidence=0.3)
             self.name += "+facemesh-478"
         self.crop_expand = crop_expand
 
-    def detect(self, image_rgb: np.ndarray) -> list[Face]:
+    def detect(self, image_rgb: np.ndarray, landmarks: bool = True) -> list[Face]:
+        """Faces, highest score first; ``landmarks=False`` skips the landmark model on this image."""
         h, w = image_rgb.shape[:2]
         image_rgb = np.ascontiguousarray(image_rgb)
         detections = []
@@ -65,7 +102,10 @@ class MediaPipeFaceDetector:
             x0, y0 = rb.xmin * w, rb.ymin * h
             box = np.array([x0, y0, x0 + rb.width * w, y0 + rb.height * h], dtype=np.float32)
             face = Face(box=box, score=float(det.score[0]))
-            if self._mesh is not None:
+            if landmarks and self._landmark_graph is not None:
+                kp = det.location_data.relative_keypoints
+                self._add_landmarks_on_box(image_rgb, face, (kp[0].x * w, kp[0].y * h), (kp[1].x * w, kp[1].y * h))
+            elif landmarks and self._mesh is not None:
                 self._add_landmarks(image_rgb, face)
             faces.append(face)
         faces.sort(key=lambda f: -f.score)
@@ -87,5 +127,19 @@ class MediaPipeFaceDetector:
         lm = res.multi_face_landmarks[0].landmark
         ch, cw = crop.shape[:2]
         pts = np.array([[p.x * cw + x0, p.y * ch + y0, p.z * cw] for p in lm], dtype=np.float32)
+        face.landmarks = pts
+        face.kps5 = pts[list(_KPS5_FROM_MESH), :2].copy()
+
+    def _add_landmarks_on_box(self, image: np.ndarray, face: Face, right_eye, left_eye) -> None:
+        from mediapipe.framework.formats import rect_pb2
+
+        h, w = image.shape[:2]
+        cx, cy, side, rotation = detection_roi(face.box, right_eye, left_eye)
+        roi = rect_pb2.NormalizedRect(x_center=cx / w, y_center=cy / h, width=side / w, height=side / h,
+                                      rotation=rotation)
+        res = self._landmark_graph.process({"image": image, "roi": roi})
+        if res.landmarks is None:  # the model's face presence score was below its threshold
+            return
+        pts = np.array([[p.x * w, p.y * h, p.z * w] for p in res.landmarks.landmark], dtype=np.float32)
         face.landmarks = pts
         face.kps5 = pts[list(_KPS5_FROM_MESH), :2].copy()
