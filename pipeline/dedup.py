@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import json
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
