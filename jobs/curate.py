@@ -103,7 +103,7 @@ def main(argv=None) -> int:
 
     try:
         refuse_if_locked(args.output, config)  # a second run is refused before Ray starts
-    except OutputLocked as e:
+    except (OutputLocked, ValueError, OSError) as e:  # held; or an output URL or store that cannot be read
         print(f"error: {e}", file=sys.stderr)
         return 2
     start_ray(config, verbose=args.verbose)

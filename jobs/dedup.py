@@ -36,13 +36,14 @@ def main(argv=None) -> int:
         return 2
     from jobs._ray import start_ray
     from pipeline.dedup import dedup_output
+    from pipeline.journal import OutputLocked
 
     try:
         if "://" not in args.dir and not (Path(args.dir) / "index.json").exists():  # before starting Ray for nothing
             raise FileNotFoundError(f"{args.dir}/index.json is missing: not a finished curation output")
         start_ray(config)
         report = dedup_output(args.dir, config)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, OutputLocked) as e:  # OutputLocked: a curation or refilter writes it now
         print(f"error: {e}", file=sys.stderr)
         return 2
     found, applied = report["found"], report["refilter"]

@@ -230,6 +230,9 @@ class WriteConfig(_Section):
     # renewed every lease/4): a killed run's successor takes it over once it has not been renewed
     # for this long. A local output uses flock, which the kernel releases when the run dies.
     lock_lease_s: float = Field(120.0, ge=1, description="lease of an object-store output's lock (s)")
+    # With one writer per node (writers None), the driver looks for nodes that joined the cluster
+    # this often and starts their writers (writer.NodeWriters).
+    node_poll_s: float = Field(10.0, gt=0, le=600, description="seconds between looks for nodes that joined (writers None)")
 
 
 class RayConfig(_Section):

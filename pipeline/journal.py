@@ -129,7 +129,7 @@ def _light_entry(kind: str, entry: dict) -> dict:
 _RESOURCE_FIELDS = {
     "ray": None, "model_dir": None,
     "dedup": None,  # thresholds of jobs/dedup.py, a later job over the finished output
-    "write": ("dataset_name", "writers", "lock_lease_s"),
+    "write": ("dataset_name", "writers", "lock_lease_s", "node_poll_s"),
     "features": ("device", "batch_size", "num_gpus", "num_cpus", "actors"),
     "score": ("syncnet_batch_size", "num_gpus", "num_cpus", "actors"),
 }

@@ -308,6 +308,8 @@ def _run_locked(items, store, journal: Journal, config: CurateConfig, t_start: f
                       "are journaled as \"worker failed\" and redone by the next run", file=sys.stderr, flush=True)
         except BaseException:
             progress.close()  # a live bar gives the terminal back before the error is printed
+            if node_writers is not None:
+                node_writers.stop()  # no writer is added that the abort below would miss
             abort_writers(writers)  # their open shards are never published; their clips are redone on rerun
             with contextlib.suppress(OSError):  # best effort (the disk may be full): the first error matters
                 books.flush()
@@ -336,15 +338,19 @@ def _start_writing(todo, store, config: CurateConfig, run_number: int, committed
         writers = [LocalWriter(ShardSink(store, config.write.shard_max_bytes, run_number, 0))]
         return writers, write_rows(row_source(todo), writers, committed_keys=committed_keys, features=features)
     require_ray()
-    producers = config.features.actors if features else config.score.actors  # the last stage's pool
     if config.write.writers is None:  # one per node, nodes that join during the run included
-        node_writers = NodeWriters(store.url, config.storage_options, config.write.shard_max_bytes, run_number)
+        node_writers = NodeWriters(store.url, config.storage_options, config.write.shard_max_bytes, run_number,
+                                   poll_s=config.write.node_poll_s)
+        # On a cluster (nodes may join), room from the start for the write tasks of the writers that
+        # joining nodes add: as many as the last stage has actors. An embedded Ray is one machine:
+        # its one writer's two, not a worker process per actor waiting on that one writer.
+        on_cluster = bool(config.ray.address or os.environ.get("RAY_ADDRESS"))
+        producers = (config.features.actors if features else config.score.actors) if on_cluster else 1
         return node_writers, ray_rows(todo, config, lambda ds: add_write_stage(
             ds, node_writers.writers, committed_keys, features, directory=node_writers.directory, producers=producers))
     writers = start_writers(store.url, config.storage_options, config.write.shard_max_bytes, run_number,
                             config.write.writers)
-    return writers, ray_rows(todo, config, lambda ds: add_write_stage(ds, writers, committed_keys, features,
-                                                                      producers=producers))
+    return writers, ray_rows(todo, config, lambda ds: add_write_stage(ds, writers, committed_keys, features))
 
 
 def _writers_facts(writers: list, books: Bookkeeper) -> dict:

@@ -318,10 +318,20 @@ class NodeWriters:
 
     def __init__(self, store_url: str, storage_options: dict | None, max_bytes: int, run: int, poll_s: float = 10.0):
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self._args = (store_url, storage_options or {}, max_bytes, run)
         self.writers = start_writers(*self._args)
-        self.directory = ray.remote(num_cpus=0)(_WriterDirectory).remote(self.writers)
+        # On the driver's node, which lives as long as the run: an actor that asks for no resources
+        # is otherwise placed on any node, and an autoscaled node taking it down would fail every
+        # later write task.
+        driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        try:
+            self.directory = ray.remote(num_cpus=0)(_WriterDirectory).options(
+                scheduling_strategy=driver_node).remote(self.writers)
+        except Exception:
+            stop_writers(self.writers)
+            raise
         self._lock, self._stop = threading.Lock(), threading.Event()
         self._thread = threading.Thread(target=self._watch, args=(poll_s,), name="shard-writer-nodes", daemon=True)
         self._thread.start()
@@ -336,7 +346,11 @@ class NodeWriters:
             if not new or self._stop.is_set():
                 return []
             started = start_writers(*self._args, nodes=new, first_index=len(self.writers), timeout_s=60.0)
-            ray.get(self.directory.add.remote(started))
+            try:
+                ray.get(self.directory.add.remote(started), timeout=60)
+            except Exception:
+                stop_writers(started)  # never seen by a write task: nothing of theirs to keep
+                raise
             self.writers.extend(started)
             return started
 
@@ -370,7 +384,10 @@ def _write_batch(batch, writers: list, committed_keys, features: bool, directory
     import ray
 
     if directory is not None:
-        writers = ray.get(directory.get.remote())
+        try:
+            writers = ray.get(directory.get.remote())
+        except ray.exceptions.RayActorError:  # the directory is gone: the writers known when the dataset began
+            pass
     node_id = ray.get_runtime_context().get_node_id()
     records = []
     for row in batch.to_pylist():
@@ -409,7 +426,8 @@ def add_write_stage(ds, writers: list[RayWriter], committed_keys, features: bool
         return ds.map_batches(_write_batch, fn_kwargs={"writers": writers, "committed_keys": committed_keys,
                                                        "features": features, "directory": directory},
                               batch_size=None, batch_format="pyarrow", num_cpus=0,
-                              compute=TaskPoolStrategy(size=2 * max(len(writers), producers)), max_retries=0,
+                              compute=TaskPoolStrategy(size=2 * max(len(writers), producers if directory is not None else 1)),
+                              max_retries=0,
                               # where the block is (Ray's locality-aware default), not Ray Data's SPREAD:
                               # then its node's writer takes the samples, which never cross the network again
                               scheduling_strategy="DEFAULT")

@@ -44,7 +44,7 @@ def test_pools_grow_with_cpus_and_stop_at_memory():
 
 def test_a_config_that_sizes_pools_or_leaves_no_room_is_kept():
     own = load_config(None, **{"features.enabled": False, "score.actors": 3})
-    size_embedded_pools(own, 2.0, 8 * GB)
+    size_embedded_pools(own, 16.0, 8 * GB)  # room enough to size: the config's own field keeps it as it is
     assert _pools(own) == (False, 1, None, 3, None)
     # the smoke default runs a CPU feature actor: on 2 CPUs one CPU is left, the defaults stay
     features = load_config(None)

@@ -42,7 +42,9 @@ def test_ray_job_submit_to_local_head(tmp_path):
 # detection actors cannot share a 2-CPU node, and the 0.5 CPU left on each node takes one crop actor;
 # full pools wait for all their actors, so the job cannot start cropping before the second node is there.
 PLACED_BY_RESOURCES = ("ray:\n  full_pools: true\n  full_pools_wait_s: 300\n  detect_actors: 2\n  detect_num_cpus: 1.5\n"
-                       "score:\n  actors: 2\n  num_cpus: 0.5\nfeatures:\n  enabled: false\n")
+                       "score:\n  actors: 2\n  num_cpus: 0.5\nfeatures:\n  enabled: false\n"
+                       # the joined node's writer starts within a second, well before its crop actor is up
+                       "write:\n  node_poll_s: 1\n")
 
 
 @pytest.mark.long

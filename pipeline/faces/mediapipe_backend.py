@@ -10,7 +10,7 @@ resolution FaceMesh handles and maps each landmark set to exactly one detection.
 ``landmarks_on_box=True`` (the scoring stage's ``score.landmarks_on_box``) skips the FaceMesh
 solution's own second face detection on that crop: its landmark graph (``FaceLandmarkCpu``) is
 given the region MediaPipe's face-mesh graph derives from a detection, here BlazeFace's detection of
-the frame. About 1.7 ms less a 512 frame; the landmarks move by ~0.7 px (docs/benchmarks.md, issue 13).
+the frame. About 1.2 ms less a 512 frame (4.40 -> 3.17 ms with BlazeFace); the landmarks move by ~0.7 px (docs/benchmarks.md, issue 13).
 """
 from __future__ import annotations
 
