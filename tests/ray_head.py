@@ -20,6 +20,17 @@ import pytest
 BIN = Path(sys.executable).parent
 
 
+# Two 2-CPU nodes with placement forced by resources, not left to timing: two detection actors of
+# 1.5 CPU cannot share a node, and the 0.5 CPU left on each takes one crop+score actor. Full pools
+# wait for all their actors (ray.full_pools_wait_s) before the first input, detection's before
+# crop's (Ray Data starts the operators in order), so each node crops clips from the first input on,
+# and the write task hands them to its own node's writer (it runs where its block is). Features off.
+# tests/test_object_store_output.py and tests/test_ray_cluster.py.
+TWO_NODE_PLACEMENT = ("features:\n  enabled: false\n"
+                      "ray:\n  full_pools: true\n  full_pools_wait_s: 300\n  detect_actors: 2\n  detect_num_cpus: 1.5\n"
+                      "score:\n  actors: 2\n  num_cpus: 0.5\n")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from ray_head import head_env, loopback_ray_head, submit
+from ray_head import TWO_NODE_PLACEMENT, head_env, loopback_ray_head, submit
 from s3_server import S3Server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,18 +210,8 @@ def bytes_under(s3: S3Server, bucket: str, prefix: str, sub: str = "shards/") ->
 # 1. S3 output equals local output; the loader trains from it. 2. The driver sees no sample bytes.
 
 
-CLUSTER_CONFIG = (
-    # Placement forced by resources, not left to timing: on nodes of 2 CPUs two detection actors of
-    # 1.5 CPU cannot share a node, and the 0.5 CPU left on each takes one crop+score actor. Full
-    # pools wait for all their actors (ray.full_pools_wait_s) before the first input, detection's
-    # before crop's (Ray Data starts the operators in order), so both are on different nodes from the
-    # first input; one input at a time per actor sends the two talking heads to the two detection
-    # actors at once, and each one's clip to the crop actor on its node (Ray Data prefers the actor
-    # where the block is; the other is busy anyway). The write task runs where its block is, and
-    # hands the sample to its node's writer.
-    "write:\n  shard_max_bytes: 65536\nfeatures:\n  enabled: false\n"
-    "ray:\n  full_pools: true\n  full_pools_wait_s: 300\n  detect_actors: 2\n  detect_num_cpus: 1.5\n"
-    "score:\n  actors: 2\n  num_cpus: 0.5\n")
+# one input at a time per actor sends the two talking heads to the two detection actors at once
+CLUSTER_CONFIG = "write:\n  shard_max_bytes: 65536\n" + TWO_NODE_PLACEMENT
 
 
 @contextlib.contextmanager

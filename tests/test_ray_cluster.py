@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.shards import verify_index
-from ray_head import head_env, loopback_ray_head, submit
+from ray_head import TWO_NODE_PLACEMENT, head_env, loopback_ray_head, submit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,13 +38,8 @@ def test_ray_job_submit_to_local_head(tmp_path):
     _check_demo_output(out)
 
 
-# Placement forced by resources (as tests/test_object_store_output.py's cluster run): two 1.5-CPU
-# detection actors cannot share a 2-CPU node, and the 0.5 CPU left on each node takes one crop actor;
-# full pools wait for all their actors, so the job cannot start cropping before the second node is there.
-PLACED_BY_RESOURCES = ("ray:\n  full_pools: true\n  full_pools_wait_s: 300\n  detect_actors: 2\n  detect_num_cpus: 1.5\n"
-                       "score:\n  actors: 2\n  num_cpus: 0.5\nfeatures:\n  enabled: false\n"
-                       # the joined node's writer starts within a second, well before its crop actor is up
-                       "write:\n  node_poll_s: 1\n")
+# the joined node's writer starts within a second, well before its crop actor is up
+PLACED_BY_RESOURCES = TWO_NODE_PLACEMENT + "write:\n  node_poll_s: 1\n"
 
 
 @pytest.mark.long
