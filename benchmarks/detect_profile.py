@@ -7,8 +7,10 @@ Runs ``stages.DetectTrackStage`` (probe + detect, the smoke profile's MediaPipe 
 file of ``--real`` under cProfile with the calling thread's CPU clock (``time.thread_time``; the CPU
 of FFmpeg's decoder threads and of the probe's watchdog thread is the process's CPU time minus
 that), after one warm-up input, and prints CPU seconds per part. ``--save`` writes every output of the stage
-(rejects rows, cut times, frame and detection counts, clips, and the per-clip detection arrays)
-so that ``--compare`` can check a later version gives the same outputs.
+(rejects rows, cut times, frame and detection counts, clips) so that ``--compare`` can check a later
+version gives the same outputs. A file saved before 2026-12-01 also holds the per-clip detection arrays
+of the stage's former ``analysis`` blob (boxes, scores, FaceMesh landmarks); they are left out of the
+comparison, as the stage no longer writes them.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from pipeline.stages import DetectTrackStage, new_row  # noqa: E402
 # part -> functions (file suffix, function name) whose cumulative time it is; the order matters:
 # a part's time is its functions' cumulative time minus the parts listed after it that run inside.
 PARTS = {
-    "face detection (BlazeFace + FaceMesh)": [("faces/mediapipe_backend.py", "detect")],
+    "face detection (BlazeFace)": [("faces/mediapipe_backend.py", "detect")],
     "shot detection": [("pipeline/shots.py", "process"), ("pipeline/shots.py", "finish")],
     "letterbox bars": [("pipeline/geometry.py", "add"), ("pipeline/geometry.py", "add_luma")],
     "swscale: resize + RGB conversion": [("~", "<method 'to_ndarray' of 'av.video.frame.VideoFrame' objects>"),
@@ -158,9 +160,12 @@ def _outputs(row: dict) -> dict:
     out["analysis"] = payload["analysis"]
     out["clips"] = payload["clips"]
     out["short_segments"] = payload["short_segments"]
-    with np.load(io.BytesIO(row["analysis"]), allow_pickle=False) as z:
-        out["arrays"] = {k: z[k].tolist() for k in sorted(z.files)}
     return out
+
+
+def _without_former_arrays(outputs: dict) -> dict:
+    """Outputs saved by a version with the ``analysis`` blob, without its arrays (see the docstring)."""
+    return {name: {k: v for k, v in out.items() if k != "arrays"} for name, out in outputs.items()}
 
 
 def _max_diff(a, b, path="") -> list[tuple[str, float | str]]:
@@ -213,7 +218,7 @@ def main() -> None:
     if args.save:
         args.save.write_text(json.dumps({"parts": parts, "total": total, "outputs": outputs}))
     if args.compare:
-        before = json.loads(args.compare.read_text())["outputs"]
+        before = _without_former_arrays(json.loads(args.compare.read_text())["outputs"])
         diffs = _max_diff(before, outputs)
         print(f"outputs against {args.compare}: {'identical' if not diffs else f'{len(diffs)} differences'}")
         for path, d in diffs[:40]:

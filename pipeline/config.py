@@ -52,9 +52,23 @@ class DetectConfig(_Section):
     detect_fps: float = Field(5.0, gt=0, le=60, description="face detection rate; boxes are interpolated between")
     min_confidence: float = Field(0.5, ge=0, le=1)
     max_side: int = Field(960, ge=128, description="frames are downscaled to this longest side for detection")
-    landmarks: bool = Field(True, description="run the landmark model on every detection")
     scrfd_model: str = "det_10g.onnx"
     scrfd_input_size: int = 640
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_landmarks(cls, data):
+        """``detect.landmarks`` is gone: tracking and segmenting use boxes only, and no stage read the
+        landmarks it ran FaceMesh for (a quarter of the smoke detect stage's CPU, docs/benchmarks.md,
+        issue 13). ``false`` asked for what now always happens; ``true`` cannot be honoured, so it says where
+        landmarks come from instead of running a model whose output nobody reads."""
+        if isinstance(data, dict) and "landmarks" in data:
+            data = dict(data)
+            if data.pop("landmarks"):
+                raise ValueError("detect.landmarks was removed: the detect stage runs no landmark model (nothing "
+                                 "read its landmarks); the scores' landmarks are measured on the output frames "
+                                 "(score.landmarks_every, score.landmarks_on_box). Delete the key")
+        return data
 
 
 class TrackConfig(_Section):

@@ -39,7 +39,6 @@ class CandidateClip:
     face_size_px: float
     padded: bool
     max_faces: int  # most faces seen at one detection time inside the clip
-    detections: dict  # arrays of the track restricted to the clip (times, boxes, ...)
     active_picture: list[float] | None = None  # [x0, y0, x1, y1] of the shot's picture inside its bars
     pad_frac: float = 0.0  # share of the crop's area outside the active picture (shown as padding)
 
@@ -181,7 +180,7 @@ def segment_tracks(analysis: VideoAnalysis, *, video_end_s: float, detect_fps: f
                 clip_index=-1, track_id=track.track_id, shot_index=track.shot_index, start_s=float(p_start),
                 n_frames=n_frames, crop_x0=float(x0), crop_y0=float(y0), crop_size=float(size),
                 crop_scale=float(used_scale), face_size_px=float(face), padded=bool(padded), max_faces=max_faces,
-                detections={k: v[sel] for k, v in arr.items()}, active_picture=picture.as_list(),
+                active_picture=picture.as_list(),
                 pad_frac=outside_share(x0, y0, size, picture)))
     clips.sort(key=lambda c: (c.start_s, c.track_id))
     for i, c in enumerate(clips):

@@ -16,7 +16,6 @@ the job.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import shutil
@@ -40,7 +39,7 @@ from .tracking import analyze_video
 
 # Binary columns every row carries (b"" when unset). `audio16k` is the clip's lossless 16 kHz
 # audio (float32 .npy) for the audio models; the rest map to shard members (SAMPLE_MEMBERS).
-BLOB_COLUMNS = ("mp4", "analysis", "audio16k", "latent", "audio_feat", "kps", "motion")
+BLOB_COLUMNS = ("mp4", "audio16k", "latent", "audio_feat", "kps", "motion")
 SAMPLE_MEMBERS = {"mp4": "video.mp4", "latent": "latent.npy", "audio_feat": "audio.npy", "kps": "kps.npy",
                   "motion": "motion.npy"}
 
@@ -251,15 +250,11 @@ class DetectTrackStage:
         payload["analysis"] = {"n_frames_decoded": int(len(analysis.frame_times)), "cuts_s": analysis.cut_times,
                                "n_tracks": len(analysis.tracks), "n_detections": int(len(analysis.detect_times)),
                                "coverage": coverage_record}
-        payload["clips"] = [{k: v for k, v in asdict(c).items() if k != "detections"} for c in clips]
+        payload["clips"] = [asdict(c) for c in clips]
         payload["short_segments"] = [asdict(s) for s in short]
-        buf = io.BytesIO()
-        arrays = {f"c{c.clip_index}_{k}": v for c in clips for k, v in c.detections.items()}
-        np.savez_compressed(buf, **arrays)
         _add_timing(payload, self.name, time.perf_counter() - t0)
         out = dict(row)
         out["payload"] = dumps(payload)
-        out["analysis"] = buf.getvalue()
         return out
 
 
@@ -398,7 +393,7 @@ class CropScoreStage:
         cfg = self.config.output
         filters = self.config.filters
         p = payload["probe"]
-        clips = [CandidateClip(detections={}, **c) for c in payload["clips"]]
+        clips = [CandidateClip(**c) for c in payload["clips"]]
         # Only decoded samples are ever cut into a clip (AudioTrack.cut): no silence padding. Only the
         # clips' own audio is held (with room for the lip-sync offset fix, at most +-15 frames), not
         # the whole track: the memory of a long input stays that of its clips.

@@ -38,19 +38,10 @@ class Track:
         return self.detections[-1].t
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """Detection times, boxes, scores, 5-point keypoints and landmarks as arrays (NaN = missing)."""
+        """Detection times and boxes as arrays: what segmenting and the crop box are made of."""
         times = np.array([d.t for d in self.detections], dtype=np.float64)
         boxes = np.stack([d.face.box for d in self.detections]).astype(np.float32)
-        scores = np.array([d.face.score for d in self.detections], dtype=np.float32)
-        kps = np.full((len(times), 5, 2), np.nan, np.float32)
-        lm_shape = next((d.face.landmarks.shape for d in self.detections if d.face.landmarks is not None), None)
-        lms = np.full((len(times),) + lm_shape, np.nan, np.float32) if lm_shape else np.zeros((len(times), 0, 3), np.float32)
-        for i, d in enumerate(self.detections):
-            if d.face.kps5 is not None:
-                kps[i] = d.face.kps5
-            if lm_shape and d.face.landmarks is not None:
-                lms[i] = d.face.landmarks
-        return {"times": times, "boxes": boxes, "scores": scores, "kps5": kps, "landmarks": lms}
+        return {"times": times, "boxes": boxes}
 
 
 @dataclass

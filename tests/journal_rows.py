@@ -74,7 +74,7 @@ def _meta(item: InputItem, key: str, ci: int, scores: dict) -> dict:
                  "shot_index": 0},
         "crop": {"x0": 144.1, "y0": 13.2, "size": 277.2, "scale": 2.0, "face_size_px": scores["face_size_px"],
                  "padded": False, "active_picture": [0.0, 0.0, 640.0, 640.0], "pad_frac": 0.0},
-        "models": {"face_detector": "mediapipe-0.10.14:blazeface-full-short+facemesh-478",
+        "models": {"face_detector": "mediapipe-0.10.14:blazeface-full-short",
                    "landmarks": "mediapipe-0.10.14:blazeface-short+facemesh-478", "syncnet": "smoke-random"},
         "members": ["video.mp4", "meta.json"],
         "scores": scores,

@@ -47,6 +47,20 @@ def test_bad_config_is_a_clear_error(tmp_path, text, needle):
         assert str(f) in str(e.value)
 
 
+def test_removed_detect_landmarks_key(tmp_path):
+    """detect.landmarks is gone (the detect stage finds boxes only): ``false`` asked for what now always
+    happens and still loads; ``true`` is an error that says the key was removed and where landmarks come from."""
+    f = tmp_path / "c.yaml"
+    f.write_text("detect:\n  landmarks: false\n  detect_fps: 10\n")
+    cfg = load_config(f)
+    assert cfg.detect.detect_fps == 10 and "landmarks" not in cfg.detect.model_dump()
+    f.write_text("detect:\n  landmarks: true\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert "detect.landmarks was removed" in str(e.value) and "score.landmarks_every" in str(e.value)
+    assert str(f) in str(e.value)
+
+
 def test_cli_rejects_bad_config_before_work(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("crop_sacle: 2\n")

@@ -86,7 +86,7 @@ def test_crop_refuses_a_clip_outside_the_audio(derived):
     def clip(i, start):
         return CandidateClip(clip_index=i, track_id=0, shot_index=0, start_s=start, n_frames=16, crop_x0=0.0,
                              crop_y0=0.0, crop_size=512.0, crop_scale=1.0, face_size_px=200.0, padded=False,
-                             max_faces=1, detections={})
+                             max_faces=1)
 
     errors = []
     out = list(crop_and_normalize(str(derived["late"]), [clip(0, 1.8), clip(1, 3.0)], rotation=0, audio=track,

@@ -158,7 +158,7 @@ def test_full_scores_use_scrfd_boxes_for_syncnet_and_1k3d68(tmp_path):
     with av.open(str(real_path("wda_aoc_000.mp4"))) as c:  # 512 x 512: the crop stage's frames
         frames = [f.to_ndarray(format="rgb24") for _, f in zip(range(16), c.decode(video=0))]
     clip = CandidateClip(clip_index=0, track_id=0, shot_index=0, start_s=0.0, n_frames=16, crop_x0=0.0, crop_y0=0.0,
-                         crop_size=512.0, crop_scale=2.0, face_size_px=200.0, padded=False, max_faces=1, detections={})
+                         crop_size=512.0, crop_scale=2.0, face_size_px=200.0, padded=False, max_faces=1)
     obs = ClipObserver(clip, MediaPipeFaceDetector(landmarks=True, ranges="short"), 224, landmarks3d=lmk,
                        box_detector=scrfd)
     for f in frames:

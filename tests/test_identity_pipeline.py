@@ -137,7 +137,7 @@ def test_full_profile_aligns_on_scrfd_kps5(tmp_path):
     with av.open(str(real_path("wda_aoc_000.mp4"))) as c:  # 512 x 512: the crop stage's frames
         frames = [f.to_ndarray(format="rgb24") for _, f in zip(range(21), c.decode(video=0))]
     clip = CandidateClip(clip_index=0, track_id=0, shot_index=0, start_s=0.0, n_frames=21, crop_x0=0.0, crop_y0=0.0,
-                         crop_size=512.0, crop_scale=2.0, face_size_px=200.0, padded=False, max_faces=1, detections={})
+                         crop_size=512.0, crop_scale=2.0, face_size_px=200.0, padded=False, max_faces=1)
     model = ArcFace.smoke()
     obs = ClipObserver(clip, MediaPipeFaceDetector(landmarks=True, ranges="short"), 224, box_detector=scrfd,
                        identity=model, identity_frames=5)

@@ -160,7 +160,7 @@ def test_frame_rate_conversion_takes_the_nearest_source_frame(tmp_path, source_f
     n_out = 40  # 1.6 s at 25 fps, inside the 2 s source
     clip = CandidateClip(clip_index=0, track_id=0, shot_index=0, start_s=0.0, n_frames=n_out, crop_x0=0.0,
                          crop_y0=0.0, crop_size=float(size), crop_scale=1.0, face_size_px=32.0, padded=False,
-                         max_faces=1, detections={})
+                         max_faces=1)
     seen = []
     results = list(crop_and_normalize(str(path), [clip], rotation=0, audio=np.zeros(16000 * 2, np.float32),
                                       audio_t0=0.0, size=size, on_frame=lambda c, f: seen.append(f)))
@@ -199,7 +199,7 @@ def test_crop_releases_each_clip_encoder_when_its_clip_is_done(tmp_path):
             out.mux(p)
     clips = [CandidateClip(clip_index=k, track_id=0, shot_index=0, start_s=0.8 * k, n_frames=15, crop_x0=0.0,
                            crop_y0=0.0, crop_size=float(size), crop_scale=1.0, face_size_px=32.0, padded=False,
-                           max_faces=1, detections={}) for k in range(5)]
+                           max_faces=1) for k in range(5)]
 
     def live_encoders() -> int:
         gc.collect()

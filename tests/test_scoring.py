@@ -282,7 +282,7 @@ def _observe(frames, detector, every, identity=None, identity_frames=5):
 
     clip = CandidateClip(clip_index=0, track_id=0, shot_index=0, start_s=0.0, n_frames=len(frames), crop_x0=0.0,
                          crop_y0=0.0, crop_size=512.0, crop_scale=1.0, face_size_px=200.0, padded=False,
-                         max_faces=1, detections={})
+                         max_faces=1)
     obs = ClipObserver(clip, detector, 224, identity=identity, identity_frames=identity_frames, landmarks_every=every)
     for f in frames:
         obs.observe(f)

@@ -155,7 +155,7 @@ class Scorer:
         n = n_output_frames(end - p.video_start_s, FPS)
         return CandidateClip(clip_index=0, track_id=0, shot_index=0, start_s=float(p.video_start_s), n_frames=n,
                              crop_x0=(p.width - side) / 2, crop_y0=(p.height - side) / 2, crop_size=side,
-                             crop_scale=1.0, face_size_px=float("nan"), padded=False, max_faces=0, detections={})
+                             crop_scale=1.0, face_size_px=float("nan"), padded=False, max_faces=0)
 
     def _face_clip(self, uri: str) -> tuple[CandidateClip, dict]:
         from pipeline.stages import DetectTrackStage, new_row
@@ -166,7 +166,7 @@ class Scorer:
         payload = json.loads(row["payload"])
         if row["kind"] == "reject":
             raise EvalInputError(payload["reason"], payload.get("detail") or uri)
-        clips = [CandidateClip(detections={}, **c) for c in payload["clips"]]
+        clips = [CandidateClip(**c) for c in payload["clips"]]
         best = max(clips, key=lambda c: (c.n_frames, -c.start_s))
         return best, {"candidates": len(clips), "face_detector": self._detect.detector.name}
 

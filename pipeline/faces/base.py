@@ -49,8 +49,9 @@ def make_detector(config) -> FaceDetector:
     if backend == "mediapipe":
         from .mediapipe_backend import MediaPipeFaceDetector
 
-        return MediaPipeFaceDetector(min_confidence=config.detect.min_confidence,
-                                     landmarks=config.detect.landmarks)
+        # Boxes only: tracking and segmenting read nothing else (the scores' landmarks are measured
+        # on the output frames by the crop & score stage).
+        return MediaPipeFaceDetector(min_confidence=config.detect.min_confidence, landmarks=False)
     if backend == "scrfd":
         from .scrfd import ScrfdDetector
 
