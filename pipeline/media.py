@@ -556,7 +556,8 @@ def iter_frames(uri: str, *, start_s: float = 0.0, end_s: float | None = None, r
                 fmt: str = "rgb24", max_side: int | None = None,
                 square_pixels: bool = True,
                 damage: "DecodeLog | None" = None,
-                limits: DecodeLimits | None = None, raw: bool = False) -> Iterator[tuple[float, np.ndarray]]:
+                limits: DecodeLimits | None = None, raw: bool = False,
+                threads: int | None = None) -> Iterator[tuple[float, np.ndarray]]:
     """Yield (time_s, HxWx3 uint8 array) for every decoded frame with time in [start_s, end_s).
 
     Frames come in square pixels (``square_pixels``: resampled by the stream's sample aspect
@@ -573,12 +574,18 @@ def iter_frames(uri: str, *, start_s: float = 0.0, end_s: float | None = None, r
 
     ``raw``: yield the decoded ``av.VideoFrame`` (square pixels, not rotated) instead of an array, for a
     caller that converts only the part it needs (pipeline/crop.py).
+
+    ``threads``: FFmpeg decoder threads (frame or slice threading, as the codec allows); None lets
+    FFmpeg pick (cores + 1). The frames are the same for any count (FFmpeg's threaded decoding is
+    bit-exact).
     """
     limits = limits or DecodeLimits()
     with open_container(uri, limits) as c:
         v = c.streams.video[0]
         check_declared(uri, c, v, limits)  # as probe does, for callers that did not probe
         v.thread_type = "AUTO"
+        if threads is not None:
+            v.thread_count = max(1, int(threads))
         tb = float(v.time_base)
         sar = stream_sar(v) if square_pixels else 1
         if start_s > 1.0:

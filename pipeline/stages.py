@@ -204,7 +204,7 @@ class DetectTrackStage:
                                      iou_threshold=cfg.track.iou_threshold, max_gap_s=cfg.track.max_gap_s,
                                      shot_detectors=cfg.track.shot_detectors,
                                      min_shot_frames=cfg.track.min_shot_frames, damage=damage,
-                                     limits=cfg.probe.decode_limits())
+                                     limits=cfg.probe.decode_limits(), decode_threads=detect_decode_threads(cfg))
             coverage, coverage_record = self._coverage(row["uri"], p, damage)
             video_end = float(analysis.frame_times[-1]) + 1.0 / max(p["fps"], 1.0) if len(analysis.frame_times) else 0.0
             clips, short = segment_tracks(analysis, video_end_s=video_end, detect_fps=cfg.detect.detect_fps,
@@ -273,6 +273,14 @@ class DetectTrackStage:
                   "damaged": [{"stream": k, "start_s": round(a, 6), "end_s": round(b, 6)} for k, a, b in damaged],
                   "decode_errors": damage.errors + (audio.errors if audio else [])}
         return coverage, record
+
+
+def detect_decode_threads(config: CurateConfig) -> int:
+    """FFmpeg threads of the detect stage's decode: the CPUs its actor holds (ray.detect_num_cpus).
+    FFmpeg's own count (cores + 1, frame threading) spreads one actor over every core of a node whose
+    other CPUs Ray gave to other actors, and costs more CPU for the same frames: one round of the real
+    clips on 2 busy cores, 17.3 -> 16.0 CPU s for the stage (docs/benchmarks.md, issue 13)."""
+    return max(1, int(config.ray.detect_num_cpus or config.ray.cpus_per_task))
 
 
 def coverage_phrase(cut_by: str) -> str:

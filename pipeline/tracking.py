@@ -74,12 +74,13 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 def analyze_video(uri: str, detector: FaceDetector, *, rotation: int, width: int, height: int,
                   detect_fps: float, max_side: int, iou_threshold: float, max_gap_s: float,
                   shot_detectors: dict[str, float], min_shot_frames: int = 15, damage=None,
-                  limits=None) -> VideoAnalysis:
+                  limits=None, decode_threads: int | None = None) -> VideoAnalysis:
     """Decode once at analysis resolution; find cuts on every frame, faces at ``detect_fps``.
 
     ``damage``: a media.DecodeLog to decode past damaged packets (their frames are skipped and
     their time ranges logged) instead of raising at the first one. ``shot_detectors``: name ->
-    threshold (pipeline.shots), run on the same decoded frames. ``limits``: media.DecodeLimits."""
+    threshold (pipeline.shots), run on the same decoded frames. ``limits``: media.DecodeLimits.
+    ``decode_threads``: FFmpeg's decoder threads (media.iter_frames; None: FFmpeg's own count)."""
     scale = max(1.0, max(width, height) / max_side)
     times: list[float] = []
     cuts: list[float] = []
@@ -90,7 +91,8 @@ def analyze_video(uri: str, detector: FaceDetector, *, rotation: int, width: int
     active: list[Track] = []
     shot = 0
     bars = ActivePictureTracker()  # cropdetect-style bar detection, reset at every cut
-    frames = iter_frames(uri, rotation=rotation, max_side=max_side, damage=damage, limits=limits)
+    frames = iter_frames(uri, rotation=rotation, max_side=max_side, damage=damage, limits=limits,
+                         threads=decode_threads)
     for t, img, new_shot in mark_shots(frames, ShotDetector(shot_detectors, min_shot_frames)):
         if new_shot:
             cuts.append(t)

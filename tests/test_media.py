@@ -63,6 +63,19 @@ def test_analysis_frames_are_ffmpeg_scale_and_rgb_conversion(name):
     assert len(got) == 12 and all(np.array_equal(a, b) for a, b in zip(expected, got))
 
 
+@pytest.mark.parametrize("name", ["latentsync_demo1_portrait_hevc.mp4", "retalking_face1_vfr30.mp4"])
+def test_decoder_thread_count_does_not_change_frames(name):
+    """The detect stage decodes on as many FFmpeg threads as its actor has CPUs (stages.detect_decode_threads):
+    one thread gives the very frames and times of FFmpeg's own thread count (frame threading)."""
+    from pipeline.media import iter_frames
+
+    uri = str(real_path(name))
+    default = list(iter_frames(uri, max_side=960))
+    single = list(iter_frames(uri, max_side=960, threads=1))
+    assert len(default) == len(single) > 0
+    assert all(ta == tb and np.array_equal(a, b) for (ta, a), (tb, b) in zip(default, single))
+
+
 @pytest.mark.parametrize("rotation", [90, 270, 180])
 def test_display_rotation_is_applied(tmp_path, rotation):
     """Phone video: frames stored turned, with a display matrix saying how to show them upright."""
