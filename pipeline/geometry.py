@@ -165,6 +165,11 @@ class ActivePictureTracker:
         if not self._shots:
             self.new_shot()
         self._frame_size = (img.shape[1], img.shape[0])
+        if self._shots[-1] == (0, 0, img.shape[1] - 1, img.shape[0] - 1):
+            # The shot's union is already the whole frame, which no frame can widen: the rest of the
+            # shot is not read (most shots have no bars: ~1 CPU s a round of the real clips,
+            # docs/benchmarks.md issue 13).
+            return
         b = frame_picture_bounds(img, self.limit)
         if b is None:
             return

@@ -237,6 +237,30 @@ def test_active_picture_is_per_shot(square_frames):
     assert barred.as_list() == [0.0, 40.0, SQUARE_W, 472.0]
 
 
+def test_tracker_stops_reading_a_shot_whose_picture_is_the_whole_frame(square_frames):
+    """A shot's union stops growing at the whole frame, so the tracker stops reading frames there: its
+    bounds are still the union of every frame's ``frame_picture_bounds`` (bars before and after the
+    frame that fills the picture, all-bar frames, several shots)."""
+    frames, _ = square_frames
+    shots = [[burn_bars(frames[0], 40, 40), frames[1], burn_bars(frames[2], 0, 90), np.zeros_like(frames[3])],
+             [np.zeros_like(frames[4]), burn_bars(frames[5], 30, 10), burn_bars(frames[6], 20, 50)],
+             [frames[7], frames[8]]]
+    tracker = ActivePictureTracker()
+    expected = []
+    for shot in shots:
+        tracker.new_shot()
+        union = None
+        for f in shot:
+            tracker.add(f)
+            b = frame_picture_bounds(f)
+            if b is not None:
+                union = b if union is None else (min(union[0], b[0]), min(union[1], b[1]),
+                                                 max(union[2], b[2]), max(union[3], b[3]))
+        expected.append(union)
+    assert tracker.bounds() == expected
+    assert expected[0] == expected[2] == (0, 0, SQUARE_W - 1, 511) and expected[1] == (0, 20, SQUARE_W - 1, 501)
+
+
 # --- through the pipeline ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
