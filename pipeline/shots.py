@@ -59,12 +59,32 @@ class HsvHistogramDetector:
         return []
 
 
+def mean_pixel_distance(left: np.ndarray, right: np.ndarray) -> float:
+    """PySceneDetect's ``content_detector._mean_pixel_distance`` (the mean |left - right| of two 8-bit
+    planes, three per frame for ContentDetector and AdaptiveDetector) as one OpenCV call: OpenCV sums
+    the absolute differences of 8-bit pixels exactly (integers, far below 2**53), so the result is the
+    same float as scenedetect's int32 casts and NumPy sum, for a tenth of its CPU (0.46-0.64 -> 0.05-0.07
+    CPU s a round of the real clips, docs/benchmarks.md issue 13; tests/test_shots.py compares them)."""
+    if left.ndim != 2 or left.shape != right.shape:
+        raise ValueError(f"two 2-D planes of one shape expected, got {left.shape} and {right.shape}")
+    return cv2.norm(left, right, cv2.NORM_L1) / float(left.shape[0] * left.shape[1])
+
+
+def _use_opencv_pixel_distance() -> None:
+    """Point scenedetect 0.6.6's ContentDetector (and AdaptiveDetector, its subclass) at
+    ``mean_pixel_distance``: it calls the module function by name for each plane."""
+    from scenedetect.detectors import content_detector
+
+    content_detector._mean_pixel_distance = mean_pixel_distance
+
+
 def make_detector(name: str, threshold: float, min_scene_len: int = 15):
     """One detector by name with its own threshold (PySceneDetect's defaults: content 27,
     adaptive 3.0, histogram 0.05, hash 0.395, threshold 12; hsv is ours, 0.45)."""
     from scenedetect.detectors import (AdaptiveDetector, ContentDetector, HashDetector,
                                        HistogramDetector, ThresholdDetector)
 
+    _use_opencv_pixel_distance()
     if name == "content":
         return ContentDetector(threshold=threshold, min_scene_len=min_scene_len)
     if name == "adaptive":

@@ -14,7 +14,7 @@ from conftest import REAL_DIR
 from derived_clips import SHOT_FPS, join_dissolve, join_hard, judge_cuts, real_clips, square_segment, transition_clips
 from pipeline.config import load_config
 from pipeline.media import iter_frames
-from pipeline.shots import ShotDetector, mark_shots
+from pipeline.shots import ShotDetector, make_detector, mark_shots, mean_pixel_distance, scenedetect_frame
 
 pytestmark = pytest.mark.realdata
 
@@ -77,6 +77,40 @@ def test_former_hsv_detector_misses_what_the_switch_is_for(labelled):
 @pytest.mark.parametrize("clip", real_clips(REAL_DIR) if REAL_DIR.exists() else [], ids=lambda c: c.name)
 def test_no_cut_in_a_real_clip(clip):
     assert _cuts(_decode(clip.path)) == []
+
+
+def _scenedetect_mean_pixel_distance():
+    """scenedetect's own ``_mean_pixel_distance``, from a fresh copy of its module (the detectors'
+    module points at ours once a detector is made)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("scenedetect.detectors.content_detector")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module._mean_pixel_distance
+
+
+def test_mean_pixel_distance_is_scenedetects():
+    """The OpenCV mean |a - b| gives scenedetect's float exactly: on the H, S and V planes of every pair of
+    consecutive frames of a real clip (as AdaptiveDetector makes them) and on random and extreme planes;
+    and the content detectors use it."""
+    import cv2
+
+    reference = _scenedetect_mean_pixel_distance()
+    assert reference is not mean_pixel_distance
+    planes = [cv2.split(cv2.cvtColor(scenedetect_frame(img), cv2.COLOR_BGR2HSV))
+              for _, img in _decode(REAL_DIR / "edtalk_obama.mp4")]
+    pairs = [(a[k], b[k]) for a, b in zip(planes, planes[1:]) for k in range(3)]
+    rng = np.random.default_rng(3)
+    for shape in [(144, 256), (256, 144), (1, 1), (7, 3)]:
+        pairs.append(tuple(rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(2)))
+        pairs.append((np.zeros(shape, np.uint8), np.full(shape, 255, np.uint8)))
+    assert len(pairs) > 1000
+    assert all(mean_pixel_distance(a, b) == reference(a, b) for a, b in pairs)
+    from scenedetect.detectors import content_detector
+
+    make_detector("adaptive", 3.0)
+    assert content_detector._mean_pixel_distance is mean_pixel_distance
 
 
 def test_mark_shots_places_late_cuts_at_their_frame(labelled):
