@@ -253,7 +253,8 @@ class RayConfig(_Section):
     address: str | None = Field(None, description="None: RAY_ADDRESS or an embedded local Ray")
     num_cpus: int | None = Field(None, description="CPUs of an embedded Ray (None = all)")
     detect_actors: int = Field(1, ge=1, description="actor-pool size of the face detection stage (per pool max)")
-    detect_num_cpus: float | None = Field(None, gt=0, description="CPUs per detection actor (None: cpus_per_task)")
+    detect_num_cpus: float | None = Field(None, gt=0, description="CPUs per detection actor (None: cpus_per_task); "
+                                          "also its FFmpeg decoder threads (rounded down, at least 1)")
     cpus_per_task: float = Field(1.0, gt=0)
     # Ray Data's autoscaler grows an actor pool from one actor only while inputs queue in front of it,
     # and on a small node it may never add the second (docs/benchmarks.md): a full pool from the start
