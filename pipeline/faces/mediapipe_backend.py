@@ -4,7 +4,8 @@ Detection: BlazeFace full-range (``model_selection=1``, faces up to ~5 m from th
 small faces in full-body shots are found; when it finds nothing, the short-range model
 (``model_selection=0``, faces within ~2 m) runs too: the full-range model misses some large,
 turned close-up faces that the short-range one finds (``ranges="short"`` uses only the latter,
-as the scoring stage does on the 512 crops where the face fills half the frame). Landmarks: FaceMesh (478 points with iris
+as the scoring stage does on the 512 crops where the face fills half the frame). Landmarks (``landmarks=True``,
+the scoring stage; the detect stage asks for boxes only): FaceMesh (478 points with iris
 refinement) run on a square crop around every detection, which keeps small faces at a
 resolution FaceMesh handles and maps each landmark set to exactly one detection.
 ``landmarks_on_box=True`` (the scoring stage's ``score.landmarks_on_box``) skips the FaceMesh
