@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..crop import padded_crop  # noqa: F401 - the crop FaceMesh sees (tests import it from here)
 from .base import Face
 
 # MediaPipe's FaceLandmarkCpu subgraph (registered in the mediapipe wheel): the 478-point landmark
@@ -48,17 +49,6 @@ def detection_roi(box: np.ndarray, right_eye: tuple[float, float], left_eye: tup
 # as seen in the image: left eye (iris centre 468 with refinement), right eye (473), nose tip (1),
 # left mouth corner (61), right mouth corner (291).
 _KPS5_FROM_MESH = (468, 473, 1, 61, 291)
-
-
-def padded_crop(image: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-    """``image[y0:y1, x0:x1]`` where the box may reach outside the image: black there. Only the
-    crop is allocated (padding the whole frame first cost ~0.4 ms a frame; docs/benchmarks.md)."""
-    h, w = image.shape[:2]
-    crop = np.zeros((max(0, y1 - y0), max(0, x1 - x0)) + image.shape[2:], image.dtype)
-    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
-    if sx1 > sx0 and sy1 > sy0:
-        crop[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = image[sy0:sy1, sx0:sx1]
-    return crop
 
 
 # One NormalizedLandmark of a NormalizedLandmarkList on the wire when only x, y, z are set (FaceMesh's
