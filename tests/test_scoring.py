@@ -269,6 +269,36 @@ def test_facemesh_landmarks_equal_the_per_point_conversion_on_a_real_face():
         assert face.landmarks.tobytes() == want.tobytes()
 
 
+def test_sync_box_smoothing_equals_three_medians():
+    """ClipObserver._smoothed_box (one sort for the three medians) gives bit for bit the box of three
+    np.median calls (main ee385b8), for windows of every length with and without held NaN boxes."""
+    from pipeline.clip_scores import ClipObserver, _column_medians
+
+    def three_medians(det_boxes, i, size=512, half=6):
+        window = np.stack(det_boxes[max(0, i - half):i + half + 1])
+        window = window[np.isfinite(window).all(axis=1)]
+        if not len(window):
+            return np.array([0, 0, size, size], np.float32)
+        cx = np.median((window[:, 0] + window[:, 2]) / 2)
+        cy = np.median((window[:, 1] + window[:, 3]) / 2)
+        half_side = np.median(np.maximum(window[:, 2] - window[:, 0], window[:, 3] - window[:, 1])) / 2
+        return np.array([cx - half_side, cy - half_side, cx + half_side, cy + half_side], np.float32)
+
+    observer = ClipObserver.__new__(ClipObserver)  # only det_boxes and size are read
+    observer.size = 512
+    rng = np.random.default_rng(11)
+    for _ in range(2000):
+        n = int(rng.integers(1, 30))
+        boxes = [(rng.random(4) * [300, 300, 200, 200] + [0, 0, 300, 300]).astype(np.float32) for _ in range(n)]
+        for k in rng.integers(0, n, int(rng.integers(0, 5))):
+            boxes[k] = np.full(4, np.nan, np.float32)
+        observer.det_boxes = boxes
+        i = int(rng.integers(0, n))
+        assert observer._smoothed_box(i).tobytes() == three_medians(boxes, i).tobytes()
+        values = rng.normal(100, 50, (n, 3)).astype(np.float32)
+        assert _column_medians(values).tobytes() == np.median(values, axis=0).tobytes()
+
+
 def test_observer_thread_keeps_frame_order_and_hands_errors_back():
     """The crop stage's per-frame scoring thread (clip_scores.ObserverThread): every observation
     runs, in the order submitted, before ``drain`` returns; an observation's exception is raised
