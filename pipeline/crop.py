@@ -70,6 +70,12 @@ def crop_square(img: np.ndarray, x0: float, y0: float, size: float, out: int) ->
 # Pixels around a crop box that its resampling may read: cubic interpolation reads 2 beyond the
 # sample point; 4 leaves room for warpAffine's fixed-point coordinates.
 REGION_MARGIN = 4
+# The largest box (with its margin), as a share of the frame, converted region by region: the region's
+# copies and frames cost ~0.9 ms a frame before any pixel is converted, so a 531 px box of a 1280x720
+# frame (30%) cost 1.9-2.2 ms against 0.6-0.7 ms for the whole frame; a 424 px box of a 1080x1920 one
+# (8.7%) ~2.0 against ~1.6 (2-core machine at load 10-20; docs/benchmarks.md, issue 13: 0.43 against
+# 0.99 ms at lower load). It was 1/3.
+REGION_MAX_FRACTION = 1 / 8
 # Decoder formats converted region by region (4:2:0, 8 bit, even picture size: the chroma of a region
 # on even pixels is the region's own, and swscale converts each pixel from its own luma and chroma).
 _REGION_FORMATS = ("yuv420p", "yuvj420p")
@@ -126,7 +132,8 @@ class SourceFrame:
         # an odd picture size takes swscale's other path (chroma interpolated across 2x2 blocks)
         if self._whole is not None or f.format.name not in _REGION_FORMATS or f.width % 2 or f.height % 2:
             return self.whole()
-        if (min(size, f.width) + 2 * REGION_MARGIN) * (min(size, f.height) + 2 * REGION_MARGIN) > f.width * f.height / 3:
+        if ((min(size, f.width) + 2 * REGION_MARGIN) * (min(size, f.height) + 2 * REGION_MARGIN)
+                > f.width * f.height * REGION_MAX_FRACTION):
             return self.whole()  # a box filling much of the frame: one whole conversion costs less than the copies
         key = (x0, y0, size)
         if key not in self._boxes:
