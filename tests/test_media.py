@@ -275,20 +275,24 @@ def test_crop_from_the_converted_region_equals_the_crop_from_the_whole_frame(wid
     """crop.SourceFrame converts only a crop box (plus its resampling margin) of a 4:2:0 frame to RGB:
     every crop (up- and downscaled, reaching outside the frame, at every display rotation) and every
     pixel inside the box must equal what the whole-frame conversion gives (issue 13; odd sizes and
-    other formats are converted whole)."""
+    other formats are converted whole), with and without the decode's kept RGB reformatter."""
     from pipeline.crop import SourceFrame, crop_square
-    from pipeline.media import _rotate
+    from pipeline.media import _reformatters, _rotate
 
     frame = _yuv_frame(width, height, fmt)
+    _, to_rgb = _reformatters()
     rng = np.random.default_rng(1)
     for rotation in (0, 90, 180, 270):
         whole = _rotate(frame.to_ndarray(format="rgb24"), rotation)
+        np.testing.assert_array_equal(SourceFrame(frame, rotation, to_rgb).whole(), whole)
         h, w = whole.shape[:2]
         for _ in range(40):
             size = rng.uniform(8, 0.8 * min(w, h))
             x0, y0 = rng.uniform(-size / 2, w - size / 2), rng.uniform(-size / 2, h - size / 2)
             img = SourceFrame(frame, rotation).rgb_for(x0, y0, size)
             assert img.shape == whole.shape
+            # through the decode's kept reformatter (one thread, one swscale context): the same array
+            np.testing.assert_array_equal(SourceFrame(frame, rotation, to_rgb).rgb_for(x0, y0, size), img)
             for out in (16, 48):
                 np.testing.assert_array_equal(crop_square(img, x0, y0, size, out), crop_square(whole, x0, y0, size, out))
             a, b = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
