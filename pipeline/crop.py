@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .media import AudioTrack, ClipEncoder, DecodeLog, MediaError, iter_frames, slice_audio
+from .media import AudioTrack, ClipEncoder, DecodeLog, MediaError, _reformatters, iter_frames, slice_audio
 from .segment import CandidateClip
 
 
@@ -28,6 +28,17 @@ class CroppedClip:
     n_frames: int
     audio_samples: int
     audio: np.ndarray  # the clip's float32 16 kHz mono audio, exactly as muxed into mp4
+
+
+def padded_crop(image: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    """``image[y0:y1, x0:x1]`` where the box may reach outside the image: black there. Only the
+    crop is allocated (padding the whole frame first cost ~0.4 ms a frame; docs/benchmarks.md)."""
+    h, w = image.shape[:2]
+    crop = np.zeros((max(0, y1 - y0), max(0, x1 - x0)) + image.shape[2:], image.dtype)
+    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    if sx1 > sx0 and sy1 > sy0:
+        crop[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = image[sy0:sy1, sx0:sx1]
+    return crop
 
 
 def crop_square(img: np.ndarray, x0: float, y0: float, size: float, out: int) -> np.ndarray:
@@ -41,9 +52,10 @@ def crop_square(img: np.ndarray, x0: float, y0: float, size: float, out: int) ->
         h, w = img.shape[:2]
         xi0, yi0 = int(np.floor(x0)), int(np.floor(y0))
         xi1, yi1 = int(np.ceil(x0 + size)), int(np.ceil(y0 + size))
-        pad = max(0, -xi0, -yi0, xi1 - w, yi1 - h)
-        src = cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0) if pad else img
-        region = src[yi0 + pad:yi1 + pad, xi0 + pad:xi1 + pad]
+        inside = xi0 >= 0 and yi0 >= 0 and xi1 <= w and yi1 <= h
+        # a box reaching outside the frame: only the box is padded (the whole frame was, before: a
+        # 1080x1920 copy per output frame; the same pixels, tested)
+        region = img[yi0:yi1, xi0:xi1] if inside else padded_crop(img, xi0, yi0, xi1, yi1)
         scale = out / size
         resized = cv2.resize(region, (int(round(region.shape[1] * scale)), int(round(region.shape[0] * scale))),
                              interpolation=cv2.INTER_AREA)
@@ -58,6 +70,12 @@ def crop_square(img: np.ndarray, x0: float, y0: float, size: float, out: int) ->
 # Pixels around a crop box that its resampling may read: cubic interpolation reads 2 beyond the
 # sample point; 4 leaves room for warpAffine's fixed-point coordinates.
 REGION_MARGIN = 4
+# The largest box (with its margin), as a share of the frame, converted region by region: the region's
+# copies and frames cost ~0.9 ms a frame before any pixel is converted, so a 531 px box of a 1280x720
+# frame (30%) cost 1.9-2.2 ms against 0.6-0.7 ms for the whole frame; a 424 px box of a 1080x1920 one
+# (8.7%) ~2.0 against ~1.6 (2-core machine at load 10-20; docs/benchmarks.md, issue 13: 0.43 against
+# 0.99 ms at lower load). It was 1/3.
+REGION_MAX_FRACTION = 1 / 8
 # Decoder formats converted region by region (4:2:0, 8 bit, even picture size: the chroma of a region
 # on even pixels is the region's own, and swscale converts each pixel from its own luma and chroma).
 _REGION_FORMATS = ("yuv420p", "yuvj420p")
@@ -94,10 +112,15 @@ class SourceFrame:
     ``rgb_for(box)`` returns a display-sized RGB array in which the box (plus ``REGION_MARGIN``) holds
     exactly the pixels the whole-frame conversion gives (same swscale conversion, region on even
     coordinates) and everything else is black: the crop and the scores read only inside the box.
-    Formats other than 8-bit 4:2:0 are converted whole, once."""
+    Formats other than 8-bit 4:2:0 are converted whole, once. ``to_rgb``: a ``VideoReformatter`` kept
+    for the whole decode (``media._reformatters``), which converts on one thread without building a
+    swscale context (and FFmpeg's slice-thread pool) for every frame as ``frame.to_ndarray(format=...)``
+    does: the same pixels (tested), ~0.1 ms less a frame (0.25 -> 0.15 ms at 450x450, 0.66 -> 0.52 ms
+    at 1280x720; docs/benchmarks.md, issue 13)."""
 
-    def __init__(self, frame, rotation: int = 0):
+    def __init__(self, frame, rotation: int = 0, to_rgb=None):
         self.frame, self.k = frame, (rotation // 90) % 4
+        self.to_rgb = to_rgb
         self._whole: np.ndarray | None = None
         self._boxes: dict[tuple[float, float, float], np.ndarray] = {}  # a frame repeated at 25 fps is cut again
 
@@ -105,7 +128,7 @@ class SourceFrame:
         if self._whole is None:
             from .media import _rotate
 
-            self._whole = _rotate(self.frame.to_ndarray(format="rgb24"), self.k * 90)
+            self._whole = _rotate(_rgb24(self.frame, self.to_rgb), self.k * 90)
             self.frame = None
         return self._whole
 
@@ -114,7 +137,8 @@ class SourceFrame:
         # an odd picture size takes swscale's other path (chroma interpolated across 2x2 blocks)
         if self._whole is not None or f.format.name not in _REGION_FORMATS or f.width % 2 or f.height % 2:
             return self.whole()
-        if (min(size, f.width) + 2 * REGION_MARGIN) * (min(size, f.height) + 2 * REGION_MARGIN) > f.width * f.height / 3:
+        if ((min(size, f.width) + 2 * REGION_MARGIN) * (min(size, f.height) + 2 * REGION_MARGIN)
+                > f.width * f.height * REGION_MAX_FRACTION):
             return self.whole()  # a box filling much of the frame: one whole conversion costs less than the copies
         key = (x0, y0, size)
         if key not in self._boxes:
@@ -133,13 +157,20 @@ class SourceFrame:
         cx0, cy0, cx1, cy1 = _coded_rect(rect, self.k, w, h)
         # chroma planes are half size: the region starts and ends on even coded pixels
         cx0, cy0, cx1, cy1 = cx0 & ~1, cy0 & ~1, min(w, cx1 + (cx1 & 1)), min(h, cy1 + (cy1 & 1))
-        region = _yuv420_region(f, cx0, cy0, cx1, cy1)
+        region = _yuv420_region(f, cx0, cy0, cx1, cy1, self.to_rgb)
         rx0, ry0, rx1, ry1 = _display_rect((cx0, cy0, cx1, cy1), self.k, w, h)
         out[ry0:ry1, rx0:rx1] = np.rot90(region, self.k) if self.k else region
         return out
 
 
-def _yuv420_region(frame, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+def _rgb24(frame, to_rgb=None) -> np.ndarray:
+    """``frame.to_ndarray(format="rgb24")``, through the kept reformatter ``to_rgb`` when there is one."""
+    if to_rgb is None:
+        return frame.to_ndarray(format="rgb24")
+    return to_rgb.reformat(frame, format="rgb24", threads=1).to_ndarray()
+
+
+def _yuv420_region(frame, x0: int, y0: int, x1: int, y1: int, to_rgb=None) -> np.ndarray:
     """RGB of the coded rectangle [y0:y1, x0:x1] of a 4:2:0 frame (x0, y0 even), converted by swscale
     with the frame's colour space and range, exactly as ``frame.to_ndarray(format="rgb24")`` would
     convert those pixels of the whole frame."""
@@ -154,7 +185,7 @@ def _yuv420_region(frame, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
     i420 = np.concatenate([y_plane.ravel(), u.ravel(), v.ravel()]).reshape(h * 3 // 2, w)
     part = av.VideoFrame.from_ndarray(i420, format=frame.format.name)
     part.colorspace, part.color_range = frame.colorspace, frame.color_range
-    return part.to_ndarray(format="rgb24")
+    return _rgb24(part, to_rgb)
 
 
 def crop_and_normalize(uri: str, clips: list[CandidateClip], *, rotation: int, audio: AudioTrack | np.ndarray,
@@ -256,10 +287,12 @@ def crop_and_normalize(uri: str, clips: list[CandidateClip], *, rotation: int, a
                     yield CroppedClip(clip=c, mp4=data, n_frames=c.n_frames, audio_samples=c.n_frames * audio_rate // fps,
                                       audio=encoder.audio)
 
+        _, to_rgb = _reformatters()  # one RGB converter for the whole decode
         try:
             for t, frame in iter_frames(uri, start_s=max(0.0, start - 1.0), end_s=end + 1.0, rotation=rotation,
                                         damage=damage, limits=limits, raw=True):
-                img = SourceFrame(frame, rotation)  # converted to RGB only inside the crop boxes that use it
+                # converted to RGB only inside the crop boxes that use it
+                img = SourceFrame(frame, rotation, to_rgb)
                 emit_until(t, img)
                 yield from finish_ready()
                 prev = (t, img)

@@ -239,26 +239,73 @@ def _yuv_frame(width: int, height: int, fmt: str = "yuv420p", seed: int = 0):
     return frame
 
 
+def _crop_square_padding_the_whole_frame(img, x0, y0, size, out):
+    """``crop.crop_square``'s downscaling path as it was (main ee385b8): the whole frame zero-padded
+    whenever the box reaches outside it, then the box cut from the padded frame."""
+    import cv2
+
+    h, w = img.shape[:2]
+    xi0, yi0 = int(np.floor(x0)), int(np.floor(y0))
+    xi1, yi1 = int(np.ceil(x0 + size)), int(np.ceil(y0 + size))
+    pad = max(0, -xi0, -yi0, xi1 - w, yi1 - h)
+    src = cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0) if pad else img
+    region = src[yi0 + pad:yi1 + pad, xi0 + pad:xi1 + pad]
+    scale = out / size
+    resized = cv2.resize(region, (int(round(region.shape[1] * scale)), int(round(region.shape[0] * scale))),
+                         interpolation=cv2.INTER_AREA)
+    ox, oy = int(round((x0 - xi0) * scale)), int(round((y0 - yi0) * scale))
+    patch = resized[oy:oy + out, ox:ox + out]
+    if patch.shape[:2] != (out, out):
+        patch = cv2.copyMakeBorder(patch, 0, out - patch.shape[0], 0, out - patch.shape[1], cv2.BORDER_REPLICATE)
+    return np.ascontiguousarray(patch)
+
+
+@pytest.mark.parametrize("channels", [3, 0])
+def test_downscaling_crop_pads_only_its_box_and_equals_padding_the_whole_frame(channels):
+    """crop.crop_square pads only the box when it reaches outside the frame (crop.padded_crop): the same
+    pixels as padding the whole frame first, on random boxes inside, across the edges of, larger than
+    and wholly outside RGB and grey frames."""
+    from pipeline.crop import crop_square
+
+    rng = np.random.default_rng(7)
+    for trial in range(300):
+        h, w = (int(v) for v in rng.integers(20, 240, 2))
+        shape = (h, w, channels) if channels else (h, w)
+        img = rng.integers(1, 256, shape, dtype=np.uint8)  # no black of its own: a misplaced pad shows
+        out = int(rng.choice([8, 16, 33]))
+        size = float(rng.uniform(out + 0.01, 1.5 * max(w, h)))  # downscaling: out / size < 1
+        x0, y0 = rng.uniform(-size, w), rng.uniform(-size, h)
+        if trial % 10 == 0:  # whole pixels
+            x0, y0 = float(np.floor(x0)), float(np.floor(y0))
+        got = crop_square(img, x0, y0, size, out)
+        assert got.shape[:2] == (out, out) and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, _crop_square_padding_the_whole_frame(img, x0, y0, size, out))
+
+
 @pytest.mark.parametrize("width,height,fmt", [(96, 160, "yuv420p"), (160, 96, "yuvj420p"), (97, 61, "yuv420p"),
                                               (96, 64, "yuv444p")])
 def test_crop_from_the_converted_region_equals_the_crop_from_the_whole_frame(width, height, fmt):
     """crop.SourceFrame converts only a crop box (plus its resampling margin) of a 4:2:0 frame to RGB:
     every crop (up- and downscaled, reaching outside the frame, at every display rotation) and every
     pixel inside the box must equal what the whole-frame conversion gives (issue 13; odd sizes and
-    other formats are converted whole)."""
+    other formats are converted whole), with and without the decode's kept RGB reformatter."""
     from pipeline.crop import SourceFrame, crop_square
-    from pipeline.media import _rotate
+    from pipeline.media import _reformatters, _rotate
 
     frame = _yuv_frame(width, height, fmt)
+    _, to_rgb = _reformatters()
     rng = np.random.default_rng(1)
     for rotation in (0, 90, 180, 270):
         whole = _rotate(frame.to_ndarray(format="rgb24"), rotation)
+        np.testing.assert_array_equal(SourceFrame(frame, rotation, to_rgb).whole(), whole)
         h, w = whole.shape[:2]
         for _ in range(40):
             size = rng.uniform(8, 0.8 * min(w, h))
             x0, y0 = rng.uniform(-size / 2, w - size / 2), rng.uniform(-size / 2, h - size / 2)
             img = SourceFrame(frame, rotation).rgb_for(x0, y0, size)
             assert img.shape == whole.shape
+            # through the decode's kept reformatter (one thread, one swscale context): the same array
+            np.testing.assert_array_equal(SourceFrame(frame, rotation, to_rgb).rgb_for(x0, y0, size), img)
             for out in (16, 48):
                 np.testing.assert_array_equal(crop_square(img, x0, y0, size, out), crop_square(whole, x0, y0, size, out))
             a, b = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))

@@ -61,6 +61,47 @@ def test_wsb_features_equal_the_reference_script(shape):
     np.testing.assert_allclose([f["B"], f["A"], f["Z"], f["S"]], ref, rtol=1e-12)
 
 
+def _wsb_features_float64(img, phase_x=7, phase_y=7, directions="hv"):
+    """``quality.wsb_features`` as it was before its integer differences (main ee385b8): float64 luma,
+    the vertical direction through the transpose."""
+    x = q.grey(img)
+    feats = []
+    for d in directions:
+        m = x if d == "h" else x.T
+        phase = phase_x if d == "h" else phase_y
+        n = m.shape[1]
+        diff = m[:, 1:] - m[:, :-1]
+        cols = np.arange(phase % 8, n - 1, 8)
+        cols = cols[(cols + 1 >= 8) & (cols + 1 + 8 <= n)]
+        b = float(np.abs(diff[:, cols]).mean())
+        a = (8 * float(np.abs(diff).mean()) - b) / 7
+        s = np.sign(diff)
+        z = float(((s[:, :-1] * s[:, 1:]) < 0).mean())
+        feats.append((b, a, z))
+    b, a, z = (float(np.mean(v)) for v in zip(*feats))
+    return {"B": b, "A": a, "Z": z, "S": q.wsb_score(b, a, z)}
+
+
+def test_wsb_features_are_the_float64_features_bit_for_bit():
+    """Integer differences and exact sums give the very floats the float64 formulation gave, on
+    RGB and grey images, source-frame slices, every grid phase and direction set."""
+    rng = np.random.default_rng(13)
+    astronaut = data.astronaut()
+    for trial in range(40):
+        h, w = rng.integers(16, 300, 2)
+        y0, x0 = rng.integers(0, 512 - h), rng.integers(0, 512 - w)
+        img = _jpeg(astronaut, int(rng.integers(5, 95)))[y0:y0 + h, x0:x0 + w]  # a non-contiguous slice
+        if trial % 3 == 0:
+            img = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2GRAY)
+        if trial % 5 == 0:
+            img = rng.integers(0, 256, img.shape, np.uint8)  # noise: many zero crossings, large sums
+        px, py = (int(v) for v in rng.integers(0, 8, 2))
+        for directions in ("hv", "h", "v"):
+            # exact equality, NaN (no whole block boundary in a narrow slice) equal to NaN
+            np.testing.assert_equal(q.wsb_features(img, px, py, directions),
+                                    _wsb_features_float64(img, px, py, directions))
+
+
 def test_blockiness_rises_as_jpeg_quality_falls():
     img = _astronaut_grey()
     ratios, scores = [], []

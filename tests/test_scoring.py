@@ -217,6 +217,88 @@ def test_facemesh_crop_is_black_outside_the_frame_and_keeps_the_face_centred():
     assert not corner[:20].any() and not corner[:, :30].any() and corner[20:, 30:].all()
 
 
+def test_landmark_pixels_equal_the_per_point_conversion():
+    """mediapipe_backend.landmark_pixels (read from the wire bytes) gives bit for bit the float32 points
+    the per-point expressions gave, for random, signed-zero and extreme floats, with and without an
+    offset, and falls back to reading point by point when visibility or presence is set."""
+    pytest.importorskip("mediapipe")
+    from mediapipe.framework.formats import landmark_pb2
+
+    from pipeline.faces.mediapipe_backend import landmark_pixels
+
+    def per_point(lm_list, w, h, x0=None, y0=None):
+        if x0 is None:
+            return np.array([[p.x * w, p.y * h, p.z * w] for p in lm_list.landmark], dtype=np.float32)
+        return np.array([[p.x * w + x0, p.y * h + y0, p.z * w] for p in lm_list.landmark], dtype=np.float32)
+
+    rng = np.random.default_rng(5)
+    for trial in range(30):
+        values = rng.normal(0.5, 0.3, (478, 3)).astype(np.float32)
+        values[rng.integers(0, 478, 10), rng.integers(0, 3, 10)] = rng.choice(
+            np.array([0.0, -0.0, 1e-40, -3.4e38, 3.4e38, 1.0], np.float32), 10)
+        lm_list = landmark_pb2.NormalizedLandmarkList()
+        for x, y, z in values:
+            p = lm_list.landmark.add()
+            p.x, p.y, p.z = float(x), float(y), float(z)
+        if trial % 4 == 3:  # another layout on the wire: read point by point
+            lm_list.landmark[int(rng.integers(0, 478))].visibility = 0.5
+            lm_list.landmark[int(rng.integers(0, 478))].presence = 0.25
+        w, h = (int(v) for v in rng.integers(16, 2000, 2))
+        x0, y0 = (int(v) for v in rng.integers(-500, 500, 2))
+        for args in ((w, h), (w, h, x0, y0)):
+            got, want = landmark_pixels(lm_list, *args), per_point(lm_list, *args)
+            assert got.dtype == np.float32 and got.shape == (478, 3)
+            assert got.tobytes() == want.tobytes()  # bit for bit, signed zeros included
+
+
+def test_facemesh_landmarks_equal_the_per_point_conversion_on_a_real_face():
+    """On FaceMesh's own output for real frames the detector's landmarks are the per-point conversion."""
+    from pipeline.faces.mediapipe_backend import MediaPipeFaceDetector, padded_crop
+
+    detector = MediaPipeFaceDetector(landmarks=True, ranges="short")
+    for frame in decode_frames(real("wda_aoc_000.mp4"), 3):
+        face = detector.detect(frame)[0]
+        cx, cy = face.center
+        side = max(face.width, face.height) * detector.crop_expand
+        x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
+        x1, y1 = int(round(cx + side / 2)), int(round(cy + side / 2))
+        crop = padded_crop(np.ascontiguousarray(frame), x0, y0, x1, y1)
+        lm = detector._mesh.process(crop).multi_face_landmarks[0].landmark
+        ch, cw = crop.shape[:2]
+        want = np.array([[p.x * cw + x0, p.y * ch + y0, p.z * cw] for p in lm], dtype=np.float32)
+        assert face.landmarks.tobytes() == want.tobytes()
+
+
+def test_sync_box_smoothing_equals_three_medians():
+    """ClipObserver._smoothed_box (one sort for the three medians) gives bit for bit the box of three
+    np.median calls (main ee385b8), for windows of every length with and without held NaN boxes."""
+    from pipeline.clip_scores import ClipObserver, _column_medians
+
+    def three_medians(det_boxes, i, size=512, half=6):
+        window = np.stack(det_boxes[max(0, i - half):i + half + 1])
+        window = window[np.isfinite(window).all(axis=1)]
+        if not len(window):
+            return np.array([0, 0, size, size], np.float32)
+        cx = np.median((window[:, 0] + window[:, 2]) / 2)
+        cy = np.median((window[:, 1] + window[:, 3]) / 2)
+        half_side = np.median(np.maximum(window[:, 2] - window[:, 0], window[:, 3] - window[:, 1])) / 2
+        return np.array([cx - half_side, cy - half_side, cx + half_side, cy + half_side], np.float32)
+
+    observer = ClipObserver.__new__(ClipObserver)  # only det_boxes and size are read
+    observer.size = 512
+    rng = np.random.default_rng(11)
+    for _ in range(2000):
+        n = int(rng.integers(1, 30))
+        boxes = [(rng.random(4) * [300, 300, 200, 200] + [0, 0, 300, 300]).astype(np.float32) for _ in range(n)]
+        for k in rng.integers(0, n, int(rng.integers(0, 5))):
+            boxes[k] = np.full(4, np.nan, np.float32)
+        observer.det_boxes = boxes
+        i = int(rng.integers(0, n))
+        assert observer._smoothed_box(i).tobytes() == three_medians(boxes, i).tobytes()
+        values = rng.normal(100, 50, (n, 3)).astype(np.float32)
+        assert _column_medians(values).tobytes() == np.median(values, axis=0).tobytes()
+
+
 def test_observer_thread_keeps_frame_order_and_hands_errors_back():
     """The crop stage's per-frame scoring thread (clip_scores.ObserverThread): every observation
     runs, in the order submitted, before ``drain`` returns; an observation's exception is raised

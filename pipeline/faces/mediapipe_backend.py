@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..crop import padded_crop  # noqa: F401 - the crop FaceMesh sees (tests import it from here)
 from .base import Face
 
 # MediaPipe's FaceLandmarkCpu subgraph (registered in the mediapipe wheel): the 478-point landmark
@@ -51,15 +52,37 @@ def detection_roi(box: np.ndarray, right_eye: tuple[float, float], left_eye: tup
 _KPS5_FROM_MESH = (468, 473, 1, 61, 291)
 
 
-def padded_crop(image: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-    """``image[y0:y1, x0:x1]`` where the box may reach outside the image: black there. Only the
-    crop is allocated (padding the whole frame first cost ~0.4 ms a frame; docs/benchmarks.md)."""
-    h, w = image.shape[:2]
-    crop = np.zeros((max(0, y1 - y0), max(0, x1 - x0)) + image.shape[2:], image.dtype)
-    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
-    if sx1 > sx0 and sy1 > sy0:
-        crop[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = image[sy0:sy1, sx0:sx1]
-    return crop
+# One NormalizedLandmark of a NormalizedLandmarkList on the wire when only x, y, z are set (FaceMesh's
+# output): field 1 (length-delimited, 15 bytes) holding fields 1-3 as little-endian fixed32 floats.
+_LANDMARK_WIRE = np.dtype([("tag", "u1"), ("size", "u1"), ("x_tag", "u1"), ("x", "<f4"), ("y_tag", "u1"),
+                           ("y", "<f4"), ("z_tag", "u1"), ("z", "<f4")])
+_LANDMARK_WIRE_TAGS = {"tag": 0x0A, "size": 15, "x_tag": 0x0D, "y_tag": 0x15, "z_tag": 0x1D}
+
+
+def landmark_xyz(landmark_list) -> np.ndarray:
+    """[N, 3] float64 (x, y, z) of a mediapipe NormalizedLandmarkList: the floats ``p.x, p.y, p.z`` give,
+    read from the message's wire bytes in one pass (a Python loop of 478 x 3 attribute reads cost
+    ~0.4 ms a frame; docs/benchmarks.md, issue 13); any other layout (visibility or presence set) is read
+    point by point."""
+    n = len(landmark_list.landmark)
+    data = landmark_list.SerializeToString()
+    if n and len(data) == n * _LANDMARK_WIRE.itemsize:
+        wire = np.frombuffer(data, _LANDMARK_WIRE)
+        if all((wire[field] == value).all() for field, value in _LANDMARK_WIRE_TAGS.items()):
+            return np.stack([wire["x"], wire["y"], wire["z"]], axis=1).astype(np.float64)
+    return np.array([[p.x, p.y, p.z] for p in landmark_list.landmark], np.float64).reshape(n, 3)
+
+
+def landmark_pixels(landmark_list, width: int, height: int, x0: int | None = None,
+                    y0: int | None = None) -> np.ndarray:
+    """[N, 3] float32 ``(x * width [+ x0], y * height [+ y0], z * width)`` of normalised landmarks,
+    computed in float64 as the per-point expressions were."""
+    xyz = landmark_xyz(landmark_list)
+    pts = np.empty(xyz.shape, np.float32)
+    pts[:, 0] = xyz[:, 0] * width if x0 is None else xyz[:, 0] * width + x0
+    pts[:, 1] = xyz[:, 1] * height if y0 is None else xyz[:, 1] * height + y0
+    pts[:, 2] = xyz[:, 2] * width
+    return pts
 
 
 class MediaPipeFaceDetector:
@@ -125,9 +148,8 @@ class MediaPipeFaceDetector:
         res = self._mesh.process(crop)
         if not res.multi_face_landmarks:
             return
-        lm = res.multi_face_landmarks[0].landmark
         ch, cw = crop.shape[:2]
-        pts = np.array([[p.x * cw + x0, p.y * ch + y0, p.z * cw] for p in lm], dtype=np.float32)
+        pts = landmark_pixels(res.multi_face_landmarks[0], cw, ch, x0, y0)
         face.landmarks = pts
         face.kps5 = pts[list(_KPS5_FROM_MESH), :2].copy()
 
@@ -141,6 +163,6 @@ class MediaPipeFaceDetector:
         res = self._landmark_graph.process({"image": image, "roi": roi})
         if res.landmarks is None:  # the model's face presence score was below its threshold
             return
-        pts = np.array([[p.x * w, p.y * h, p.z * w] for p in res.landmarks.landmark], dtype=np.float32)
+        pts = landmark_pixels(res.landmarks, w, h)
         face.landmarks = pts
         face.kps5 = pts[list(_KPS5_FROM_MESH), :2].copy()
