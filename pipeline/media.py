@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
 import errno
 import io
 import math
@@ -25,6 +26,35 @@ import av
 import numpy as np
 
 from .geometry import decode_size, square_pixel_size, stream_sar
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+MALLOC_MMAP_THRESHOLD = 256 * 1024
+MALLOC_TRIM_THRESHOLD = 32 * 2**20
+MALLOC_ARENA_MAX = 2
+
+
+def tune_malloc() -> bool:
+    """Fixes glibc's malloc parameters in a stage actor, which decodes, converts and encodes
+    frame after frame for as long as its input lasts, so its memory stays flat whatever the
+    input's length (issue 13; measurement in docs/benchmarks.md, "Memory of one long input").
+
+    By default glibc mmaps blocks above 128 KB, but raises that threshold to the size of each
+    mmapped block freed (up to 32 MB): after the first frame, every frame-sized buffer (NumPy
+    arrays, swscale's and x264's) comes from the heaps, where the freed ones stay as free chunks
+    that later allocations fragment, and every thread that allocates (decoder, encoder, the
+    scoring thread) gets an arena of its own. Fixed, frame-sized blocks are mmapped and handed
+    back on free, the heaps are trimmed above ``MALLOC_TRIM_THRESHOLD``, and threads share
+    ``MALLOC_ARENA_MAX`` arenas. Returns False where the C library has no ``mallopt`` (not glibc)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    settings = ((_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD),
+                (_M_ARENA_MAX, MALLOC_ARENA_MAX))
+    return all(mallopt(param, value) == 1 for param, value in settings if value is not None)
 
 
 class MediaError(RuntimeError):

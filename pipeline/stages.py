@@ -33,7 +33,7 @@ from schemas import records
 from . import __version__
 from .config import CurateConfig
 from .media import (DecodeLog, MediaError, check_input, decode_audio_track, merge_ranges, probe, run_with_deadline,
-                    transport_error)
+                    transport_error, tune_malloc)
 from .segment import FRAME_QUANTUM, CandidateClip, Coverage, segment_tracks
 from .shards import load_npy, npy_bytes
 from .tracking import analyze_video
@@ -173,6 +173,7 @@ class DetectTrackStage:
     def __init__(self, config: CurateConfig):
         from .faces import make_detector
 
+        tune_malloc()  # before its models and frames are allocated: its memory stays flat over a long input
         self.config = config
         self.probe = ProbeStage(config)
         self.detector = make_detector(config)
@@ -328,6 +329,7 @@ class CropScoreStage:
         from .clip_scores import load_syncnet
         from .faces.mediapipe_backend import MediaPipeFaceDetector
 
+        tune_malloc()  # before its models and frames are allocated: its memory stays flat over a long input
         self.config = config
         # Landmarks on the 512 crops: FaceMesh's 478 points (the detect stage's backend may be
         # SCRFD without dense landmarks in `full`).
