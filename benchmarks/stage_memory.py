@@ -1,7 +1,7 @@
 """Memory of one stage over one input, in process (issue 13's memory goal; docs/benchmarks.md).
 
     python benchmarks/stage_memory.py --input looped.mp4 --rows /tmp/rows-5min.json --stage crop \
-        [--tracemalloc] [--no-malloc-tuning] [--out result.json]
+        [--tracemalloc] [--no-malloc-tuning | --mmap-threshold-kb 256] [--out result.json]
 
 Runs ``DetectTrackStage`` (``--stage detect``) or ``CropScoreStage`` (``--stage crop``, on the detect
 row cached in ``--rows``) on one input, as its Ray actor would (the actor's ``__init__``, the scoring
@@ -91,28 +91,22 @@ def main() -> None:
     ap.add_argument("--stage", choices=("detect", "crop"), required=True)
     ap.add_argument("--tracemalloc", action="store_true")
     ap.add_argument("--no-malloc-tuning", action="store_true", help="skip media.tune_malloc (as before the fix)")
-    ap.add_argument("--mmap-threshold", type=int, help="override media.MALLOC_MMAP_THRESHOLD (bytes)")
-    ap.add_argument("--trim-threshold", type=int, help="override media.MALLOC_TRIM_THRESHOLD (bytes)")
-    ap.add_argument("--arena-max", type=int, help="override media.MALLOC_ARENA_MAX")
+    ap.add_argument("--mmap-threshold-kb", type=int, help="ray.malloc_mmap_threshold_kb (media.tune_malloc)")
     ap.add_argument("--top", type=int, default=0, help="with --tracemalloc: print the N largest growths by line")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
-    import pipeline.media as media
     from pipeline.config import CurateConfig
     from pipeline.stages import CropScoreStage, DetectTrackStage, ProbeStage, new_row
 
     import pipeline.stages as stages
 
     if args.no_malloc_tuning:
-        stages.tune_malloc = lambda: None
-    for name in ("mmap_threshold", "trim_threshold", "arena_max"):
-        if getattr(args, name) is not None:  # 0: leave glibc's default
-            setattr(media, f"MALLOC_{name.upper()}", getattr(args, name) or None)
+        stages.tune_malloc = lambda *a: None
     import torch
 
     torch.set_num_threads(1)  # as in the Ray actor (1 CPU: Ray sets OMP_NUM_THREADS=1)
-    config = CurateConfig()
+    config = CurateConfig.model_validate({"ray": {"malloc_mmap_threshold_kb": args.mmap_threshold_kb}})
     stage = DetectTrackStage(config) if args.stage == "detect" else CropScoreStage(config)
     if args.stage == "detect":
         row = ProbeStage(config)(new_row("long", str(Path(args.input).resolve()), "bench", "video", {}))
@@ -156,7 +150,7 @@ def main() -> None:
     # page faults do not inflate with the machine's load as CPU seconds do: the cost of mmapped buffers
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
     result = {"stage": args.stage, "input": args.input, "malloc_tuning": not args.no_malloc_tuning,
-              "malloc": {k: getattr(media, k) for k in ("MALLOC_MMAP_THRESHOLD", "MALLOC_TRIM_THRESHOLD", "MALLOC_ARENA_MAX")},
+              "mmap_threshold_kb": args.mmap_threshold_kb,
               "tracemalloc": args.tracemalloc, "cpu_s": round(cpu, 2), "wall_s": round(wall, 2),
               "minor_faults": faults, "rows_out": n_out,
               "start_rss_mb": sampler.samples[0]["rss_mb"], "peak_rss_mb": round(sampler.peak_rss / 2**20, 1),

@@ -173,7 +173,7 @@ class DetectTrackStage:
     def __init__(self, config: CurateConfig):
         from .faces import make_detector
 
-        tune_malloc()  # before its models and frames are allocated: its memory stays flat over a long input
+        tune_malloc(config.ray.malloc_mmap_threshold_kb)  # before its models and frames are allocated
         self.config = config
         self.probe = ProbeStage(config)
         self.detector = make_detector(config)
@@ -329,7 +329,7 @@ class CropScoreStage:
         from .clip_scores import load_syncnet
         from .faces.mediapipe_backend import MediaPipeFaceDetector
 
-        tune_malloc()  # before its models and frames are allocated: its memory stays flat over a long input
+        tune_malloc(config.ray.malloc_mmap_threshold_kb)  # before its models and frames are allocated
         self.config = config
         # Landmarks on the 512 crops: FaceMesh's 478 points (the detect stage's backend may be
         # SCRFD without dense landmarks in `full`).

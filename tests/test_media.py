@@ -258,9 +258,9 @@ def test_crop_from_the_converted_region_equals_the_crop_from_the_whole_frame(wid
 
 
 def test_tune_malloc_hands_frame_sized_buffers_back():
-    """After media.tune_malloc (the stage actors' start-up), a freed frame-sized buffer goes back to
-    the system at once, the second time too: glibc's default would raise its mmap threshold after
-    the first free and keep later ones in the heap (docs/benchmarks.md, long-input memory)."""
+    """With ray.malloc_mmap_threshold_kb (media.tune_malloc in the stage actors), a freed frame-sized
+    buffer goes back to the system at once, the second time too: glibc's default raises its mmap
+    threshold after the first free and keeps later ones in the heap (notes: long-input memory)."""
     code = """
 import ctypes, sys
 import numpy as np
@@ -273,7 +273,7 @@ libc = ctypes.CDLL(None)
 if not hasattr(libc, "mallinfo2"):
     sys.exit(3)  # not glibc >= 2.33
 libc.mallinfo2.restype = MallInfo2
-if not tune_malloc():
+if not tune_malloc(256):
     sys.exit(3)
 frame = 512 * 512 * 3  # one output frame, RGB
 for _ in range(2):
