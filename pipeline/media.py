@@ -40,15 +40,16 @@ def tune_malloc(mmap_threshold_kb: int | None = None) -> bool:
     8 per core, each keeping its freed memory): in process over a 30-s input, the crop+score
     stage's page faults unchanged (46k against 43-44k); in Ray, ``MALLOC_ARENA_MAX=2`` cut the crop
     actor's growth from 40 s to 300 s of input from +266 to +193 MB (docs/benchmarks.md, "Memory of
-    one long input"; notes/mem-bench.md).
+    one long input").
 
     ``mmap_threshold_kb`` (``ray.malloc_mmap_threshold_kb``, off by default): glibc mmaps blocks
     above 128 KB but raises that threshold to the size of each mmapped block it frees (up to
     32 MB), so after the first big free (a Ray Data block, a clip's mp4) every buffer below it
     comes from the heaps, whose free chunks stay mapped and fragment. Fixed at 256 KB, with the
-    heaps trimmed above 32 MB, the crop actor stayed at ~755 MB in Ray through a 300-s input
-    (main: ~790-810 MB and rising), but every frame-sized buffer is then mapped and faulted in
-    anew: 37x the page faults (1.66M against 44k over a 30-s input) and ~+25% of the stage's CPU.
+    heaps trimmed above 32 MB, the crop+score stage's heap keeps 17-20 MB free instead of 58-91
+    (peak 603 MB against 642-676, in process over a 40-s input), but every frame-sized buffer is
+    then mapped and faulted in anew: 37x the page faults (1.66M against 44k) and ~+25% of the
+    stage's CPU.
 
     Returns False where the C library has no ``mallopt`` (not glibc)."""
     try:

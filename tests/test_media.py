@@ -260,7 +260,7 @@ def test_crop_from_the_converted_region_equals_the_crop_from_the_whole_frame(wid
 def test_tune_malloc_hands_frame_sized_buffers_back():
     """With ray.malloc_mmap_threshold_kb (media.tune_malloc in the stage actors), a freed frame-sized
     buffer goes back to the system at once, the second time too: glibc's default raises its mmap
-    threshold after the first free and keeps later ones in the heap (notes: long-input memory)."""
+    threshold after the first free and keeps later ones in the heap (docs/benchmarks.md)."""
     code = """
 import ctypes, sys
 import numpy as np
