@@ -106,7 +106,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)  # as in the Ray actor (1 CPU: Ray sets OMP_NUM_THREADS=1)
-    config = CurateConfig.model_validate({"ray": {"malloc_mmap_threshold_kb": args.mmap_threshold_kb}})
+    config = CurateConfig.model_validate({"ray": {"malloc_mmap_threshold_kb": args.mmap_threshold_kb}}
+                                         if args.mmap_threshold_kb is not None else {})
     stage = DetectTrackStage(config) if args.stage == "detect" else CropScoreStage(config)
     if args.stage == "detect":
         row = ProbeStage(config)(new_row("long", str(Path(args.input).resolve()), "bench", "video", {}))
@@ -145,7 +146,10 @@ def main() -> None:
             args.rows.write_text(json.dumps({k: (v if not isinstance(v, bytes) else None) for k, v in out.items()}))
             n_out = 1
         else:
-            n_out = sum(1 for _ in stage(row))
+            n_out = 0
+            for _ in stage(row):  # each row dropped at once; RSS as it leaves (what the stage still holds)
+                n_out += 1
+                per_clip.append(sampler.sample(f"row {n_out}"))
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     # page faults do not inflate with the machine's load as CPU seconds do: the cost of mmapped buffers
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
