@@ -143,6 +143,27 @@ def pyav_decode(paths: list[Path]) -> float:
     return time.perf_counter() - t
 
 
+def rss_breakdown(pid: int) -> dict:
+    """RSS of a process in MB by kind of mapping (/proc/PID/smaps): the main malloc heap ([heap]),
+    other anonymous memory (thread arenas, mmapped blocks, stacks), shared memory (Ray's object
+    store) and files (libraries)."""
+    kinds = {"heap_mb": 0, "anon_mb": 0, "shm_mb": 0, "file_mb": 0}
+    kind = "anon_mb"
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                head = line.split(None, 6)
+                if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
+                    name = head[5].strip() if len(head) > 5 else ""
+                    kind = ("heap_mb" if name == "[heap]" else "shm_mb" if name.startswith("/dev/shm") or "plasma" in name
+                            else "file_mb" if name.startswith("/") else "anon_mb")
+                elif head[0] == "Rss:":
+                    kinds[kind] += int(head[1])
+    except OSError:
+        pass
+    return {k: round(v / 1024, 1) for k, v in kinds.items()}
+
+
 class TreeSampler:
     """Peak RSS per process and CPU seconds of this process and all its descendants (Ray's gcs,
     raylet and workers are children of an embedded Ray's driver), sampled from a thread."""
@@ -156,6 +177,10 @@ class TreeSampler:
         self.cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        # every `timeline_every_s`, each Ray worker's RSS by kind of mapping (`rss_breakdown`): where a
+        # worker's memory grows over a long input
+        self.timeline: dict[int, list[dict]] = {}
+        self.timeline_every_s, self._next_timeline, self._t0 = 10.0, 0.0, time.monotonic()
         # CPU the tree had already used (the driver's imports, Ray workers left by an earlier job
         # in the same process) is not this job's
         self._cpu0: dict[int, float] = {}
@@ -171,6 +196,10 @@ class TreeSampler:
         return t.user + t.system
 
     def _sample(self) -> None:
+        now = time.monotonic() - self._t0
+        timeline = now >= self._next_timeline
+        if timeline:
+            self._next_timeline = now + self.timeline_every_s
         for p in [self.me] + self.me.children(recursive=True):
             try:
                 with p.oneshot():
@@ -188,6 +217,8 @@ class TreeSampler:
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
             self.peak[p.pid] = max(self.peak.get(p.pid, 0), rss)
+            if timeline and (p.pid == self.me.pid or self.names.get(p.pid, "").startswith("ray::")):
+                self.timeline.setdefault(p.pid, []).append({"t": round(now), **rss_breakdown(p.pid)})
             self.peak_private[p.pid] = max(self.peak_private.get(p.pid, 0), private)
             self.cpu[p.pid] = cpu
 
@@ -209,7 +240,8 @@ class TreeSampler:
         mb = 1 / 2**20
         cpu = {pid: c - self._cpu0.get(pid, 0.0) for pid, c in self.cpu.items()}
         workers = [{"pid": pid, "name": self.names.get(pid, ""), "peak_rss_mb": round(rss * mb, 1),
-                    "peak_private_mb": round(self.peak_private.get(pid, 0) * mb, 1), "cpu_s": round(cpu.get(pid, 0.0), 2)}
+                    "peak_private_mb": round(self.peak_private.get(pid, 0) * mb, 1), "cpu_s": round(cpu.get(pid, 0.0), 2),
+                    "timeline": self.timeline.get(pid, [])}
                    for pid, rss in self.peak.items() if pid != self.me.pid and self.names.get(pid, "").startswith("ray::")]
         workers.sort(key=lambda w: -w["peak_rss_mb"])
         others = [{"pid": pid, "name": self.names.get(pid, ""), "peak_rss_mb": round(rss * mb, 1),
@@ -217,6 +249,7 @@ class TreeSampler:
                   for pid, rss in self.peak.items() if pid != self.me.pid and not self.names.get(pid, "").startswith("ray::")]
         return {"job_cpu_s": round(sum(cpu.values()), 2), "driver_peak_rss_mb": round(self.peak.get(self.me.pid, 0) * mb, 1),
                 "driver_peak_private_mb": round(self.peak_private.get(self.me.pid, 0) * mb, 1),
+                "driver_timeline": self.timeline.get(self.me.pid, []),
                 "worker_peak_rss_mb_max": max((w["peak_rss_mb"] for w in workers), default=None),
                 "workers": workers, "other_processes": others,
                 "tree_processes_seen": len(self.peak)}

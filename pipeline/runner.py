@@ -128,6 +128,11 @@ def build_dataset(items: list[InputItem], config: CurateConfig):
     # instead of failing the job; its inputs become "worker failed" rejects (run_curation).
     ctx.max_errored_blocks = -1
     ctx.target_max_block_size = config.ray.max_block_mb * 2**20  # a long input's clips are not one block
+    # Ray Data fails a dataset after 30 min without any block moving, but the crop stage emits an
+    # input's rows only when the input is done: a 5-minute input whose crop+score took over 30 min
+    # (2 loaded cores, docs/benchmarks.md) failed the job. Each stage call is bounded by the
+    # per-input watchdog instead (probe.input_timeout_s, input_timeout_per_video_s: 10 s per s).
+    ctx.execution_no_progress_timeout_s = -1
     if config.ray.full_pools:  # every actor of a pool up before its first input (config.py says why)
         ctx.wait_for_min_actors_s = config.ray.full_pools_wait_s
     for spec in default_stages(config):
