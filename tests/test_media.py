@@ -243,27 +243,6 @@ def _yuv_frame(width: int, height: int, fmt: str = "yuv420p", seed: int = 0):
     return frame
 
 
-def _crop_square_padding_the_whole_frame(img, x0, y0, size, out):
-    """``crop.crop_square``'s downscaling path as it was (main ee385b8): the whole frame zero-padded
-    whenever the box reaches outside it, then the box cut from the padded frame."""
-    import cv2
-
-    h, w = img.shape[:2]
-    xi0, yi0 = int(np.floor(x0)), int(np.floor(y0))
-    xi1, yi1 = int(np.ceil(x0 + size)), int(np.ceil(y0 + size))
-    pad = max(0, -xi0, -yi0, xi1 - w, yi1 - h)
-    src = cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0) if pad else img
-    region = src[yi0 + pad:yi1 + pad, xi0 + pad:xi1 + pad]
-    scale = out / size
-    resized = cv2.resize(region, (int(round(region.shape[1] * scale)), int(round(region.shape[0] * scale))),
-                         interpolation=cv2.INTER_AREA)
-    ox, oy = int(round((x0 - xi0) * scale)), int(round((y0 - yi0) * scale))
-    patch = resized[oy:oy + out, ox:ox + out]
-    if patch.shape[:2] != (out, out):
-        patch = cv2.copyMakeBorder(patch, 0, out - patch.shape[0], 0, out - patch.shape[1], cv2.BORDER_REPLICATE)
-    return np.ascontiguousarray(patch)
-
-
 @pytest.mark.parametrize("channels", [3, 0])
 def test_downscaling_crop_pads_only_its_box_and_equals_padding_the_whole_frame(channels):
     """crop.crop_square pads only the box when it reaches outside the frame (crop.padded_crop): the same
@@ -283,7 +262,11 @@ def test_downscaling_crop_pads_only_its_box_and_equals_padding_the_whole_frame(c
             x0, y0 = float(np.floor(x0)), float(np.floor(y0))
         got = crop_square(img, x0, y0, size, out)
         assert got.shape[:2] == (out, out) and got.flags.c_contiguous
-        np.testing.assert_array_equal(got, _crop_square_padding_the_whole_frame(img, x0, y0, size, out))
+        # the reference: the whole frame zero-padded first (as main ee385b8 did), so that the same box,
+        # shifted by the whole-pixel pad, lies inside it and is cut without padding
+        pad = int(np.ceil(size)) + max(w, h)
+        whole = np.pad(img, ((pad, pad), (pad, pad)) + ((0, 0),) * (img.ndim - 2))
+        np.testing.assert_array_equal(got, crop_square(whole, x0 + pad, y0 + pad, size, out))
 
 
 @pytest.mark.parametrize("width,height,fmt", [(96, 160, "yuv420p"), (160, 96, "yuvj420p"), (97, 61, "yuv420p"),
