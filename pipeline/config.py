@@ -272,7 +272,7 @@ class RayConfig(_Section):
     # at a time, so this bounds what a long input costs there (Ray Data's default, 128 MiB, let a
     # 5-minute input's block take ~100 MB more than a 20-second input's; docs/benchmarks.md).
     max_block_mb: int = Field(16, ge=1, description="target size of Ray Data's blocks (MiB)")
-    # glibc's mmap threshold in the detect and crop+score actors (media.tune_malloc says why): fixed,
+    # glibc's mmap threshold in the detect and crop+score actors (malloc.tune_malloc says why): fixed,
     # frame-sized buffers go back to the system when freed and a long input's actor memory stays
     # flat, at ~+25% of the crop+score stage's CPU (page faults); None: glibc's own, which rises.
     malloc_mmap_threshold_kb: int | None = Field(None, ge=0, description="fixed glibc mmap threshold (KiB) in the "

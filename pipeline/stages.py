@@ -31,8 +31,9 @@ import schemas
 from schemas import records
 from . import __version__
 from .config import CurateConfig
+from .malloc import tune_malloc
 from .media import (DecodeLog, MediaError, check_input, decode_audio_track, merge_ranges, probe, run_with_deadline,
-                    transport_error, tune_malloc)
+                    transport_error)
 from .segment import FRAME_QUANTUM, CandidateClip, Coverage, segment_tracks
 from .shards import load_npy, npy_bytes
 from .tracking import analyze_video

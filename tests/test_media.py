@@ -1,10 +1,6 @@
 """Media helpers: exact-length AAC clips, audio remux for offset correction, probe facts."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
@@ -298,40 +294,3 @@ def test_crop_from_the_converted_region_equals_the_crop_from_the_whole_frame(wid
             a, b = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
             np.testing.assert_array_equal(img[b:int(np.ceil(y0 + size)), a:int(np.ceil(x0 + size))],
                                           whole[b:int(np.ceil(y0 + size)), a:int(np.ceil(x0 + size))])
-
-
-def test_tune_malloc_hands_frame_sized_buffers_back():
-    """With ray.malloc_mmap_threshold_kb (media.tune_malloc in the stage actors), a freed frame-sized
-    buffer goes back to the system at once, the second time too: glibc's default raises its mmap
-    threshold after the first free and keeps later ones in the heap (docs/benchmarks.md)."""
-    code = """
-import ctypes, sys
-import numpy as np
-from pipeline.media import tune_malloc
-
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                              "fsmblks", "uordblks", "fordblks", "keepcost")]
-libc = ctypes.CDLL(None)
-if not hasattr(libc, "mallinfo2"):
-    sys.exit(3)  # not glibc >= 2.33
-libc.mallinfo2.restype = MallInfo2
-if not tune_malloc(256):
-    sys.exit(3)
-frame = 512 * 512 * 3  # one output frame, RGB
-for _ in range(2):
-    before = libc.mallinfo2().hblkhd
-    buf = np.ones(frame, np.uint8)
-    held = libc.mallinfo2().hblkhd - before
-    del buf
-    print(held, libc.mallinfo2().hblkhd - before)
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    if out.returncode == 3:
-        pytest.skip("not glibc with mallinfo2")
-    assert out.returncode == 0, out.stderr
-    rounds = [tuple(map(int, line.split())) for line in out.stdout.strip().splitlines()]
-    assert len(rounds) == 2
-    for held, after_free in rounds:
-        assert held >= 512 * 512 * 3 and after_free == 0, rounds
