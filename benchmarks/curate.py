@@ -9,10 +9,14 @@ names and repeated until they hold at least ``--min-video-s`` seconds of video, 
 
 Floor: ``ffmpeg -threads N -i X -vf scale=512:-2,fps=25 -f null -`` summed over the inputs
 (N = the CPUs the job may use; the binary from imageio_ffmpeg), i.e. decoding every input once and
-scaling it to the output's size and rate. The job is ``run_curation`` with an embedded Ray on the
-same inputs and cores. Also measured: the job's CPU seconds (user+sys of the whole process tree:
-driver, Ray's daemons and workers), the peak RSS of the driver and of each Ray worker (psutil,
-sampled every 0.25 s), and a PyAV decode of every frame (``--pyav-baseline``).
+scaling it to the output's size and rate, timed once before the job and once after it; ``floor_s``
+is the mean of the two (the same command varied by ~25% from one run to the next on a quiet
+2-core machine, so one timing moved the ratio as much as a real change would). The job is
+``run_curation`` with an embedded Ray on the same inputs and cores. Also measured: the job's CPU
+seconds (user+sys of the whole process tree: driver, Ray's daemons and workers, less the CPU of
+this script's own sampling thread, which is reported apart as ``sampler_cpu_s``), the peak RSS of
+the driver and of each Ray worker (psutil, sampled every 0.25 s), and a PyAV decode of every frame
+(``--pyav-baseline``).
 
 ``--long-minutes M``: instead, one input made by looping a real clip (stream copy, no re-encode)
 to M minutes, against that clip alone: the peak memory of the workers should not grow with it.
@@ -177,6 +181,7 @@ class TreeSampler:
         self.cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self.sampler_cpu_s = 0.0
         # every `timeline_every_s`, each Ray worker's RSS by kind of mapping (`rss_breakdown`): where a
         # worker's memory grows over a long input
         self.timeline: dict[int, list[dict]] = {}
@@ -225,6 +230,9 @@ class TreeSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._sample()
+            # this thread's own CPU (reading /proc of every process 4 times a second, and smaps every
+            # 10 s) is the measurement's, not the job's: ~1/3 of the driver's CPU in a 4-round job
+            self.sampler_cpu_s = time.thread_time()
             self._stop.wait(self.interval_s)
 
     def __enter__(self):
@@ -247,7 +255,11 @@ class TreeSampler:
         others = [{"pid": pid, "name": self.names.get(pid, ""), "peak_rss_mb": round(rss * mb, 1),
                    "cpu_s": round(cpu.get(pid, 0.0), 2)}
                   for pid, rss in self.peak.items() if pid != self.me.pid and not self.names.get(pid, "").startswith("ray::")]
-        return {"job_cpu_s": round(sum(cpu.values()), 2), "driver_peak_rss_mb": round(self.peak.get(self.me.pid, 0) * mb, 1),
+        total = sum(cpu.values())
+        return {"job_cpu_s": round(total - self.sampler_cpu_s, 2), "sampler_cpu_s": round(self.sampler_cpu_s, 2),
+                "job_cpu_s_with_sampler": round(total, 2),  # what job_cpu_s meant before 2026-12-01 07:00 UTC
+                "driver_cpu_s": round(cpu.get(self.me.pid, 0.0) - self.sampler_cpu_s, 2),
+                "driver_peak_rss_mb": round(self.peak.get(self.me.pid, 0) * mb, 1),
                 "driver_peak_private_mb": round(self.peak_private.get(self.me.pid, 0) * mb, 1),
                 "driver_timeline": self.timeline.get(self.me.pid, []),
                 "worker_peak_rss_mb_max": max((w["peak_rss_mb"] for w in workers), default=None),
@@ -329,9 +341,14 @@ def main() -> None:
             links_dir = work / "in"
             links_dir.mkdir()
             paths, video_s = repeated_inputs(src, args.min_video_s, args.scale, links_dir)
-            floor = ffmpeg_floor(paths, threads)
-            print(json.dumps({"floor": floor}), flush=True)
+            floor_before = ffmpeg_floor(paths, threads)
+            print(json.dumps({"floor_before": floor_before}), flush=True)
             job = run_job(paths, config, work)
+            floor_after = ffmpeg_floor(paths, threads)
+            print(json.dumps({"floor_after": floor_after}), flush=True)
+            floor = {**floor_before, "floor_s": (floor_before["floor_s"] + floor_after["floor_s"]) / 2,
+                     "floor_cpu_s": (floor_before["floor_cpu_s"] + floor_after["floor_cpu_s"]) / 2,
+                     "floor_s_before_job": floor_before["floor_s"], "floor_s_after_job": floor_after["floor_s"]}
             if args.keep_scores:
                 import shutil
 
