@@ -18,7 +18,8 @@ the storage environment, which the suite's shared Ray does not have). To keep th
 the runs are shared: one module fixture curates the inputs three times (features on, locally and
 into S3; features off into S3 on the 2-node cluster) for the comparison, the loader, the driver's
 bytes and the cluster's writers; the kill test's resuming run is the `ray job submit` one, and the
-head's start-up outlasts the killed run's 4 s lease.
+head's start-up outlasts the killed run's 4 s lease. The kill test is an injected fault with a
+real Ray head, so it is marked `long` (`make test-long`, which CI runs too).
 """
 from __future__ import annotations
 
@@ -353,6 +354,7 @@ def _lock_objects(s3: S3Server, bucket: str, prefix: str) -> list[str]:
     return [k for k in s3.keys(bucket, prefix) if any(part.startswith("lock") for part in k.split("/"))]
 
 
+@pytest.mark.long  # an injected fault and a real Ray head (pyproject's `long`): ~2.5 min of `make test`
 def test_killed_run_on_s3_resumed_by_ray_job_submit_exactly_once_and_a_held_lock_refuses(
         s3, inputs, tmp_path, monkeypatch, capsys):
     """A: a run SIGKILLed right after journaling its first shard (its own fault point). While A

@@ -118,6 +118,7 @@ def test_cli_stage1_then_stage2_with_checks(dataset, tmp_path):
                                              **preset("tiny")["model"]).reference_unet.conv_in.weight, atol=1e-3)
 
 
+@pytest.mark.long  # an injected fault (SIGKILL mid-run): `make test-long`, like the curation job's
 def test_sigkill_and_resume_reproduce_the_loss_curve(dataset, tmp_path):
     steps = 10
     args = ["--data", str(dataset), "--stage", "2", "--preset", "tiny", "--max-steps", str(steps),
