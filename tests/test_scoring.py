@@ -217,6 +217,8 @@ def test_facemesh_crop_is_black_outside_the_frame_and_keeps_the_face_centred():
     assert not corner[:20].any() and not corner[:, :30].any() and corner[20:, 30:].all()
 
 
+# the extreme floats (+-3.4e38) times the frame size overflow float32 to +-inf on both sides, on purpose
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 def test_landmark_pixels_equal_the_per_point_conversion():
     """mediapipe_backend.landmark_pixels (read from the wire bytes) gives bit for bit the float32 points
     the per-point expressions gave, for random, signed-zero and extreme floats, with and without an
