@@ -231,7 +231,7 @@ class TreeSampler:
         while not self._stop.is_set():
             self._sample()
             # this thread's own CPU (reading /proc of every process 4 times a second, and smaps every
-            # 10 s) is the measurement's, not the job's: ~1/3 of the driver's CPU in a 4-round job
+            # 10 s) is the measurement's, not the job's: 40-50% of the driver's CPU (docs/benchmarks.md, third pass)
             self.sampler_cpu_s = time.thread_time()
             self._stop.wait(self.interval_s)
 
